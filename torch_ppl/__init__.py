@@ -1,0 +1,25 @@
+"""torch_ppl: Push-and-Pull Learning for semantic segmentation in PyTorch.
+
+The public API:
+
+* :class:`MultiPrototypeClassifier`: the head, ``(B, C, H, W) -> (B, K, H, W)`` logits from
+  ``K x M`` prototypes (a drop-in for the 1x1 conv classifier).
+* :class:`PPLAttention`: the pull, feature-to-prototype attention ``x -> x + attend(x, W)``.
+* :class:`PushPullLoss`: the push, cross-entropy plus a multi-prototype contrastive loss.
+* :mod:`torch_ppl.functional`: the same as functions, each with ``backend=``.
+"""
+from . import functional
+from ._version import __version__
+from .attention import PPLAttention
+from .functional import LossTerms
+from .head import MultiPrototypeClassifier
+from .loss import PushPullLoss
+
+__all__ = [
+    "MultiPrototypeClassifier",
+    "PPLAttention",
+    "PushPullLoss",
+    "LossTerms",
+    "functional",
+    "__version__",
+]

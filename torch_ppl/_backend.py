@@ -1,0 +1,95 @@
+"""Backend choice, in one place.
+
+``"reference"`` is :mod:`torch_ppl.reference`; ``"triton"`` is the fused kernels in
+:mod:`torch_ppl.kernels`; ``"auto"`` picks Triton for CUDA tensors when Triton imports and the
+reference otherwise. The environment variable ``TORCH_PPL_BACKEND`` overrides ``"auto"``.
+With ``TRITON_INTERPRET=1`` the Triton path also accepts CPU tensors (this is how CI tests
+the kernels without a GPU).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Callable, Optional
+
+from torch import Tensor
+
+from . import reference
+
+BACKENDS = ("auto", "reference", "triton")
+ENV_VAR = "TORCH_PPL_BACKEND"
+
+# op name -> (module under torch_ppl.kernels, function name); the reference function has the
+# op's name in torch_ppl.reference and the same signature.
+_KERNELS = {
+    "prototype_logits": ("similarity", "prototype_logits"),
+    "contrastive_loss": ("contrastive", "contrastive_loss"),
+    "prototype_attention": ("attention", "prototype_attention"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising on import
+        return False
+    return True
+
+
+def interpret_mode() -> bool:
+    """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_backend(backend: object, name: str = "backend") -> str:
+    if not isinstance(backend, str):
+        raise TypeError(f"{name} must be a str, one of {BACKENDS}; got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}; got {backend!r}")
+    return backend
+
+
+def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
+    """Turn ``"auto"`` into a concrete backend and check that the choice can run.
+
+    Raises:
+        ValueError: unknown backend, or ``"triton"`` for tensors it cannot run on.
+        RuntimeError: ``"triton"`` asked for but Triton does not import.
+    """
+    check_backend(backend)
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env and env != "auto":
+            if env not in BACKENDS:
+                raise ValueError(f"environment variable {ENV_VAR} must be one of {BACKENDS}; got {env!r}")
+            backend = env
+        else:
+            on_cuda = all(t.is_cuda for t in tensors if t is not None)
+            return "triton" if on_cuda and triton_available() else "reference"
+    if backend == "triton":
+        where = f"{op}: " if op else ""
+        if not triton_available():
+            raise RuntimeError(f"{where}backend='triton' needs the triton package, which does not import here")
+        devices = {t.device.type for t in tensors if t is not None}
+        if devices - {"cuda"} and not interpret_mode():
+            raise ValueError(
+                f"{where}backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
+                f"on the CPU interpreter); got tensors on {sorted(devices)}. Use backend='reference' on CPU."
+            )
+    return backend
+
+
+def implementation(op: str, backend: str) -> Callable:
+    """The function computing ``op`` for a resolved backend."""
+    if backend == "reference":
+        return getattr(reference, op)
+    module_name, fn_name = _KERNELS[op]
+    try:
+        module = importlib.import_module(f"torch_ppl.kernels.{module_name}")
+    except ModuleNotFoundError as err:
+        if err.name != f"torch_ppl.kernels.{module_name}":
+            raise
+        raise NotImplementedError(f"{op}: no Triton kernel for this op yet; use backend='reference'") from None
+    return getattr(module, fn_name)

@@ -1,0 +1,375 @@
+"""Functional forms of the PPL ops (SPEC §1-§3), each with ``backend=``.
+
+Every function checks its inputs (SPEC §5), moves the channel axis last (a view, no copy:
+``(B, C, H, W)`` becomes ``(B, H, W, C)`` rows), resizes labels to the features' resolution
+where the spec says so, and hands the rows to :mod:`torch_ppl.reference` or to the fused
+kernels in :mod:`torch_ppl.kernels`, chosen by :mod:`torch_ppl._backend`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend, _checks, reference
+
+__all__ = [
+    "prototype_similarity",
+    "prototype_logits",
+    "prototype_attention",
+    "contrastive_loss",
+    "push_pull_loss",
+    "LossTerms",
+]
+
+
+class LossTerms(NamedTuple):
+    """What ``push_pull_loss(..., return_terms=True)`` returns: the total and its two terms
+    (each already reduced, before ``ce_weight`` / ``contrast_weight``)."""
+
+    total: Tensor
+    ce: Tensor
+    contrastive: Tensor
+
+
+# ----------------------------------------------------------------------------- layout helpers
+def _rows(x: Tensor) -> Tensor:
+    """``(B, C, H, W) -> (B, H, W, C)`` view, ``(N, C)`` unchanged."""
+    return x.movedim(1, -1) if x.dim() == 4 else x
+
+
+def _unrows(out: Tensor, like: Tensor) -> Tensor:
+    """Inverse of :func:`_rows` for an output with a new channel count, in ``like``'s memory
+    format (channels_last in, channels_last out; contiguous otherwise)."""
+    if like.dim() != 4:
+        return out
+    out = out.movedim(-1, 1)
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+    return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def _resize_nearest(t: Optional[Tensor], size) -> Optional[Tensor]:
+    """Resize a ``(B, H', W')`` label or weight map to ``size`` with ``mode="nearest"``."""
+    if t is None or tuple(t.shape[-2:]) == tuple(size):
+        return t
+    # float64 holds every int32 label exactly; nearest never mixes values.
+    resized = F.interpolate(t[:, None].to(torch.float64), size=tuple(size), mode="nearest")[:, 0]
+    return resized.to(t.dtype)
+
+
+def _scale(fn: str, scale: Union[float, Tensor]) -> Union[float, Tensor]:
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise ValueError(f"{fn}: scale must be a float or a one-element floating tensor; got {tuple(scale.shape)} {scale.dtype}")
+        return scale.reshape(())
+    return _checks.finite_float(fn, "scale", scale)
+
+
+# ----------------------------------------------------------------------------- the head
+def prototype_similarity(
+    x: Tensor, prototypes: Tensor, *, similarity: str = "cosine", backend: str = "auto"
+) -> Tensor:
+    """Similarity of every pixel to every prototype, materialised.
+
+    Args:
+        x: ``(B, C, H, W)`` or ``(N, C)``.
+        prototypes: ``(K, M, C)``.
+
+    Returns:
+        ``(B, K, M, H, W)`` or ``(N, K, M)``, float32 (float64 for float64 input).
+
+    This tensor is ``N x P`` by definition, so there is no fused kernel for it: every backend
+    computes it with the reference (``backend`` is still checked).
+    """
+    fn = "prototype_similarity"
+    x = _checks.features(fn, x, "x")
+    prototypes = _checks.prototypes(fn, prototypes, x.shape[1])
+    _checks.choice(fn, "similarity", similarity, _checks.SIMILARITIES)
+    _checks.same_device(fn, x=x, prototypes=prototypes)
+    _backend.check_backend(backend)
+    rows = _rows(x)
+    with torch.autocast(x.device.type, enabled=False):
+        dtype = reference.compute_dtype(x, prototypes)
+        s = reference.prototype_similarity(rows.to(dtype), prototypes.to(dtype), similarity)
+    return s.permute(0, 3, 4, 1, 2) if x.dim() == 4 else s
+
+
+def prototype_logits(
+    x: Tensor,
+    prototypes: Tensor,
+    *,
+    similarity: str = "cosine",
+    pooling: str = "max",
+    scale: Union[float, Tensor] = 10.0,
+    bias: Optional[Tensor] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Class logits of the multi-prototype head: ``scale * pool_m s[n, k, m] (+ bias[k])``.
+
+    Args:
+        x: features ``(B, C, H, W)`` or ``(N, C)``; any strides (channels_last included).
+        prototypes: ``(K, M, C)``.
+        similarity: ``"cosine"`` or ``"dot"``.
+        pooling: ``"max"``, ``"logsumexp"`` or ``"mean"`` over the ``M`` prototypes of a class.
+        scale: float or one-element tensor (may require grad).
+        bias: ``(K,)`` or ``None``.
+
+    Returns:
+        ``(B, K, H, W)`` or ``(N, K)`` logits, float32 (float64 for float64 input), also
+        under autocast.
+    """
+    fn = "prototype_logits"
+    x = _checks.features(fn, x, "x")
+    prototypes = _checks.prototypes(fn, prototypes, x.shape[1])
+    _checks.choice(fn, "similarity", similarity, _checks.SIMILARITIES)
+    _checks.choice(fn, "pooling", pooling, _checks.POOLINGS)
+    scale = _scale(fn, scale)
+    if bias is not None:
+        bias = _checks.floating(fn, "bias", bias, (1,), f"(K,) = ({prototypes.shape[0]},)")
+        if bias.shape[0] != prototypes.shape[0]:
+            raise ValueError(f"{fn}: bias must have shape (K,) = ({prototypes.shape[0]},); got {tuple(bias.shape)}")
+    _checks.same_device(fn, x=x, prototypes=prototypes, bias=bias)
+    resolved = _backend.resolve(backend, x, prototypes, bias, op=fn)
+    impl = _backend.implementation(fn, resolved)
+    out = impl(_rows(x), prototypes, scale, bias, similarity=similarity, pooling=pooling)
+    return _unrows(out, x)
+
+
+# ----------------------------------------------------------------------------- the pull
+def prototype_attention(
+    x: Tensor,
+    prototypes: Tensor,
+    q_weight: Tensor,
+    k_weight: Tensor,
+    v_weight: Tensor,
+    out_weight: Tensor,
+    q_bias: Optional[Tensor] = None,
+    k_bias: Optional[Tensor] = None,
+    v_bias: Optional[Tensor] = None,
+    out_bias: Optional[Tensor] = None,
+    *,
+    num_heads: int = 1,
+    gamma: Optional[Tensor] = None,
+    exclude: Optional[Tensor] = None,
+    ignore_index: int = 255,
+    backend: str = "auto",
+) -> Tensor:
+    """Feature-to-prototype attention (the pull): ``x + gamma * out_proj(attend(q_proj(x), k, v))``.
+
+    Args:
+        x: features ``(B, C, H, W)`` or ``(N, C)``.
+        prototypes: ``(K, M, C)`` or ``(P, C)``.
+        q_weight, k_weight, v_weight: ``(h*d, C)``; ``q_bias``, ``k_bias``, ``v_bias``: ``(h*d,)``.
+        out_weight: ``(C, h*d)``; ``out_bias``: ``(C,)``.
+        num_heads: ``h``; ``h*d`` must be divisible by it.
+        gamma: ``(C,)`` layer scale, ``None`` for 1.
+        exclude: optional label map ``(B, H', W')`` (``(N,)`` for 2-D ``x``), resized to ``x``'s
+            resolution with ``mode="nearest"``: each pixel does not attend to the prototypes of
+            its own class; ``ignore_index`` pixels attend to all. Needs ``(K, M, C)`` prototypes.
+
+    Returns:
+        Same shape, dtype and memory format as ``x``.
+    """
+    fn = "prototype_attention"
+    x = _checks.features(fn, x, "x")
+    channels = x.shape[1]
+    prototypes = _checks.prototypes(fn, prototypes, channels, allow_flat=True)
+    num_heads = _checks.positive_int(fn, "num_heads", num_heads)
+    q_weight = _checks.floating(fn, "q_weight", q_weight, (2,), "(h*d, C)")
+    inner = q_weight.shape[0]
+    if q_weight.shape[1] != channels or inner == 0 or inner % num_heads:
+        raise ValueError(
+            f"{fn}: q_weight must have shape (h*d, C) with C={channels} and h*d divisible by "
+            f"num_heads={num_heads}; got {tuple(q_weight.shape)}"
+        )
+    expected = {"k_weight": (inner, channels), "v_weight": (inner, channels), "out_weight": (channels, inner)}
+    for name, w in (("k_weight", k_weight), ("v_weight", v_weight), ("out_weight", out_weight)):
+        w = _checks.floating(fn, name, w, (2,), str(expected[name]))
+        if tuple(w.shape) != expected[name]:
+            raise ValueError(f"{fn}: {name} must have shape {expected[name]}; got {tuple(w.shape)}")
+    for name, b, size in (("q_bias", q_bias, inner), ("k_bias", k_bias, inner), ("v_bias", v_bias, inner),
+                          ("out_bias", out_bias, channels), ("gamma", gamma, channels)):
+        if b is not None:
+            b = _checks.floating(fn, name, b, (1,), f"({size},)")
+            if b.shape[0] != size:
+                raise ValueError(f"{fn}: {name} must have shape ({size},); got {tuple(b.shape)}")
+    ignore = _checks.ignore_index(fn, ignore_index)
+    protos_per_class = 1
+    if exclude is not None:
+        if prototypes.dim() != 3:
+            raise ValueError(
+                f"{fn}: exclude= needs prototypes shaped (K, M, C) to know each prototype's class; "
+                f"got {tuple(prototypes.shape)}"
+            )
+        exclude = _checks.labels(fn, "exclude", exclude, x, prototypes.shape[0], ignore)
+        protos_per_class = prototypes.shape[1]
+    tensors = dict(x=x, prototypes=prototypes, q_weight=q_weight, k_weight=k_weight, v_weight=v_weight,
+                   out_weight=out_weight, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, out_bias=out_bias,
+                   gamma=gamma, exclude=exclude)
+    _checks.same_device(fn, **tensors)
+    resolved = _backend.resolve(backend, *tensors.values(), op=fn)
+    impl = _backend.implementation(fn, resolved)
+
+    if exclude is not None:
+        if x.dim() == 4:
+            exclude = _resize_nearest(exclude, x.shape[2:])
+        exclude = torch.where(exclude == ignore, -1, exclude).long()
+    out = impl(
+        _rows(x), prototypes.reshape(-1, channels),
+        q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, gamma,
+        num_heads=num_heads, exclude=exclude, protos_per_class=protos_per_class,
+    )
+    return _unrows(out, x)
+
+
+# ----------------------------------------------------------------------------- the push
+def _check_loss_options(fn: str, temperature, positives, similarity, ignore_index, reduction) -> None:
+    _checks.positive_float(fn, "temperature", temperature)
+    _checks.choice(fn, "positives", positives, _checks.POSITIVES)
+    _checks.choice(fn, "similarity", similarity, _checks.SIMILARITIES)
+    _checks.ignore_index(fn, ignore_index)
+    _checks.choice(fn, "reduction", reduction, _checks.REDUCTIONS)
+
+
+def _contrastive(features, target, prototypes, weight, *, temperature, positives, similarity,
+                 ignore_index, reduction, backend, fn) -> Tensor:
+    """contrastive_loss after the checks: resize labels, dispatch, reduce."""
+    if features.dim() == 4:
+        target = _resize_nearest(target, features.shape[2:])
+        weight = _resize_nearest(weight, features.shape[2:])
+    resolved = _backend.resolve(backend, features, prototypes, target, weight, op=fn)
+    impl = _backend.implementation("contrastive_loss", resolved)
+    per_pixel = impl(_rows(features), prototypes, target, temperature=temperature, positives=positives,
+                     similarity=similarity, ignore_index=ignore_index)
+    return reference.reduce_loss(per_pixel, target != ignore_index, weight, reduction)
+
+
+def contrastive_loss(
+    features: Tensor,
+    target: Tensor,
+    prototypes: Tensor,
+    weight: Optional[Tensor] = None,
+    *,
+    temperature: float = 0.1,
+    positives: str = "all",
+    similarity: str = "cosine",
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """Multi-prototype contrastive loss (the push), at the features' resolution.
+
+    Args:
+        features: ``(B, C, H, W)`` or ``(N, C)``.
+        target: ``(B, H', W')`` (``(N,)`` for 2-D features) int64 in ``[0, K)`` or
+            ``ignore_index``; resized to ``(H, W)`` with ``mode="nearest"``.
+        prototypes: ``(K, M, C)``.
+        weight: optional per-pixel weight shaped like ``target``, ``>= 0``.
+        temperature: ``tau`` in ``z = s / tau``.
+        positives: ``"all"`` (logsumexp over the class's prototypes) or ``"nearest"``.
+        reduction: ``"mean"`` (``sum(w l) / max(#valid, 1)``), ``"sum"`` or ``"none"``.
+
+    Returns:
+        A float32 scalar, or ``(B, H, W)`` / ``(N,)`` per-pixel losses for ``"none"``.
+    """
+    fn = "contrastive_loss"
+    features = _checks.features(fn, features)
+    prototypes = _checks.prototypes(fn, prototypes, features.shape[1])
+    _check_loss_options(fn, temperature, positives, similarity, ignore_index, reduction)
+    target = _checks.labels(fn, "target", target, features, prototypes.shape[0], ignore_index)
+    weight = _checks.weight(fn, weight, target)
+    _checks.same_device(fn, features=features, prototypes=prototypes, target=target, weight=weight)
+    _backend.check_backend(backend)
+    return _contrastive(features, target, prototypes, weight, temperature=temperature, positives=positives,
+                        similarity=similarity, ignore_index=ignore_index, reduction=reduction,
+                        backend=backend, fn=fn)
+
+
+def push_pull_loss(
+    logits: Optional[Tensor],
+    features: Optional[Tensor],
+    target: Tensor,
+    prototypes: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    *,
+    temperature: float = 0.1,
+    contrast_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    positives: str = "all",
+    similarity: str = "cosine",
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    backend: str = "auto",
+    return_terms: bool = False,
+) -> Union[Tensor, LossTerms]:
+    """``ce_weight * CE(logits, target) + contrast_weight * contrastive(features, target, prototypes)``.
+
+    Args:
+        logits: ``(B, K, h, w)`` or ``(N, K)``; resized to the target's resolution with
+            ``mode="bilinear", align_corners=False`` when it differs. May be ``None`` when
+            ``ce_weight == 0``.
+        features: ``(B, C, H, W)`` or ``(N, C)``; the contrastive term is computed at this
+            resolution (target and weight resized with ``mode="nearest"``). May be ``None``
+            (with ``prototypes``) when ``contrast_weight == 0``.
+        target: ``(B, H', W')`` or ``(N,)`` int64 in ``[0, K)`` or ``ignore_index``.
+        prototypes: ``(K, M, C)``.
+        weight: optional per-pixel weight shaped like ``target``, ``>= 0`` (e.g. a
+            pseudo-label confidence mask). Both terms use the UniMatch reduction.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``. With ``"none"`` both terms must be
+            per-pixel at the target's resolution (or have weight 0).
+        return_terms: also return the two reduced terms, as :class:`LossTerms`.
+
+    Returns:
+        The float32 total, or ``LossTerms(total, ce, contrastive)``.
+    """
+    fn = "push_pull_loss"
+    _check_loss_options(fn, temperature, positives, similarity, ignore_index, reduction)
+    ce_weight = _checks.finite_float(fn, "ce_weight", ce_weight)
+    contrast_weight = _checks.finite_float(fn, "contrast_weight", contrast_weight)
+    _backend.check_backend(backend)
+    use_ce, use_contrast = ce_weight != 0.0 or logits is not None, contrast_weight != 0.0 or features is not None
+    if use_ce:
+        logits = _checks.floating(fn, "logits", logits, (2, 4), "(B, K, h, w) or (N, K)")
+    if use_contrast:
+        features = _checks.features(fn, features)
+        prototypes = _checks.prototypes(fn, prototypes, features.shape[1])
+    if not (use_ce or use_contrast):
+        raise ValueError(f"{fn}: logits and features are both None; give at least one")
+    num_classes = prototypes.shape[0] if use_contrast else logits.shape[1]
+    if use_ce and logits.shape[1] != num_classes:
+        raise ValueError(
+            f"{fn}: logits have K={logits.shape[1]} classes but prototypes have K={num_classes}; "
+            f"got logits {tuple(logits.shape)}, prototypes {tuple(prototypes.shape)}"
+        )
+    like = features if use_contrast else logits
+    target = _checks.labels(fn, "target", target, like, num_classes, ignore_index)
+    if use_ce and use_contrast and logits.dim() != features.dim():
+        raise ValueError(f"{fn}: logits and features must both be 4-D or both 2-D; got {tuple(logits.shape)} and {tuple(features.shape)}")
+    if use_ce and logits.dim() == 2 and logits.shape[0] != target.shape[0]:
+        raise ValueError(f"{fn}: logits must have shape (N, K) with N={target.shape[0]}; got {tuple(logits.shape)}")
+    if use_ce and logits.dim() == 4 and logits.shape[0] != target.shape[0]:
+        raise ValueError(f"{fn}: logits batch size {logits.shape[0]} differs from target's {target.shape[0]}")
+    weight = _checks.weight(fn, weight, target)
+    _checks.same_device(fn, logits=logits, features=features, target=target, prototypes=prototypes, weight=weight)
+    if reduction == "none" and use_ce and use_contrast and features.dim() == 4 and features.shape[2:] != target.shape[1:]:
+        raise ValueError(
+            f"{fn}: reduction='none' adds per-pixel maps, so features must be at the target's resolution "
+            f"{tuple(target.shape[1:])}; got features {tuple(features.shape)}. Use 'mean' or 'sum'."
+        )
+
+    valid = target != ignore_index
+    zero = torch.zeros(target.shape if reduction == "none" else (), device=target.device)
+    ce = contrastive = zero
+    if use_ce:
+        if logits.dim() == 4 and logits.shape[2:] != target.shape[1:]:
+            logits = F.interpolate(logits, size=tuple(target.shape[1:]), mode="bilinear", align_corners=False)
+        per_pixel = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+        ce = reference.reduce_loss(per_pixel, valid, weight, reduction)
+    if use_contrast:
+        contrastive = _contrastive(features, target, prototypes, weight, temperature=temperature,
+                                   positives=positives, similarity=similarity, ignore_index=ignore_index,
+                                   reduction=reduction, backend=backend, fn=fn)
+    total = ce_weight * ce + contrast_weight * contrastive
+    return LossTerms(total, ce, contrastive) if return_terms else total
