@@ -113,13 +113,12 @@ def test_contrastive_loss_gradcheck(positives, similarity, four_d):
     if positives == "nearest":
         s = PF.prototype_similarity(x, protos, similarity=similarity, backend=REF)
         _assert_clear_winner(s, dim=2)
-    for reduction in ("mean", "sum", "none"):
-        for w in (None, weight):
-            def fn(x, protos):
-                return PF.contrastive_loss(x, target, protos, w, temperature=0.5, positives=positives,
-                                           similarity=similarity, reduction=reduction, backend=REF)
+    for reduction, w in (("mean", None), ("mean", weight), ("sum", weight), ("none", weight)):
+        def fn(x, protos):
+            return PF.contrastive_loss(x, target, protos, w, temperature=0.5, positives=positives,
+                                       similarity=similarity, reduction=reduction, backend=REF)
 
-            assert gradcheck(fn, (x, protos)), (reduction, w is not None)
+        assert gradcheck(fn, (x, protos)), (reduction, w is not None)
 
 
 def test_contrastive_loss_gradcheck_resized_target():
@@ -172,11 +171,19 @@ def _attention_weights(g, c=4, inner=4, with_bias=True):
     return ws, bs
 
 
-@pytest.mark.parametrize("four_d", [True, False], ids=["4d", "2d"])
-@pytest.mark.parametrize("num_heads", [1, 2])
-@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("with_gamma", [True, False], ids=["gamma", "nogamma"])
-@pytest.mark.parametrize("with_exclude", [True, False], ids=["exclude", "all"])
+# a covering set of (exclude, gamma, biases, heads, layout): every pair of options appears
+ATTENTION_CASES = [
+    (True, True, True, 2, True), (True, False, False, 1, False), (False, True, False, 2, False),
+    (False, False, True, 1, True), (True, True, False, 1, True), (False, True, True, 1, False),
+    (True, False, True, 2, False), (False, False, False, 2, True),
+]
+
+
+@pytest.mark.parametrize(
+    "with_exclude, with_gamma, with_bias, num_heads, four_d", ATTENTION_CASES,
+    ids=["-".join(("exclude" if e else "all", "gamma" if g else "nogamma", "bias" if b else "nobias", f"h{h}",
+                   "4d" if d else "2d")) for e, g, b, h, d in ATTENTION_CASES],
+)
 def test_prototype_attention_gradcheck(with_exclude, with_gamma, with_bias, num_heads, four_d):
     g = _gen(10)
     x = _features(four_d, g)
