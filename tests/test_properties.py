@@ -398,13 +398,32 @@ def test_exclude_hides_own_class(p):
     target = torch.randint(0, p.K, p.target.shape, generator=p.g)
     own = torch.zeros(p.K, dtype=torch.bool)
     own[0] = True
-    moved = torch.where(own[:, None, None], torch.randn_like(p.protos), p.protos)
+    moved = torch.where(own[:, None, None], torch.randn(p.protos.shape, generator=p.g, dtype=F64), p.protos)
     pixels = target == 0
     out, out_moved = attn(p.x, p.protos, exclude=target), attn(p.x, moved, exclude=target)
     close(out.permute(0, 2, 3, 1)[pixels], out_moved.permute(0, 2, 3, 1)[pixels])
     if (~pixels).any():  # the other pixels do see class 0 and change
         diff = (out - out_moved).abs().sum(1)[~pixels]
         assert (diff > 0).all()
+
+
+def test_exclude_hiding_every_prototype_reads_nothing():
+    """K = 1 and exclude = 0 hides all prototypes: the pixel reads nothing (no NaN from an empty
+    softmax), so the output is ``x + gamma * out_bias`` and the gradients stay finite."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 3, 3, generator=g, dtype=F64, requires_grad=True)
+    protos = torch.randn(1, 3, 4, generator=g, dtype=F64, requires_grad=True)
+    attn = _attention(4, 2, 2, layer_scale=0.5)
+    exclude = torch.zeros(2, 3, 3, dtype=torch.long)
+    exclude[0, 0, 0] = IGNORE  # this pixel hides nothing and reads the prototypes
+    out = attn(x, protos, exclude=exclude)
+    hidden = exclude == 0
+    expected = (x + (attn.gamma * attn.out_proj.bias)[:, None, None]).permute(0, 2, 3, 1)[hidden]
+    close(out.permute(0, 2, 3, 1)[hidden], expected)
+    assert not torch.allclose(out[0, :, 0, 0], x[0, :, 0, 0] + attn.gamma * attn.out_proj.bias)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(protos.grad).all()
+    torch.testing.assert_close(x.grad.permute(0, 2, 3, 1)[hidden], torch.ones_like(expected), rtol=0, atol=0)
 
 
 def test_detach_prototypes_gives_no_prototype_grad():
