@@ -365,7 +365,9 @@ def push_pull_loss(
     if use_ce:
         if logits.dim() == 4 and logits.shape[2:] != target.shape[1:]:
             logits = F.interpolate(logits, size=tuple(target.shape[1:]), mode="bilinear", align_corners=False)
-        per_pixel = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
+        # float32 (float64 for float64 logits), also under autocast, like the contrastive term.
+        logits = logits.to(reference.compute_dtype(logits))
+        per_pixel = F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction="none")
         ce = reference.reduce_loss(per_pixel, valid, weight, reduction)
     if use_contrast:
         contrastive = _contrastive(features, target, prototypes, weight, temperature=temperature,

@@ -1,0 +1,155 @@
+"""Backend dispatch (SPEC §4): auto / reference / triton, TORCH_PPL_BACKEND, TRITON_INTERPRET.
+
+Nothing here runs a Triton kernel: only the choice is tested.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import torch_ppl.functional as PF
+from torch_ppl import MultiPrototypeClassifier, PPLAttention, PushPullLoss, _backend, reference
+
+ENV = "TORCH_PPL_BACKEND"
+X = torch.randn(2, 4, 3, 3)
+PROTOS = torch.randn(3, 2, 4)
+TARGET = torch.randint(0, 3, (2, 3, 3))
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No override, no interpreter: the state of a user's CPU machine."""
+    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return monkeypatch
+
+
+def fake_cuda_tensor():
+    """Just what ``resolve`` reads of a tensor: where it lives."""
+    return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+
+
+def test_auto_is_reference_on_cpu(clean_env):
+    assert _backend.resolve("auto", X, PROTOS, None) == "reference"
+    clean_env.setenv("TRITON_INTERPRET", "1")  # the interpreter does not make auto pick triton
+    assert _backend.resolve("auto", X, PROTOS) == "reference"
+
+
+def test_auto_is_triton_on_cuda_when_triton_imports(clean_env):
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+    assert _backend.resolve("auto", fake_cuda_tensor(), fake_cuda_tensor(), None) == "triton"
+    assert _backend.resolve("auto", fake_cuda_tensor(), X) == "reference"  # not all on CUDA
+    clean_env.setattr(_backend, "triton_available", lambda: False)
+    assert _backend.resolve("auto", fake_cuda_tensor()) == "reference"
+
+
+def test_explicit_choices(clean_env):
+    assert _backend.resolve("reference", X) == "reference"
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+    assert _backend.resolve("triton", fake_cuda_tensor()) == "triton"
+
+
+@pytest.mark.parametrize("interpret", [None, "0", ""])
+def test_triton_on_cpu_without_interpreter_raises(clean_env, interpret):
+    if interpret is not None:
+        clean_env.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(ValueError, match=r"backend='triton' needs CUDA tensors \(or TRITON_INTERPRET=1"):
+        _backend.resolve("triton", X, PROTOS, op="prototype_logits")
+    with pytest.raises(ValueError, match="prototype_logits: backend='triton'"):
+        PF.prototype_logits(X, PROTOS, backend="triton")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+        MultiPrototypeClassifier(4, 3, backend="triton")(X)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+        PPLAttention(4, backend="triton")(X, PROTOS)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA"):
+        PushPullLoss(ce_weight=0.0, backend="triton")(None, X, TARGET, PROTOS)
+
+
+def test_triton_on_cpu_with_interpreter_resolves(clean_env):
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+    assert _backend.resolve("triton", X, PROTOS) == "triton"
+
+
+def test_triton_missing_raises_runtime_error(clean_env):
+    clean_env.setattr(_backend, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        _backend.resolve("triton", fake_cuda_tensor())
+
+
+@pytest.mark.parametrize("value", ["reference", " reference "])
+def test_env_override_of_auto(clean_env, value):
+    clean_env.setenv(ENV, value)
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+    assert _backend.resolve("auto", fake_cuda_tensor()) == "reference"
+
+
+def test_env_triton_on_cpu_raises_and_explicit_backend_wins(clean_env):
+    clean_env.setenv(ENV, "triton")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        PF.contrastive_loss(X, TARGET, PROTOS)  # backend="auto" follows the environment
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        MultiPrototypeClassifier(4, 3)(X)
+    # an explicit backend is not overridden
+    expected = PF.contrastive_loss(X, TARGET, PROTOS, backend="reference")
+    clean_env.delenv(ENV)
+    torch.testing.assert_close(PF.contrastive_loss(X, TARGET, PROTOS), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["auto", ""])
+def test_env_auto_or_empty_is_no_override(clean_env, value):
+    clean_env.setenv(ENV, value)
+    assert _backend.resolve("auto", X) == "reference"
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+    assert _backend.resolve("auto", fake_cuda_tensor()) == "triton"
+
+
+@pytest.mark.parametrize("value", ["cuda", "Triton", "ref"])
+def test_env_bad_value_raises(clean_env, value):
+    clean_env.setenv(ENV, value)
+    with pytest.raises(ValueError, match=f"environment variable {ENV} must be one of .*got '{value}'"):
+        _backend.resolve("auto", X)
+    with pytest.raises(ValueError, match=ENV):
+        PF.prototype_logits(X, PROTOS)
+    # only "auto" reads the environment
+    PF.prototype_logits(X, PROTOS, backend="reference")
+
+
+@pytest.mark.parametrize("backend, exc", [("cuda", ValueError), ("", ValueError), (None, TypeError), (1, TypeError)])
+def test_bad_backend_argument(clean_env, backend, exc):
+    with pytest.raises(exc, match="backend must be"):
+        _backend.resolve(backend, X)
+    with pytest.raises(exc, match="backend must be"):
+        PF.prototype_similarity(X, PROTOS, backend=backend)
+    with pytest.raises(exc, match="backend must be"):
+        PushPullLoss(backend=backend)
+
+
+@pytest.mark.parametrize("op", ["prototype_logits", "contrastive_loss", "prototype_attention"])
+def test_reference_implementation_is_the_reference_module(op):
+    assert _backend.implementation(op, "reference") is getattr(reference, op)
+
+
+def test_missing_kernel_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(_backend._KERNELS, "prototype_logits", ("no_such_kernel_module", "prototype_logits"))
+    with pytest.raises(NotImplementedError, match="prototype_logits: no Triton kernel .* use backend='reference'"):
+        _backend.implementation("prototype_logits", "triton")
+
+
+def test_modules_pass_their_backend_through(clean_env, monkeypatch):
+    """The module's ``backend`` reaches the dispatcher (recorded, then the reference runs)."""
+    seen = []
+    real = _backend.resolve
+
+    def spy(backend, *tensors, op=""):
+        seen.append((op, backend))
+        return real("reference", *tensors, op=op)
+
+    monkeypatch.setattr(_backend, "resolve", spy)
+    head = MultiPrototypeClassifier(4, 3, backend="triton")
+    PPLAttention(4, backend="triton")(X, head.prototypes)
+    PushPullLoss(backend="triton")(head(X), X, TARGET, head.prototypes)
+    assert seen == [("prototype_attention", "triton"), ("prototype_logits", "triton"),
+                    ("push_pull_loss", "triton")]
