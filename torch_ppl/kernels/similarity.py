@@ -68,8 +68,8 @@ def _load_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
 
 @triton.jit
 def _load_tile(W, k0, K, M, C, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Prototype tile ``(BLOCK_K * BLOCK_M, BLOCK_C)`` fp32: column ``j`` of the similarity tile
-    is class ``k0 + j // BLOCK_M``, prototype ``j % BLOCK_M`` (padding rows are zero)."""
+    """Prototype tile ``(BLOCK_K * BLOCK_M, BLOCK_C)`` in ``W``'s dtype: column ``j`` of the
+    similarity tile is class ``k0 + j // BLOCK_M``, prototype ``j % BLOCK_M`` (padding rows are zero)."""
     j = tl.arange(0, BLOCK_K * BLOCK_M)
     k = k0 + j // BLOCK_M
     m = j % BLOCK_M
@@ -85,22 +85,22 @@ def _similarity(x, w, inv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M
     """``s[n, k, m]`` for one class tile, fp32, shaped ``(BLOCK_N, BLOCK_K, BLOCK_M)``.
 
     The dot runs on the raw rows ``x`` (exact in their dtype) and the norm is applied after:
-    ``<x / |x|, Ŵ> = <x, Ŵ> / |x|``. Low-precision ``x`` -> the prototype tile is cast to ``x``'s
-    dtype (tensor cores, fp32 accumulation); fp32 ``x`` -> an fp32 dot (``PRECISION``).
+    ``<x / |x|, Ŵ> = <x, Ŵ> / |x|``. ``w`` is the prototype tile already in ``x``'s dtype (the
+    host casts the tiny ``Ŵ`` once): low precision -> tensor cores with fp32 accumulation;
+    fp32 -> an fp32 dot (``PRECISION``).
     ``UPCAST`` (CPU interpreter only, whose bf16 ``tl.dot`` returns garbage in Triton 3.9): the
     same rounded operands, multiplied in fp32, which is what the tensor cores compute."""
     if UPCAST:
-        s = tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)), input_precision="ieee",
-                   out_dtype=tl.float32)
+        s = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee", out_dtype=tl.float32)
     else:
-        s = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=PRECISION, out_dtype=tl.float32)
+        s = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
     s = s * inv[:, None]
     return tl.reshape(s, (BLOCK_N, BLOCK_K, BLOCK_M))
 
 
 @triton.jit
 def _fwd_kernel(
-    X, W, SCALE, BIAS, OUT, ARGMAX,
+    X, WD, SCALE, BIAS, OUT, ARGMAX,
     L, C, K, M,
     stride_xb, stride_xl, stride_xc,
     stride_ob, stride_ol, stride_ok,
@@ -119,8 +119,8 @@ def _fwd_kernel(
     m_idx = tl.arange(0, BLOCK_M)
     m_ok = (m_idx < M)[None, None, :]
     for k0 in range(0, K, BLOCK_K):
-        w = _load_tile(W, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        s = _similarity(x, w, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
+        wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
+        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
         if POOL == 0:
             # max over m, the first maximal index on ties (tl.argmax breaks ties to the left).
             # NaN ranks above everything, as in torch.argmax, so a NaN feature makes a NaN
@@ -186,7 +186,7 @@ def _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
 
 @triton.jit
 def _bwd_dx_kernel(
-    X, W, SCALE, G, ARGMAX, DX, DSCALE,
+    X, W, WD, SCALE, G, ARGMAX, DX, DSCALE,
     L, C, K, M,
     stride_xb, stride_xl, stride_xc,
     stride_gb, stride_gl, stride_gk,
@@ -206,8 +206,9 @@ def _bwd_dx_kernel(
     du = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # dL/du, u = x̂ (cosine) or x (dot)
     gp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
+        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
         w = _load_tile(W, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        s = _similarity(x, w, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
         ds, gp_tile = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
                                      stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
         gp += gp_tile
@@ -239,7 +240,7 @@ def _bwd_dx_kernel(
 
 @triton.jit
 def _bwd_dw_kernel(
-    X, W, SCALE, G, ARGMAX, DW,
+    X, WD, SCALE, G, ARGMAX, DW,
     B, L, C, K, M,
     stride_xb, stride_xl, stride_xc,
     stride_gb, stride_gl, stride_gk,
@@ -252,7 +253,7 @@ def _bwd_dw_kernel(
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     k0 = pid_k * BLOCK_K
-    w = _load_tile(W, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
+    wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
     scale = tl.load(SCALE).to(tl.float32)
     num_blocks = tl.cdiv(L, BLOCK_N)
 
@@ -261,7 +262,7 @@ def _bwd_dw_kernel(
         b = blk // num_blocks
         l0 = (blk % num_blocks) * BLOCK_N
         x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, BLOCK_C, COSINE)
-        s = _similarity(x, w, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
+        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
         ds, gp = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
                                 stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
         # s = u Ŵᵀ  =>  dŴ += dsᵀ u   (u = x * inv; padded rows have ds = 0)
@@ -388,7 +389,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
     cfg = _Config(x.device, c, k, m, x.dtype)
     grid = (nb * triton.cdiv(nl, cfg.block_n),)
     _fwd_kernel[grid](
-        x3, w_hat, scale, bias if bias is not None else scale, out3, winners if pool == 0 else scale,
+        x3, w_hat.to(x.dtype), scale, bias if bias is not None else scale, out3, winners if pool == 0 else scale,
         nl, c, k, m,
         *x3.stride(), *out3.stride(),
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST=cfg.upcast,
@@ -429,6 +430,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
             dx.zero_()
         return dx, dw, dscale
     cfg = _Config(x.device, c, k, m, x.dtype)
+    w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
     common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
                   UPCAST=cfg.upcast,
                   BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
@@ -437,7 +439,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     if need_dx or need_dscale:
         partial = torch.empty((n_blocks if need_dscale else 1,), dtype=torch.float32, device=x.device)
         _bwd_dx_kernel[(n_blocks,)](
-            x3, w_hat, scale, g3, winners, dx3, partial,
+            x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
             nl, c, k, m,
             *x3.stride(), *g3.stride(), *dx3.stride(),
             STORE_DX=need_dx, STORE_DSCALE=need_dscale,
@@ -455,7 +457,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
         deterministic = torch.are_deterministic_algorithms_enabled()
         target = w_hat.new_empty((splits, k, m, c)) if deterministic else dw
         _bwd_dw_kernel[(tiles, splits)](
-            x3, w_hat, scale, g3, winners, target,
+            x3, w_dot, scale, g3, winners, target,
             nb, nl, c, k, m,
             *x3.stride(), *g3.stride(),
             DETERMINISTIC=deterministic,
