@@ -325,9 +325,12 @@ def _num_sms(index: int) -> int:
 
 class _Config:
     """Block sizes. On the CPU interpreter small tiles keep the (numpy) work and the number of
-    launched programs modest; on the GPU tiles are sized so that a row block (all ``C``
-    channels) and a class tile fit on chip. Untuned: no GPU was available when this was
-    written (see docs/kernel-similarity.md)."""
+    launched programs modest. On the GPU the tiles are sized so that a row block (all ``C``
+    channels) and a class tile fit on chip; these sizes are *untuned*: no GPU was available
+    when this was written. They were only checked by compiling the kernels offline for sm_90
+    (Triton 3.9): shared memory stays under the H100 limit with ``num_stages=2``; the backward
+    kernels still spill a few hundred bytes of registers at the voc/ade shapes (see
+    docs/kernel-similarity.md)."""
 
     def __init__(self, device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype):
         self.block_c = max(16, triton.next_power_of_2(c))
@@ -342,22 +345,26 @@ class _Config:
         if on_gpu:
             self.block_n = 64 if self.block_c <= 256 else (32 if self.block_c <= 512 else 16)
             self.num_warps = 4 if self.block_c <= 256 else 8
-            # the dW kernel holds a (BLOCK_K*BLOCK_M, BLOCK_C) fp32 accumulator
-            self.dw_block_k = self.block_k
-            while self.dw_block_k > 1 and self.dw_block_k * self.block_m * self.block_c > 16384:
-                self.dw_block_k //= 2
-            while self.dw_block_k * self.block_m < 16:
-                self.dw_block_k *= 2
+            self.num_stages = 2
+            # the backward kernels hold (BLOCK_K*BLOCK_M, BLOCK_C) fp32 tiles (dW accumulator,
+            # fp32 prototypes) and a (BLOCK_N, BLOCK_C) fp32 du: keep them at 8K elements
+            self.bwd_block_n = 32 if self.block_c <= 256 else 16
+            self.bwd_num_warps = 8
+            self.bwd_block_k = self.block_k
+            while self.bwd_block_k > 1 and self.bwd_block_k * self.block_m * self.block_c > 8192:
+                self.bwd_block_k //= 2
+            while self.bwd_block_k * self.block_m < 16:
+                self.bwd_block_k *= 2
         else:
-            self.block_n = 16
-            self.num_warps = 4
-            self.dw_block_k = self.block_k
-        if x_dtype == torch.float32:
-            self.precision = "ieee"
-        else:
-            self.precision = "tf32"  # unused by low-precision dots; they accumulate in fp32
-        # gradient GEMMs run on fp32 operands (ds can be far below fp16's range); tf32 on the
-        # GPU for low-precision inputs, exact fp32 when the inputs are fp32.
+            self.block_n = self.bwd_block_n = 16
+            self.num_warps = self.bwd_num_warps = 4
+            self.num_stages = 1
+            self.bwd_block_k = self.block_k
+        # fp32 features: an exact fp32 GEMM (the reference does not use TF32 either); for
+        # bf16/fp16 operands the precision argument is unused (fp32 accumulation).
+        self.precision = "ieee"
+        # gradient GEMMs run on fp32 operands (ds can be far below fp16's range): TF32 for
+        # low-precision inputs, exact fp32 when the inputs are fp32.
         self.grad_precision = "ieee" if x_dtype == torch.float32 else "tf32"
         self.upcast = x_dtype != torch.float32 and not on_gpu
 
@@ -394,7 +401,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
         *x3.stride(), *out3.stride(),
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST=cfg.upcast,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, winners
 
@@ -433,8 +440,9 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
     common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
                   UPCAST=cfg.upcast,
-                  BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, num_warps=cfg.num_warps)
-    n_blocks = nb * triton.cdiv(nl, cfg.block_n)
+                  BLOCK_N=cfg.bwd_block_n, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+                  num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
+    n_blocks = nb * triton.cdiv(nl, cfg.bwd_block_n)
 
     if need_dx or need_dscale:
         partial = torch.empty((n_blocks if need_dscale else 1,), dtype=torch.float32, device=x.device)
@@ -443,13 +451,13 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
             nl, c, k, m,
             *x3.stride(), *g3.stride(), *dx3.stride(),
             STORE_DX=need_dx, STORE_DSCALE=need_dscale,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **common,
+            BLOCK_K=cfg.bwd_block_k, **common,
         )
         if need_dscale:
             dscale = partial.sum()
 
     if need_dw:
-        tiles = triton.cdiv(k, cfg.dw_block_k)
+        tiles = triton.cdiv(k, cfg.bwd_block_k)
         if x.device.type == "cuda":
             splits = max(1, min(n_blocks, triton.cdiv(4 * _num_sms(x.device.index or 0), tiles)))
         else:
@@ -461,7 +469,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
             nb, nl, c, k, m,
             *x3.stride(), *g3.stride(),
             DETERMINISTIC=deterministic,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.dw_block_k, **common,
+            BLOCK_K=cfg.bwd_block_k, **common,
         )
         if deterministic:
             dw = target.sum(0)
