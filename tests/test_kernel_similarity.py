@@ -53,9 +53,12 @@ def make_x(layout: str, b: int, h: int, w: int, c: int, dtype: torch.dtype, gen:
         return x4.movedim(1, -1)
     if layout == "channels_last":
         return x4.contiguous(memory_format=torch.channels_last).movedim(1, -1)
-    if layout == "nchw_sliced":  # non-contiguous in W as well
+    if layout == "nchw_sliced":  # every other column: still one (B, H*W, C) strided view
         big = torch.randn(b, c, h, 2 * w, generator=gen).to(DEVICE, dtype)
         return big[..., ::2].movedim(1, -1)
+    if layout == "nchw_cropped":  # a crop in W: H and W cannot merge, the kernel gets a copy
+        big = torch.randn(b, c, h, w + 2, generator=gen).to(DEVICE, dtype)
+        return big[..., 1:w + 1].movedim(1, -1)
     raise AssertionError(layout)
 
 
@@ -99,7 +102,7 @@ def check_winners(x, protos, similarity, winners, dtype):
 # ----------------------------------------------------------------------------- main property
 @st.composite
 def problems(draw):
-    layout = draw(st.sampled_from(["rows", "rows_strided", "nchw", "channels_last", "nchw_sliced"]))
+    layout = draw(st.sampled_from(["rows", "rows_strided", "nchw", "channels_last", "nchw_sliced", "nchw_cropped"]))
     if layout.startswith("rows"):
         b, h, w = 1, 1, draw(st.integers(1, 70))
     else:
@@ -258,6 +261,14 @@ def test_output_layout_follows_features():
                               similarity="cosine", pooling="mean")
     assert out_cl.is_contiguous()
     torch.testing.assert_close(out, out_cl, **FP32_TOL)
+
+
+@pytest.mark.parametrize("layout", ["rows", "rows_strided", "nchw", "channels_last", "nchw_sliced"])
+def test_strided_layouts_reach_the_kernel_without_a_copy(layout):
+    """The kernel takes (B, L, C) strides: these layouts are passed as views of x's memory."""
+    x = make_x(layout, 2, 3, 4, 5, torch.float32, torch.Generator().manual_seed(9))
+    assert similarity_mod._as_blc(x).data_ptr() == x.data_ptr()
+    assert similarity_mod._as_blc(x).untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
 
 
 def test_autocast_returns_fp32_logits_and_input_dtype_grads():

@@ -545,7 +545,7 @@ def prototype_logits(
         if scale_t is None:
             scale_t = torch.full((), float(scale), dtype=torch.float32, device=x.device)
         else:
-            scale_t = scale_t.reshape(())
+            scale_t = scale_t.reshape(()).to(x.device)  # a no-op for the head's own scale
         logits, _ = torch.ops.torch_ppl.prototype_logits_fwd(
             x, w_hat, scale_t, bias, similarity == "cosine", pooling)
     return logits
