@@ -45,15 +45,23 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ============================================================================ Triton kernels
+# Pixel tensors (x, logits, dlogits, dx) are addressed as (B, H, W, channels) with four strides;
+# pixel l of image b is (l // WIDTH, l % WIDTH), L = H * WIDTH. Offsets are int64.
 @triton.jit
-def _load_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
+def _pixel_offsets(b, rows, WIDTH, stride_b, stride_h, stride_w):
+    rows = rows.to(tl.int64)
+    return b.to(tl.int64) * stride_b + (rows // WIDTH) * stride_h + (rows % WIDTH) * stride_w
+
+
+@triton.jit
+def _load_rows(X, b, l0, L, WIDTH, C, stride_b, stride_h, stride_w, stride_c,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, COSINE: tl.constexpr):
     """Rows ``l0 .. l0+BLOCK_N`` of batch ``b`` (all channels, native dtype) and, for cosine,
     ``inv = 1 / max(|x|, eps)`` computed in fp32 from the same load."""
     rows = l0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_C)
     mask = (rows < L)[:, None] & (cols < C)[None, :]
-    ptrs = (X + b.to(tl.int64) * stride_b + rows.to(tl.int64)[:, None] * stride_l
+    ptrs = (X + _pixel_offsets(b, rows, WIDTH, stride_b, stride_h, stride_w)[:, None]
             + cols.to(tl.int64)[None, :] * stride_c)
     x = tl.load(ptrs, mask=mask, other=0.0)
     if COSINE:
@@ -101,9 +109,9 @@ def _similarity(x, w, inv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M
 @triton.jit
 def _fwd_kernel(
     X, WD, SCALE, BIAS, OUT, ARGMAX,
-    L, C, K, M,
-    stride_xb, stride_xl, stride_xc,
-    stride_ob, stride_ol, stride_ok,
+    L, WIDTH, C, K, M,
+    stride_xb, stride_xh, stride_xw, stride_xc,
+    stride_ob, stride_oh, stride_ow, stride_ok,
     COSINE: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -112,7 +120,8 @@ def _fwd_kernel(
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
     l0 = (pid % num_blocks) * BLOCK_N
-    x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, BLOCK_C, COSINE)
+    x, norm, inv = _load_rows(X, b, l0, L, WIDTH, C, stride_xb, stride_xh, stride_xw, stride_xc,
+                              BLOCK_N, BLOCK_C, COSINE)
     scale = tl.load(SCALE).to(tl.float32)
 
     rows = l0 + tl.arange(0, BLOCK_N)
@@ -139,7 +148,7 @@ def _fwd_kernel(
         if HAS_BIAS:
             logits += tl.load(BIAS + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
         mask = (rows < L)[:, None] & (ks < K)[None, :]
-        out_ptrs = (OUT + b.to(tl.int64) * stride_ob + rows.to(tl.int64)[:, None] * stride_ol
+        out_ptrs = (OUT + _pixel_offsets(b, rows, WIDTH, stride_ob, stride_oh, stride_ow)[:, None]
                     + ks.to(tl.int64)[None, :] * stride_ok)
         tl.store(out_ptrs, logits, mask=mask)
         if POOL == 0:
@@ -149,8 +158,8 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
-                   stride_gb, stride_gl, stride_gk,
+def _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
+                   stride_gb, stride_gh, stride_gw, stride_gk,
                    POOL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """From the recomputed tile ``s`` (BLOCK_N, BLOCK_K, BLOCK_M) and ``g = dlogits``:
     ``ds[n,k,m] = scale * g[n,k] * dpool/ds[n,k,m]`` (flattened to (BLOCK_N, BLOCK_K*BLOCK_M))
@@ -161,7 +170,7 @@ def _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
     rows = l0 + tl.arange(0, BLOCK_N)
     ks = k0 + tl.arange(0, BLOCK_K)
     mask = (rows < L)[:, None] & (ks < K)[None, :]
-    g_ptrs = (G + b.to(tl.int64) * stride_gb + rows.to(tl.int64)[:, None] * stride_gl
+    g_ptrs = (G + _pixel_offsets(b, rows, WIDTH, stride_gb, stride_gh, stride_gw)[:, None]
               + ks.to(tl.int64)[None, :] * stride_gk)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     m_idx = tl.arange(0, BLOCK_M)
@@ -187,10 +196,10 @@ def _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
 @triton.jit
 def _bwd_dx_kernel(
     X, W, WD, SCALE, G, ARGMAX, DX, DSCALE,
-    L, C, K, M,
-    stride_xb, stride_xl, stride_xc,
-    stride_gb, stride_gl, stride_gk,
-    stride_db, stride_dl, stride_dc,
+    L, WIDTH, C, K, M,
+    stride_xb, stride_xh, stride_xw, stride_xc,
+    stride_gb, stride_gh, stride_gw, stride_gk,
+    stride_db, stride_dh, stride_dw, stride_dc,
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     STORE_DX: tl.constexpr, STORE_DSCALE: tl.constexpr,
@@ -200,7 +209,8 @@ def _bwd_dx_kernel(
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
     l0 = (pid % num_blocks) * BLOCK_N
-    x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, BLOCK_C, COSINE)
+    x, norm, inv = _load_rows(X, b, l0, L, WIDTH, C, stride_xb, stride_xh, stride_xw, stride_xc,
+                              BLOCK_N, BLOCK_C, COSINE)
     scale = tl.load(SCALE).to(tl.float32)
 
     du = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # dL/du, u = x̂ (cosine) or x (dot)
@@ -209,8 +219,8 @@ def _bwd_dx_kernel(
         wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
         s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
         w = _load_tile(W, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        ds, gp_tile = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
-                                     stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
+        ds, gp_tile = _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
+                                     stride_gb, stride_gh, stride_gw, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
         gp += gp_tile
         # s = u Ŵᵀ  =>  du += ds Ŵ   (fp32 operands: ds may be tiny, keep fp32 range)
         du += tl.dot(ds, w, input_precision=GRAD_PRECISION, out_dtype=tl.float32)
@@ -229,7 +239,7 @@ def _bwd_dx_kernel(
         rows = l0 + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_C)
         mask = (rows < L)[:, None] & (cols < C)[None, :]
-        ptrs = (DX + b.to(tl.int64) * stride_db + rows.to(tl.int64)[:, None] * stride_dl
+        ptrs = (DX + _pixel_offsets(b, rows, WIDTH, stride_db, stride_dh, stride_dw)[:, None]
                 + cols.to(tl.int64)[None, :] * stride_dc)
         tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=mask)
     if STORE_DSCALE:
@@ -241,9 +251,9 @@ def _bwd_dx_kernel(
 @triton.jit
 def _bwd_dw_kernel(
     X, WD, SCALE, G, ARGMAX, DW,
-    B, L, C, K, M,
-    stride_xb, stride_xl, stride_xc,
-    stride_gb, stride_gl, stride_gk,
+    B, L, WIDTH, C, K, M,
+    stride_xb, stride_xh, stride_xw, stride_xc,
+    stride_gb, stride_gh, stride_gw, stride_gk,
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -261,10 +271,11 @@ def _bwd_dw_kernel(
     for blk in range(split, B * num_blocks, num_splits):
         b = blk // num_blocks
         l0 = (blk % num_blocks) * BLOCK_N
-        x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, BLOCK_C, COSINE)
+        x, norm, inv = _load_rows(X, b, l0, L, WIDTH, C, stride_xb, stride_xh, stride_xw, stride_xc,
+                                  BLOCK_N, BLOCK_C, COSINE)
         s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
-        ds, gp = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
-                                stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
+        ds, gp = _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
+                                stride_gb, stride_gh, stride_gw, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
         # s = u Ŵᵀ  =>  dŴ += dsᵀ u   (u = x * inv; padded rows have ds = 0)
         u = x.to(tl.float32) * inv[:, None]
         dw += tl.dot(tl.trans(ds), u, input_precision=GRAD_PRECISION, out_dtype=tl.float32)
@@ -283,35 +294,30 @@ def _bwd_dw_kernel(
 
 
 # ============================================================================ host helpers
-def _as_blc(t: Tensor) -> Tensor:
-    """``(..., C)`` -> ``(B, L, C)`` *view* where the strides allow (contiguous NCHW seen
-    channel-last, channels_last, plain rows), else a copy."""
-    c = t.shape[-1]
+def _as_bhwc(t: Tensor) -> Tensor:
+    """``(..., C)`` -> ``(B, H, W, C)`` *view* (the kernels take all four strides, so any strided
+    4-D input, e.g. a crop of NCHW seen channel-last, needs no copy): ``(N, C)`` is
+    ``(1, 1, N, C)``, ``(B, L, C)`` is ``(B, 1, L, C)``. Only inputs with more than three
+    leading dimensions are reshaped (which may copy)."""
     if t.dim() == 1:
-        return t.reshape(1, 1, c)
+        return t[None, None, None]
     if t.dim() == 2:
-        return t.unsqueeze(0)
-    return t.reshape(t.shape[0], -1, c)
+        return t[None, None]
+    if t.dim() == 3:
+        return t[:, None]
+    if t.dim() == 4:
+        return t
+    return t.reshape(t.shape[0], 1, -1, t.shape[-1])
 
 
 def _new_rows(like: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
     """A new ``(..., channels)`` tensor laid out like ``like``: for 4-D rows whose channel axis
-    is not the fastest (a view of contiguous NCHW) it is a ``(..., channels)`` view of a
-    contiguous ``(B, channels, H, W)`` buffer, so that moving the channel axis back is free."""
+    is not the fastest (a view of NCHW) it is a ``(..., channels)`` view of a contiguous
+    ``(B, channels, H, W)`` buffer, so that moving the channel axis back is free."""
     if like.dim() == 4 and like.stride(-1) != 1:
         b, h, w, _ = like.shape
         return like.new_empty((b, channels, h, w), dtype=dtype).movedim(1, -1)
     return like.new_empty((*like.shape[:-1], channels), dtype=dtype)
-
-
-def _blc_view(t: Tensor) -> Tensor:
-    """``(B, L, C)`` view of an output allocated by :func:`_new_rows` (must not copy)."""
-    c = t.shape[-1]
-    if t.dim() == 1:
-        return t.view(1, 1, c)
-    if t.dim() == 2:
-        return t.unsqueeze(0)
-    return t.view(t.shape[0], -1, c)
 
 
 def _argmax_dtype(m: int) -> torch.dtype:
@@ -387,8 +393,9 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
     normalised for cosine similarity."""
     k, m, c = w_hat.shape
     out = _new_rows(x, k, torch.float32)
-    x3, out3 = _as_blc(x), _blc_view(out)
-    nb, nl, _ = x3.shape
+    x4, out4 = _as_bhwc(x), _as_bhwc(out)
+    nb, nh, nw, _ = x4.shape
+    nl = nh * nw
     pool = _POOL_CODE[pooling]
     winners = x.new_empty((nb, nl, k) if pool == 0 else (0,), dtype=_argmax_dtype(m))
     if out.numel() == 0:
@@ -396,9 +403,9 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
     cfg = _Config(x.device, c, k, m, x.dtype)
     grid = (nb * triton.cdiv(nl, cfg.block_n),)
     _fwd_kernel[grid](
-        x3, w_hat.to(x.dtype), scale, bias if bias is not None else scale, out3, winners if pool == 0 else scale,
-        nl, c, k, m,
-        *x3.stride(), *out3.stride(),
+        x4, w_hat.to(x.dtype), scale, bias if bias is not None else scale, out4, winners if pool == 0 else scale,
+        nl, nw, c, k, m,
+        *x4.stride(), *out4.stride(),
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST=cfg.upcast,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -411,8 +418,8 @@ def _(x, w_hat, scale, bias, cosine, pooling):
     k, m, _ = w_hat.shape
     out = _new_rows(x, k, torch.float32)
     if pooling == "max":
-        lead = _as_blc(x).shape[:2]
-        winners = x.new_empty((*lead, k), dtype=_argmax_dtype(m))
+        nb, nh, nw, _ = _as_bhwc(x).shape
+        winners = x.new_empty((nb, nh * nw, k), dtype=_argmax_dtype(m))
     else:
         winners = x.new_empty((0,), dtype=_argmax_dtype(m))
     return out, winners
@@ -427,9 +434,10 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     dx = _new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
     dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
     dscale = torch.zeros((), dtype=torch.float32, device=x.device)
-    x3, g3 = _as_blc(x), _as_blc(grad)
-    dx3 = _blc_view(dx) if need_dx else x3  # x3: a dummy pointer, never written
-    nb, nl, _ = x3.shape
+    x4, g4 = _as_bhwc(x), _as_bhwc(grad)
+    dx4 = _as_bhwc(dx) if need_dx else x4  # x4: a dummy pointer, never written
+    nb, nh, nw, _ = x4.shape
+    nl = nh * nw
     pool = _POOL_CODE[pooling]
     winners = winners if pool == 0 else scale  # a dummy pointer, never read
     if x.numel() == 0 or k == 0:
@@ -447,9 +455,9 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     if need_dx or need_dscale:
         partial = torch.empty((n_blocks if need_dscale else 1,), dtype=torch.float32, device=x.device)
         _bwd_dx_kernel[(n_blocks,)](
-            x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
-            nl, c, k, m,
-            *x3.stride(), *g3.stride(), *dx3.stride(),
+            x4, w_hat, w_dot, scale, g4, winners, dx4, partial,
+            nl, nw, c, k, m,
+            *x4.stride(), *g4.stride(), *dx4.stride(),
             STORE_DX=need_dx, STORE_DSCALE=need_dscale,
             BLOCK_K=cfg.bwd_block_k, **common,
         )
@@ -465,9 +473,9 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
         deterministic = torch.are_deterministic_algorithms_enabled()
         target = w_hat.new_empty((splits, k, m, c)) if deterministic else dw
         _bwd_dw_kernel[(tiles, splits)](
-            x3, w_dot, scale, g3, winners, target,
-            nb, nl, c, k, m,
-            *x3.stride(), *g3.stride(),
+            x4, w_dot, scale, g4, winners, target,
+            nb, nl, nw, c, k, m,
+            *x4.stride(), *g4.stride(),
             DETERMINISTIC=deterministic,
             BLOCK_K=cfg.bwd_block_k, **common,
         )
@@ -523,7 +531,8 @@ def prototype_logits(
     """Fused :func:`torch_ppl.reference.prototype_logits`: ``(..., K)`` float32 logits.
 
     Args:
-        x: ``(..., C)`` rows, any strides (a channel-last view of NCHW or channels_last).
+        x: ``(..., C)`` rows, any strides (a channel-last view of NCHW, channels_last, crops):
+            up to four dimensions they reach the kernels as views, never copied.
         prototypes: ``(K, M, C)``.
         scale: float or 0-d tensor (may require grad).
         bias: ``(K,)`` or ``None``.
