@@ -210,15 +210,18 @@ def test_max_ties_go_to_lowest_index():
 def test_many_prototypes_per_class_int16_winners():
     """M > 127: the saved winners switch from int8 to int16 and must still index correctly."""
     gen = torch.Generator().manual_seed(10)
-    x = torch.randn(5, 8, generator=gen).to(DEVICE).requires_grad_()
-    protos = torch.randn(2, 130, 8, generator=gen).to(DEVICE).requires_grad_()
+    v = torch.randn(8, generator=gen)
+    protos = torch.randn(2, 130, 8, generator=gen)
+    protos[:, 129] = v  # the winner of both classes, an index int8 cannot hold
+    x = (v + 0.01 * torch.randn(5, 8, generator=gen)).to(DEVICE).requires_grad_()
+    protos = protos.to(DEVICE).requires_grad_()
     out = prototype_logits(x, protos, 3.0, None, similarity="cosine", pooling="max")
     ref = reference.prototype_logits(x, protos, 3.0, None, similarity="cosine", pooling="max")
     torch.testing.assert_close(out, ref, **FP32_TOL)
     w_hat = torch.nn.functional.normalize(protos.detach(), dim=-1)
     _, winners = torch.ops.torch_ppl.prototype_logits_fwd(x.detach(), w_hat, torch.ones((), device=DEVICE), None,
                                                           True, "max")
-    assert winners.dtype == torch.int16
+    assert winners.dtype == torch.int16 and bool((winners == 129).all())
     g = torch.randn(out.shape, generator=gen).to(DEVICE)
     for a, b in zip(torch.autograd.grad(out, (x, protos), g), torch.autograd.grad(ref, (x, protos), g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
