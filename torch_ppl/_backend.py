@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from typing import Callable, Optional
 
 from torch import Tensor
@@ -86,6 +87,11 @@ def implementation(op: str, backend: str) -> Callable:
     if backend == "reference":
         return getattr(reference, op)
     module_name, fn_name = _KERNELS[op]
+    # Already imported: a dict lookup, which torch.compile traces (importlib.import_module would
+    # be a graph break on every call).
+    module = sys.modules.get(f"torch_ppl.kernels.{module_name}")
+    if module is not None:
+        return getattr(module, fn_name)
     try:
         module = importlib.import_module(f"torch_ppl.kernels.{module_name}")
     except ModuleNotFoundError as err:
