@@ -26,6 +26,7 @@ PyTorch outside the op, so autograd carries ``dW_hat`` back through it.
 """
 from __future__ import annotations
 
+import os
 from typing import Tuple
 
 import torch
@@ -52,9 +53,21 @@ _DETERMINISTIC_PROGRAMS = {"cuda": 128, "cpu": 4}
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
+def _operand(t, DOT_DTYPE: tl.constexpr, EMULATE_DOT: tl.constexpr):
+    """A GEMM operand rounded to ``DOT_DTYPE``. Triton's CPU interpreter multiplies bfloat16
+    operands as raw uint16 bits, so under it (``EMULATE_DOT``) the rounded operand goes back to
+    fp32: products of 16-bit values are exact in fp32, so this is the GPU's 16-bit-in,
+    fp32-accumulate GEMM up to summation order."""
+    t = t.to(DOT_DTYPE)
+    if EMULATE_DOT:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
 def _z_tile(
     x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-    COSINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    COSINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One ``(BLOCK_N, BLOCK_P)`` tile of ``z = s / tau`` and the rows' ``1 / max(||x||, eps)``.
@@ -76,7 +89,8 @@ def _z_tile(
         if COSINE:
             xf = x.to(tl.float32)
             sumsq += tl.sum(xf * xf, axis=1)
-        acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(_operand(x, DOT_DTYPE, EMULATE_DOT), tl.trans(_operand(w, DOT_DTYPE, EMULATE_DOT)), acc,
+                     input_precision=INPUT_PRECISION)
     if COSINE:
         norm = tl.sqrt(sumsq)
         rnorm = 1.0 / tl.maximum(norm, eps)
@@ -95,7 +109,7 @@ def _contrastive_fwd_kernel(
     L, C, P, M, ignore_index, inv_tau, eps,
     stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    EMULATE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_lblocks = tl.cdiv(L, BLOCK_N)
@@ -118,7 +132,7 @@ def _contrastive_fwd_kernel(
         p_in = offs_p < P
         z, acc, rnorm, clamped = _z_tile(
             x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-            COSINE, DOT_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_P, BLOCK_C)
+            COSINE, DOT_DTYPE, INPUT_PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
         # online logsumexp over all prototypes (masked columns are -inf: exp(-inf) = 0)
         m_new = tl.maximum(m_all, tl.max(z, axis=1))
         l_all = l_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -160,7 +174,7 @@ def _contrastive_bwd_kernel(
     stride_gb, stride_gl, stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     stride_dxb, stride_dxl, stride_dxc, stride_dwg,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -202,7 +216,7 @@ def _contrastive_bwd_kernel(
             p_in = offs_p < P
             z, acc, rnorm, clamped = _z_tile(
                 x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-                COSINE, DOT_DTYPE, INPUT_PRECISION, BLOCK_N, BLOCK_P, BLOCK_C)
+                COSINE, DOT_DTYPE, INPUT_PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
             prob = tl.exp(z - lse[:, None])  # softmax over all P (masked columns: exp(-inf) = 0)
             if NEAREST:
                 q = tl.where(offs_p[None, :] == best[:, None], 1.0, 0.0)
@@ -227,7 +241,8 @@ def _contrastive_bwd_kernel(
                             mask=valid[:, None] & c_in[None, :], other=0.0)
                 if COMPUTE_DX:
                     # this tile's share of dx: row_scale * (dz @ W_hat) - proj * x
-                    dx_tile = tl.dot(dz.to(DOT_DTYPE), w.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
+                    dx_tile = tl.dot(_operand(dz, DOT_DTYPE, EMULATE_DOT), _operand(w, DOT_DTYPE, EMULATE_DOT),
+                                     input_precision=INPUT_PRECISION)
                     dx_tile = dx_tile * row_scale[:, None]
                     if COSINE:
                         dx_tile -= proj[:, None] * x.to(tl.float32)
@@ -238,8 +253,9 @@ def _contrastive_bwd_kernel(
                     tl.store(dx_ptrs, tl.load(dx_ptrs, mask=dx_mask, other=0.0) + dx_tile, mask=dx_mask)
                 if COMPUTE_DW:
                     # dW_hat[p, c] += sum_n dz[n, p] * (row_scale[n] * x[n, c])
-                    xs = (x.to(tl.float32) * row_scale[:, None]).to(DW_DOT_DTYPE)
-                    dw_tile = tl.dot(tl.trans(dz.to(DW_DOT_DTYPE)), xs, input_precision=INPUT_PRECISION)
+                    xs = _operand(x.to(tl.float32) * row_scale[:, None], DW_DOT_DTYPE, EMULATE_DOT)
+                    dw_tile = tl.dot(tl.trans(_operand(dz, DW_DOT_DTYPE, EMULATE_DOT)), xs,
+                                     input_precision=INPUT_PRECISION)
                     dw_mask = p_in[:, None] & c_in[None, :]
                     dw_off = offs_p[:, None].to(tl.int64) * C + offs_c[None, :].to(tl.int64)
                     if DETERMINISTIC:
@@ -260,6 +276,10 @@ def _dot_dtypes(x_dtype: torch.dtype):
     dot = _DOT_DTYPES[x_dtype]
     dw_dot = tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float32
     return dot, dw_dot
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _blocks(device: torch.device, L: int, P: int, C: int) -> Tuple[int, int, int]:
@@ -306,7 +326,7 @@ def contrastive_loss_fwd(
         x.stride(0), x.stride(1), x.stride(2), w_hat.stride(0), w_hat.stride(1),
         target.stride(0), target.stride(1),
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
-        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
+        EMULATE_DOT=_interpreting(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
     )
     return loss, lse, pos, best
 
@@ -342,7 +362,7 @@ def contrastive_loss_bwd(
         w_hat.stride(0), w_hat.stride(1), target.stride(0), target.stride(1),
         dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2), P * C,
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, DW_DOT_DTYPE=dw_dot, INPUT_PRECISION="ieee",
-        COMPUTE_DX=needs_dx, COMPUTE_DW=needs_dw, DETERMINISTIC=deterministic and needs_dw,
+        EMULATE_DOT=_interpreting(), COMPUTE_DX=needs_dx, COMPUTE_DW=needs_dw, DETERMINISTIC=deterministic and needs_dw,
         BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
     )
     if deterministic and needs_dw:
