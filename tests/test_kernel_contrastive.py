@@ -101,8 +101,29 @@ def draw_case(c, dtype=torch.float32, proto_dtype=None):
     return x, protos, y, grad
 
 
+def grad_scales(x, protos, y, grad, o):
+    """Bounds on the terms that the fp32 gradients are sums of, for absolute tolerances.
+
+    ``|dl/dz_p|`` sums to at most 2 over p, so ``|dx_hat| <= 2 |g| / tau * max |W_hat|`` and
+    ``|dW_hat| <= sum_n 2 |g_n| / tau * |x_hat_n|``; the cosine normalisation multiplies by
+    ``1 / ||x||`` (resp. ``1 / ||W||``) and then cancels the radial part, so a gradient that is
+    ~0 (e.g. C = 1) is the difference of terms this large and carries their rounding.
+    """
+    valid = (y != IGNORE).flatten()
+    xf = x.detach().float().reshape(-1, x.shape[-1])[valid]
+    w = protos.detach().float().flatten(0, 1)
+    g = grad.detach().float().flatten()[valid].abs() * 2.0 / o["temperature"]
+    if xf.numel() == 0 or g.numel() == 0:
+        return 1.0, 1.0
+    if o["similarity"] == "cosine":
+        rx = 1.0 / xf.norm(dim=-1).clamp_min(reference.EPS)
+        rw = 1.0 / w.norm(dim=-1).clamp_min(reference.EPS)
+        return 1.0 + (g * rx).max().item(), 1.0 + g.sum().item() * rw.max().item()
+    return 1.0 + g.max().item() * w.abs().max().item(), 1.0 + (g[:, None] * xf.abs()).sum(0).max().item()
+
+
 # ----------------------------------------------------------------------------- fp32
-@settings(max_examples=14)
+@settings(max_examples=25)
 @given(c=shapes)
 def test_matches_reference_fp32(c):
     x, protos, y, grad = draw_case(c)
@@ -113,9 +134,9 @@ def test_matches_reference_fp32(c):
     assert loss.dtype == torch.float32 and loss.shape == y.shape
     assert dx.dtype == x.dtype and dw.dtype == protos.dtype
     torch.testing.assert_close(loss, ref_loss, **FP32)
-    scale = 1.0 + ref_dx.abs().max().item()  # dot-product grads reach |x| * |W|; compare relatively
-    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=2e-5 * scale)
-    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=2e-5 * (1.0 + ref_dw.abs().max().item()))
+    sx, sw = grad_scales(x, protos, y, grad, o)
+    torch.testing.assert_close(dx, ref_dx, rtol=1e-5, atol=1e-5 * sx)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-5, atol=1e-5 * sw)
     ignored = y == IGNORE
     assert bool((loss[ignored] == 0).all()) and bool((dx[ignored] == 0).all())
 
@@ -181,7 +202,7 @@ def test_nearest_ties_go_to_the_first_prototype():
     (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float16),
 ])
-@settings(max_examples=6)
+@settings(max_examples=10)
 @given(c=shapes)
 def test_low_precision_no_worse_than_reference(dtype, proto_dtype, c):
     x, protos, y, grad = draw_case(c, dtype, proto_dtype)
