@@ -249,6 +249,7 @@ def test_no_valid_pixel_gives_zero_and_zero_grads(positives):
     assert total.item() == 0.0
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])
 def test_non_finite_features_at_a_valid_pixel_give_a_non_finite_loss(bad, similarity):

@@ -156,7 +156,7 @@ def _contrastive_fwd_kernel(
     if NEAREST:
         pos = m_pos
     else:
-        # an ignored pixel has no positive (l_pos = 0): store 0, not log(0)
+        # an ignored pixel has no positive (l_pos = 0): keep pos finite (NEG), not log(0) = -inf
         pos = m_pos + tl.log(tl.where(valid, l_pos, 1.0))
     # where, not a multiplication: an ignored pixel's loss is exactly 0 whatever its features
     loss = tl.where(valid, lse - pos, 0.0)
