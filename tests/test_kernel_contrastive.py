@@ -365,10 +365,11 @@ def test_opcheck():
     w_hat = F.normalize(torch.randn(6, 9, generator=gen), dim=-1).to(DEVICE)
     y = random_labels((2, 11), 3, generator=gen)
     for nearest in (False, True):
-        args = (x, w_hat, y, 2, 10.0, True, nearest, IGNORE)
-        torch.library.opcheck(torch.ops.torch_ppl.contrastive_loss_fwd.default, args,
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-        _, lse, pos, best = torch.ops.torch_ppl.contrastive_loss_fwd(*args)
+        # inputs that require grad: opcheck then also checks the autograd registration
+        args = (x.requires_grad_(), w_hat.requires_grad_(), y, 2, 10.0, True, nearest, IGNORE)
+        torch.library.opcheck(torch.ops.torch_ppl.contrastive_loss_fwd.default, args)
+        x, w_hat = x.detach(), w_hat.detach()
+        _, lse, pos, best = torch.ops.torch_ppl.contrastive_loss_fwd(x, w_hat, y, 2, 10.0, True, nearest, IGNORE)
         bwd_args = (torch.randn(2, 11, generator=gen).to(DEVICE), x, w_hat, y, lse, pos, best, 2, 10.0,
                     True, nearest, IGNORE, False, True, True)
         torch.library.opcheck(torch.ops.torch_ppl.contrastive_loss_bwd.default, bwd_args)
