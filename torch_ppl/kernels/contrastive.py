@@ -20,6 +20,8 @@ How it runs (see ``docs/kernel-contrastive.md``):
   statistics and streams it into ``dx`` (each pixel tile is owned by one program) and ``dW``
   (atomics, or per-program partial sums added in a fixed order in deterministic mode).
 * No ``N x P`` tensor exists at any point.
+* Both passes are ``torch.library`` custom ops (``torch_ppl::contrastive_loss_fwd`` / ``_bwd``)
+  with fake implementations and ``register_autograd``, so ``torch.compile`` traces them whole.
 
 The prototype-side normalisation (``W -> W / max(||W||, eps)``, a ``P x C`` tensor) is plain
 PyTorch outside the op, so autograd carries ``dW_hat`` back through it.
