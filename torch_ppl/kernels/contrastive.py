@@ -1,0 +1,465 @@
+"""Fused multi-prototype contrastive loss (the push), forward and backward, in Triton.
+
+The math is :func:`torch_ppl.reference.contrastive_loss`. With ``z = s / tau`` over all
+``P = K * M`` prototypes and ``y`` the pixel's class:
+
+* ``positives="all"``:     ``l = logsumexp_p z_p - logsumexp_{p in y} z_p``
+* ``positives="nearest"``: ``l = logsumexp_p z_p - z_{p*}``, ``p* = argmax_{p in y} z_p`` (first on ties)
+
+and ``l = 0`` (with zero gradient) where ``y == ignore_index``.
+
+How it runs (see ``docs/kernel-contrastive.md``):
+
+* Forward, one program per tile of ``BLOCK_N`` pixels: loop over prototype tiles of
+  ``BLOCK_P``, each a GEMM over channel tiles of ``BLOCK_C``; the squared norm of the pixel rows
+  is summed in the same channel loop (cosine), the tile of ``z`` is folded into an online
+  logsumexp over all prototypes and into the positive term (online logsumexp over the class's
+  prototypes, or a running first-index max). Only per-pixel statistics are written:
+  ``lse`` (all), ``pos`` (positive logsumexp, or ``z`` at ``p*``) and ``best`` (``p*``).
+* Backward recomputes each ``(BLOCK_N, BLOCK_P)`` tile of ``z`` from ``x`` and the saved
+  statistics and streams it into ``dx`` (each pixel tile is owned by one program) and ``dW``
+  (atomics, or per-program partial sums added in a fixed order in deterministic mode).
+* No ``N x P`` tensor exists at any point.
+* Both passes are ``torch.library`` custom ops (``torch_ppl::contrastive_loss_fwd`` / ``_bwd``)
+  with fake implementations and ``register_autograd``, so ``torch.compile`` traces them whole.
+
+The prototype-side normalisation (``W -> W / max(||W||, eps)``, a ``P x C`` tensor) is plain
+PyTorch outside the op, so autograd carries ``dW_hat`` back through it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+
+__all__ = ["contrastive_loss"]
+
+EPS = reference.EPS  # as F.normalize
+# Running maxima start here instead of at -inf: exp(NEG - NEG) = 1 keeps a tile with no
+# positive prototype NaN-free, while masked entries (-inf) still contribute exp(-inf) = 0.
+# Any finite z is far above it (cosine: |z| <= 1 / tau).
+NEG = -1.0e30
+
+# Tests set this to force small tiles so that every multi-tile path runs on tiny shapes.
+_FORCE_BLOCKS = None  # Optional[Tuple[int, int, int]]: (BLOCK_N, BLOCK_P, BLOCK_C)
+# Deterministic dW: at most this many programs (each owning a P x C fp32 partial) per launch.
+_DETERMINISTIC_PROGRAMS = {"cuda": 128, "cpu": 4}
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _operand(t, DOT_DTYPE: tl.constexpr, EMULATE_DOT: tl.constexpr):
+    """A GEMM operand rounded to ``DOT_DTYPE``. Triton's CPU interpreter multiplies bfloat16
+    operands as raw uint16 bits, so under it (``EMULATE_DOT``) the rounded operand goes back to
+    fp32: products of 16-bit values are exact in fp32, so this is the GPU's 16-bit-in,
+    fp32-accumulate GEMM up to summation order."""
+    t = t.to(DOT_DTYPE)
+    if EMULATE_DOT:
+        t = t.to(tl.float32)
+    return t
+
+
+@triton.jit
+def _z_tile(
+    x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
+    COSINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One ``(BLOCK_N, BLOCK_P)`` tile of ``z = s / tau`` and the rows' ``1 / max(||x||, eps)``.
+
+    ``acc = x @ W_hat^T`` over channel tiles (fp32 accumulation); for cosine the squared row
+    norm is summed in the same loop and ``z = acc * rnorm / tau`` (= ``<x_hat, W_hat> / tau``).
+    Rows that are not valid pixels read as zeros, so their tile is finite whatever ``x`` holds.
+    Returns ``(z, acc, rnorm, clamped)``; ``clamped`` marks rows with ``||x|| <= eps``.
+    """
+    acc = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        c_in = offs_c < C
+        x = tl.load(x_rows[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
+                    mask=valid[:, None] & c_in[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
+                    mask=p_in[:, None] & c_in[None, :], other=0.0)
+        if COSINE:
+            xf = x.to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
+        acc = tl.dot(_operand(x, DOT_DTYPE, EMULATE_DOT), tl.trans(_operand(w, DOT_DTYPE, EMULATE_DOT)), acc,
+                     input_precision=INPUT_PRECISION)
+    if COSINE:
+        norm = tl.sqrt(sumsq)
+        rnorm = 1.0 / tl.maximum(norm, eps)
+        clamped = norm <= eps
+    else:
+        rnorm = tl.full((BLOCK_N,), 1.0, tl.float32)
+        clamped = tl.full((BLOCK_N,), 0, tl.int1)
+    z = acc * (rnorm * inv_tau)[:, None]
+    z = tl.where(p_in[None, :], z, float("-inf"))
+    return z, acc, rnorm, clamped
+
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    x_ptr, w_ptr, y_ptr, loss_ptr, lse_ptr, pos_ptr, best_ptr,
+    L, C, P, M, ignore_index, inv_tau, eps,
+    stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
+    COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    EMULATE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_lblocks = tl.cdiv(L, BLOCK_N)
+    b = (pid // num_lblocks).to(tl.int64)
+    offs_n = (pid % num_lblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = offs_n < L
+    rows64 = offs_n.to(tl.int64)
+    y = tl.load(y_ptr + b * stride_yb + rows64 * stride_yl, mask=row_in, other=ignore_index).to(tl.int64)
+    valid = row_in & (y != ignore_index)
+    y = tl.where(valid, y, -1)  # an ignored pixel has no positive prototype
+    x_rows = x_ptr + b * stride_xb + rows64 * stride_xl
+
+    m_all = tl.full((BLOCK_N,), NEG, tl.float32)  # running max of z over all prototypes
+    l_all = tl.zeros((BLOCK_N,), dtype=tl.float32)  # running sum of exp(z - m_all)
+    m_pos = tl.full((BLOCK_N,), NEG, tl.float32)  # the same over the positive class ("all"),
+    l_pos = tl.zeros((BLOCK_N,), dtype=tl.float32)  # or the best positive z ("nearest")
+    best = tl.full((BLOCK_N,), -1, tl.int32)  # p*, the first index reaching m_pos ("nearest")
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_in = offs_p < P
+        z, acc, rnorm, clamped = _z_tile(
+            x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
+            COSINE, DOT_DTYPE, INPUT_PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
+        # online logsumexp over all prototypes (masked columns are -inf: exp(-inf) = 0)
+        m_new = tl.maximum(m_all, tl.max(z, axis=1))
+        l_all = l_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m_all = m_new
+        # positive prototypes of the pixel's class: p // M == y
+        is_pos = ((offs_p // M)[None, :] == y[:, None]) & p_in[None, :]
+        z_pos = tl.where(is_pos, z, float("-inf"))
+        tile_max = tl.max(z_pos, axis=1)
+        if NEAREST:
+            # first index of the maximum inside the tile; a later tile wins only if strictly greater
+            tile_arg = tl.min(tl.where(z_pos == tile_max[:, None], offs_p[None, :], P), axis=1)
+            better = tile_max > m_pos
+            best = tl.where(better, tile_arg, best)
+            m_pos = tl.where(better, tile_max, m_pos)
+        else:
+            m_new = tl.maximum(m_pos, tile_max)
+            l_pos = l_pos * tl.exp(m_pos - m_new) + tl.sum(tl.exp(z_pos - m_new[:, None]), axis=1)
+            m_pos = m_new
+
+    lse = m_all + tl.log(l_all)
+    if NEAREST:
+        pos = m_pos
+    else:
+        # an ignored pixel has no positive (l_pos = 0): keep pos finite (NEG), not log(0) = -inf
+        pos = m_pos + tl.log(tl.where(valid, l_pos, 1.0))
+    # where, not a multiplication: an ignored pixel's loss is exactly 0 whatever its features
+    loss = tl.where(valid, lse - pos, 0.0)
+    out = b * L + rows64
+    tl.store(loss_ptr + out, loss, mask=row_in)
+    tl.store(lse_ptr + out, lse, mask=row_in)
+    tl.store(pos_ptr + out, pos, mask=row_in)
+    tl.store(best_ptr + out, best, mask=row_in)
+
+
+@triton.jit
+def _contrastive_bwd_kernel(
+    g_ptr, x_ptr, w_ptr, y_ptr, lse_ptr, pos_ptr, best_ptr, dx_ptr, dw_ptr,
+    B, L, C, P, M, ignore_index, inv_tau, eps,
+    stride_gb, stride_gl, stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
+    stride_dxb, stride_dxl, stride_dxc, stride_dwg,
+    COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Gradient math, per valid pixel n with upstream gradient g_n (0 at ignored pixels):
+    #   dl/dz_p = softmax_p(z) - q_p,  softmax_p = exp(z_p - lse)
+    #     q_p = exp(z_p - pos) for p in class y ("all"),  q_p = [p == p*] ("nearest")
+    #   ds_p = g_n / tau * (softmax_p - q_p)                       (z = s / tau)
+    # cosine (x_hat = x * rnorm, rnorm = 1 / max(||x||, eps)):
+    #   dx_hat = sum_p ds_p W_hat_p
+    #   dx     = rnorm * (dx_hat - (x_hat . dx_hat) x_hat)   if ||x|| > eps, else rnorm * dx_hat
+    #   and x_hat . dx_hat = sum_p ds_p s_p = rnorm * sum_p ds_p acc_p  (acc = x . W_hat), so
+    #   dx     = rnorm * sum_p ds_p W_hat_p - rnorm^3 * (sum_p ds_p acc_p) * x
+    #   which is a sum over prototype tiles: each tile adds its share into dx.
+    #   dW_hat_p = sum_n ds_np x_hat_n = sum_n (rnorm_n ds_np) x_n
+    # dot: rnorm = 1 and no projection term.
+    # The grid is persistent: program pid handles pixel tiles pid, pid + nprog, ... so that in
+    # deterministic mode its dW_hat partial (one P x C slice per program) stays bounded.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    num_lblocks = tl.cdiv(L, BLOCK_N)
+    for blk in range(pid, B * num_lblocks, nprog):
+        b = (blk // num_lblocks).to(tl.int64)
+        offs_n = (blk % num_lblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_in = offs_n < L
+        rows64 = offs_n.to(tl.int64)
+        y = tl.load(y_ptr + b * stride_yb + rows64 * stride_yl, mask=row_in, other=ignore_index).to(tl.int64)
+        valid = row_in & (y != ignore_index)
+        y = tl.where(valid, y, -1)
+        x_rows = x_ptr + b * stride_xb + rows64 * stride_xl
+        stat = b * L + rows64
+        lse = tl.load(lse_ptr + stat, mask=valid, other=0.0)
+        pos = tl.load(pos_ptr + stat, mask=valid, other=0.0)
+        best = tl.load(best_ptr + stat, mask=valid, other=-1)
+        g = tl.load(g_ptr + b * stride_gb + rows64 * stride_gl, mask=valid, other=0.0).to(tl.float32)
+        # where, not a product: a non-finite upstream gradient at an ignored pixel stays out
+        g_tau = tl.where(valid, g * inv_tau, 0.0)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_in = offs_p < P
+            z, acc, rnorm, clamped = _z_tile(
+                x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
+                COSINE, DOT_DTYPE, INPUT_PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
+            prob = tl.exp(z - lse[:, None])  # softmax over all P (masked columns: exp(-inf) = 0)
+            if NEAREST:
+                q = tl.where(offs_p[None, :] == best[:, None], 1.0, 0.0)
+            else:
+                is_pos = ((offs_p // M)[None, :] == y[:, None]) & p_in[None, :]
+                q = tl.exp(tl.where(is_pos, z - pos[:, None], float("-inf")))
+            keep = valid[:, None] & p_in[None, :]
+            # dl/dz in [-1, 1]: the operand of the tensor-core GEMMs; the per-pixel factor
+            # g / tau * rnorm is applied in fp32 outside them (no fp16 overflow).
+            dz = tl.where(keep, prob - q, 0.0)
+            row_scale = g_tau * rnorm  # ds * rnorm = dz * row_scale
+            if COSINE:
+                # rnorm^3 * sum_p ds_p acc_p = rnorm^2 * row_scale * sum_p dz_p acc_p
+                proj = row_scale * rnorm * rnorm * tl.sum(dz * acc, axis=1)
+                proj = tl.where(clamped, 0.0, proj)
+            for c0 in range(0, C, BLOCK_C):
+                offs_c = c0 + tl.arange(0, BLOCK_C)
+                c_in = offs_c < C
+                w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
+                            mask=p_in[:, None] & c_in[None, :], other=0.0)
+                x = tl.load(x_rows[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
+                            mask=valid[:, None] & c_in[None, :], other=0.0)
+                if COMPUTE_DX:
+                    # this tile's share of dx: row_scale * (dz @ W_hat) - proj * x
+                    dx_tile = tl.dot(_operand(dz, DOT_DTYPE, EMULATE_DOT), _operand(w, DOT_DTYPE, EMULATE_DOT),
+                                     input_precision=INPUT_PRECISION)
+                    dx_tile = dx_tile * row_scale[:, None]
+                    if COSINE:
+                        dx_tile -= proj[:, None] * x.to(tl.float32)
+                    dx_ptrs = (dx_ptr + b * stride_dxb + rows64[:, None] * stride_dxl
+                               + offs_c[None, :].to(tl.int64) * stride_dxc)
+                    dx_mask = row_in[:, None] & c_in[None, :]
+                    # this program owns these rows: a plain read-modify-write, no atomics
+                    tl.store(dx_ptrs, tl.load(dx_ptrs, mask=dx_mask, other=0.0) + dx_tile, mask=dx_mask)
+                if COMPUTE_DW:
+                    # dW_hat[p, c] += sum_n dz[n, p] * (row_scale[n] * x[n, c])
+                    xs = _operand(x.to(tl.float32) * row_scale[:, None], DW_DOT_DTYPE, EMULATE_DOT)
+                    dw_tile = tl.dot(tl.trans(_operand(dz, DW_DOT_DTYPE, EMULATE_DOT)), xs,
+                                     input_precision=INPUT_PRECISION)
+                    dw_mask = p_in[:, None] & c_in[None, :]
+                    dw_off = offs_p[:, None].to(tl.int64) * C + offs_c[None, :].to(tl.int64)
+                    if DETERMINISTIC:
+                        dw_ptrs = dw_ptr + pid.to(tl.int64) * stride_dwg + dw_off
+                        tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw_tile, mask=dw_mask)
+                    else:
+                        tl.atomic_add(dw_ptr + dw_off, dw_tile, mask=dw_mask)
+
+
+# ----------------------------------------------------------------------------- host side
+_DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _dot_dtypes(x_dtype: torch.dtype):
+    """GEMM operand dtypes: the features' own 16-bit type (fp32 accumulation), else fp32 in IEEE
+    precision. The dW GEMM multiplies by ``g / tau * x_hat``, which may pass fp16's range, so
+    fp16 features use fp32 there (bf16 has fp32's range)."""
+    dot = _DOT_DTYPES[x_dtype]
+    dw_dot = tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float32
+    return dot, dw_dot
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _blocks(device: torch.device, L: int, P: int, C: int) -> Tuple[int, int, int]:
+    if _FORCE_BLOCKS is not None:
+        return _FORCE_BLOCKS
+    if device.type == "cuda":
+        cap_n, cap_p, cap_c = 64, 64, 64
+    else:  # the interpreter: few, large tiles (each tile op is one numpy call)
+        cap_n, cap_p, cap_c = 128, 128, 128
+    block_n = max(16, min(cap_n, triton.next_power_of_2(max(L, 1))))
+    block_p = max(16, min(cap_p, triton.next_power_of_2(P)))
+    block_c = max(16, min(cap_c, triton.next_power_of_2(C)))
+    return block_n, block_p, block_c
+
+
+@torch.library.custom_op("torch_ppl::contrastive_loss_fwd", mutates_args=())
+def contrastive_loss_fwd(
+    x: Tensor, w_hat: Tensor, target: Tensor, num_per_class: int, inv_temperature: float,
+    cosine: bool, nearest: bool, ignore_index: int,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-pixel loss and statistics.
+
+    Args:
+        x: ``(B, L, C)`` features, any strides, float32/bfloat16/float16.
+        w_hat: ``(P, C)`` float32 prototypes, already normalised for cosine.
+        target: ``(B, L)`` integer labels.
+
+    Returns:
+        ``loss, lse, pos`` float32 and ``best`` int32, each ``(B, L)``.
+    """
+    B, L, C = x.shape
+    P = w_hat.shape[0]
+    loss = torch.empty((B, L), device=x.device, dtype=torch.float32)
+    lse, pos = torch.empty_like(loss), torch.empty_like(loss)
+    best = torch.empty((B, L), device=x.device, dtype=torch.int32)
+    if B * L == 0:
+        return loss, lse, pos, best
+    block_n, block_p, block_c = _blocks(x.device, L, P, C)
+    dot, _ = _dot_dtypes(x.dtype)
+    grid = (B * triton.cdiv(L, block_n),)
+    _contrastive_fwd_kernel[grid](
+        x, w_hat, target, loss, lse, pos, best,
+        L, C, P, num_per_class, ignore_index, inv_temperature, EPS,
+        x.stride(0), x.stride(1), x.stride(2), w_hat.stride(0), w_hat.stride(1),
+        target.stride(0), target.stride(1),
+        COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
+        EMULATE_DOT=_interpreting(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
+    )
+    return loss, lse, pos, best
+
+
+@torch.library.custom_op("torch_ppl::contrastive_loss_bwd", mutates_args=())
+def contrastive_loss_bwd(
+    grad: Tensor, x: Tensor, w_hat: Tensor, target: Tensor, lse: Tensor, pos: Tensor, best: Tensor,
+    num_per_class: int, inv_temperature: float, cosine: bool, nearest: bool, ignore_index: int,
+    deterministic: bool, needs_dx: bool, needs_dw: bool,
+) -> Tuple[Tensor, Tensor]:
+    """``(dx, dw_hat)``: ``dx`` like ``x`` (its dtype and strides), ``dw_hat`` ``(P, C)`` float32.
+    A gradient that is not needed comes back as zeros without being computed."""
+    B, L, C = x.shape
+    P = w_hat.shape[0]
+    # fp32 features: accumulate straight into dx. 16-bit: an fp32 accumulator, cast at the end.
+    dx_acc = torch.zeros_like(x, dtype=torch.float32)
+    dw = torch.zeros((P, C), device=x.device, dtype=torch.float32)
+    if B * L == 0 or not (needs_dx or needs_dw):
+        return dx_acc.to(x.dtype), dw
+    block_n, block_p, block_c = _blocks(x.device, L, P, C)
+    dot, dw_dot = _dot_dtypes(x.dtype)
+    num_tiles = B * triton.cdiv(L, block_n)
+    if deterministic and needs_dw:
+        programs = min(num_tiles, _DETERMINISTIC_PROGRAMS.get(x.device.type, 128))
+        dw_out = torch.zeros((programs, P, C), device=x.device, dtype=torch.float32)
+    else:
+        programs = num_tiles
+        dw_out = dw
+    _contrastive_bwd_kernel[(programs,)](
+        grad, x, w_hat, target, lse, pos, best, dx_acc, dw_out,
+        B, L, C, P, num_per_class, ignore_index, inv_temperature, EPS,
+        grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
+        w_hat.stride(0), w_hat.stride(1), target.stride(0), target.stride(1),
+        dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2), P * C,
+        COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, DW_DOT_DTYPE=dw_dot, INPUT_PRECISION="ieee",
+        EMULATE_DOT=_interpreting(), COMPUTE_DX=needs_dx, COMPUTE_DW=needs_dw, DETERMINISTIC=deterministic and needs_dw,
+        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
+    )
+    if deterministic and needs_dw:
+        dw = dw_out.sum(0)  # partials added in a fixed order
+    return dx_acc.to(x.dtype), dw
+
+
+@contrastive_loss_fwd.register_fake
+def _(x, w_hat, target, num_per_class, inv_temperature, cosine, nearest, ignore_index):
+    loss = x.new_empty(x.shape[:2], dtype=torch.float32)
+    return loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss, dtype=torch.int32)
+
+
+@contrastive_loss_bwd.register_fake
+def _(grad, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
+      ignore_index, deterministic, needs_dx, needs_dw):
+    return torch.empty_like(x), w_hat.new_empty(w_hat.shape, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w_hat, target, num_per_class, inv_temperature, cosine, nearest, ignore_index = inputs
+    _, lse, pos, best = output
+    ctx.save_for_backward(x, w_hat, target, lse, pos, best)
+    ctx.options = (num_per_class, inv_temperature, cosine, nearest, ignore_index)
+    ctx.mark_non_differentiable(lse, pos, best)
+
+
+def _backward(ctx, grad_loss, *_stat_grads):
+    x, w_hat, target, lse, pos, best = ctx.saved_tensors
+    num_per_class, inv_temperature, cosine, nearest, ignore_index = ctx.options
+    needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dw = torch.ops.torch_ppl.contrastive_loss_bwd(
+        grad_loss, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
+        ignore_index, torch.are_deterministic_algorithms_enabled(), needs_dx, needs_dw,
+    )
+    return (dx if needs_dx else None, dw if needs_dw else None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("torch_ppl::contrastive_loss_fwd", _backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public function
+def _as_blc(x: Tensor) -> Tensor:
+    """``(..., C)`` rows as a ``(B, L, C)`` view where possible: ``(B, H, W, C)`` flattens its
+    pixel axes without a copy for both NCHW-moved and channels_last features."""
+    if x.dim() == 1:
+        return x.reshape(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x.flatten(1, -2)
+
+
+def contrastive_loss(
+    x: Tensor,
+    prototypes: Tensor,
+    target: Tensor,
+    *,
+    temperature: float,
+    positives: str,
+    similarity: str,
+    ignore_index: int,
+) -> Tensor:
+    """Fused :func:`torch_ppl.reference.contrastive_loss`: same arguments, same result.
+
+    Args:
+        x: ``(..., C)`` float32/bfloat16/float16 features (any strides).
+        prototypes: ``(K, M, C)`` float32/bfloat16/float16.
+        target: ``(...)`` integer labels in ``[0, K)`` or ``ignore_index``.
+
+    Returns:
+        ``(...)`` float32 per-pixel losses, exactly 0 (with zero gradient) at ignored pixels.
+
+    Raises:
+        TypeError: float64 ``x`` or ``prototypes`` (use ``backend="reference"``).
+        ValueError: unknown ``positives`` or ``similarity``.
+    """
+    for name, t in (("x", x), ("prototypes", prototypes)):
+        if t.dtype not in _DOT_DTYPES:
+            raise TypeError(
+                f"contrastive_loss: the triton backend takes float32, bfloat16 or float16 {name}; got "
+                f"{t.dtype}. Use backend='reference' for float64."
+            )
+    if positives not in ("all", "nearest"):
+        raise ValueError(f"contrastive_loss: unknown positives {positives!r}; expected 'all' or 'nearest'")
+    if similarity not in ("cosine", "dot"):
+        raise ValueError(f"contrastive_loss: unknown similarity {similarity!r}; expected 'cosine' or 'dot'")
+    K, M, C = prototypes.shape
+    cosine = similarity == "cosine"
+    with torch.autocast(x.device.type, enabled=False):
+        # The P x C prototype side in plain torch: autograd takes dW_hat back through it.
+        w = prototypes.reshape(K * M, C).float()
+        w_hat = F.normalize(w, p=2.0, dim=-1, eps=EPS) if cosine else w
+        x3 = _as_blc(x)
+        loss, _, _, _ = torch.ops.torch_ppl.contrastive_loss_fwd(
+            x3, w_hat, target.reshape(x3.shape[:2]), M, 1.0 / float(temperature), cosine,
+            positives == "nearest", int(ignore_index),
+        )
+    return loss.reshape(target.shape)
