@@ -301,23 +301,36 @@ def _as_blc(x: Tensor) -> Tensor:
 
 
 def _blocks(device: torch.device, num_protos: int, channels: int) -> Tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_P, BLOCK_C)``. The whole channel axis of a tile stays on chip; on the
-    CPU interpreter blocks are small (Python runs each program) and ``BLOCK_P = 16`` so tests
-    with more than 16 prototypes per head exercise the online softmax across tiles. The GPU
-    choice has not been tuned on hardware."""
+    """``(BLOCK_N, BLOCK_P, BLOCK_C)``, each at least 16 (``tl.dot``'s minimum). The whole
+    channel axis of a tile stays on chip (``BLOCK_C = next_power_of_2(C)``). On the CPU
+    interpreter blocks are small (Python runs each program) and ``BLOCK_P = 16`` so tests with
+    more than 16 prototypes per head exercise the online softmax across tiles. On a GPU the
+    tiles shrink as ``C`` grows to bound the on-chip ``BLOCK_P x BLOCK_C`` float32 tiles and
+    accumulators; this choice has NOT been tuned or validated on hardware yet."""
     block_c = max(16, triton.next_power_of_2(channels))
     if device.type != "cuda":
         return 16, 16, block_c
-    block_p = min(64, max(16, triton.next_power_of_2(num_protos)))
-    block_n = 64 if block_c <= 128 else (32 if block_c <= 256 else 16)
+    if block_c <= 128:
+        block_n, block_p = 64, 64
+    elif block_c <= 256:
+        block_n, block_p = 32, 32
+    else:
+        block_n, block_p = 16, 16
+    block_p = min(block_p, max(16, triton.next_power_of_2(num_protos)))
     return block_n, block_p, block_c
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 features: exact IEEE products, as the fp32 reference. bf16/fp16 features: TF32
-    # tensor cores; their rounding (~1e-3 relative) is below what the low-precision input
-    # already carries. The CPU interpreter ignores the setting (it multiplies in float32).
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``tl.dot`` precision for float32 operands (the kernels multiply float32 tiles: ``x`` is
+    upcast, ``Kt``/``Vt`` are float32). float32 features: exact IEEE products, as the float32
+    reference. bfloat16 features: TF32 tensor cores (10-bit mantissa, finer than bf16's 7).
+    float16 features: 3xTF32, as accurate as float32, because plain TF32 rounding would be as
+    coarse as float16 itself. The CPU interpreter ignores the setting (float32 products)."""
+    if dtype == torch.bfloat16:
+        return "tf32"
+    if dtype == torch.float16:
+        return "tf32x3"
+    return "ieee"
 
 
 def _num_splits(device: torch.device, num_p_programs: int, num_n_tiles: int) -> int:
