@@ -333,6 +333,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+def _launch_options(device: torch.device, num_stages: int) -> dict:
+    """GPU launch options. Software-pipelining depth bounds shared memory: with these stages
+    every kernel compiled for sm_90 (Triton 3.9, ahead of time, bf16/fp16/fp32 features, the
+    block sizes of ``_blocks``) needs at most 160 KiB, within an H100's (and an A100's) limit;
+    Triton's default of 3 stages asked for up to 264 KiB (backward, fp16)."""
+    return {"num_stages": num_stages} if device.type == "cuda" else {}
+
+
 def _num_splits(device: torch.device, num_p_programs: int, num_n_tiles: int) -> int:
     """Pixel splits of the prototype-gradient kernel: enough programs to fill the GPU."""
     if device.type != "cuda":
@@ -367,6 +375,7 @@ def _attention_fwd(
         HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
         HAS_EXCLUDE=exclude is not None,
         BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype),
+        **_launch_options(x.device, num_stages=2),
     )
     return out, lse
 
@@ -420,6 +429,7 @@ def _attention_bwd(
         n, length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
         NEED_DX=need_dx, NEED_GREAD=need_gread, NEED_GSUM=need_gsum, **common,
+        **_launch_options(dev, num_stages=1),
     )
     gread = gread.sum(0) if need_gread else gread
     gsum = gsum.sum(0) if need_gsum else gsum
@@ -441,7 +451,7 @@ def _attention_bwd(
         x, grad, kt, c_arg, vt, gamma_arg, lab_arg, lse, delta, dkt, dc, dvt,
         n, length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
         *x.stride(), *grad.stride(),
-        DETERMINISTIC=deterministic, **common,
+        DETERMINISTIC=deterministic, **common, **_launch_options(dev, num_stages=2),
     )
     if deterministic:
         # stage two: a fixed-order sum over the splits (no atomics anywhere)
