@@ -51,21 +51,20 @@ _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 # ============================================================================ Triton kernels
 @triton.jit
-def _load_rows(ptr, offs_n, offs_c, L, C, stride_b, stride_l, stride_c, mask_n):
-    """A ``(BLOCK_N, BLOCK_C)`` tile of a ``(B, L, C)`` strided tensor, rows ``n = b * L + l``,
-    in float32 (64-bit offsets: ``N * C`` may pass 2**31)."""
-    n64 = offs_n.to(tl.int64)
-    row = (n64 // L) * stride_b + (n64 % L) * stride_l
-    ptrs = ptr + row[:, None] + offs_c[None, :].to(tl.int64) * stride_c
-    mask = mask_n[:, None] & (offs_c[None, :] < C)
-    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _row_offsets(offs_n, offs_c, L, stride_b, stride_l, stride_c):
+    """Element offsets of rows ``n = b * L + l`` of a ``(B, L, C)`` strided tensor, 64-bit
+    (``N * C`` may pass 2**31)."""
     n64 = offs_n.to(tl.int64)
     row = (n64 // L) * stride_b + (n64 % L) * stride_l
     return row[:, None] + offs_c[None, :].to(tl.int64) * stride_c
+
+
+@triton.jit
+def _load_rows(ptr, offs_n, offs_c, L, C, stride_b, stride_l, stride_c, mask_n):
+    """A ``(BLOCK_N, BLOCK_C)`` tile of a ``(B, L, C)`` strided tensor in float32, zero outside."""
+    ptrs = ptr + _row_offsets(offs_n, offs_c, L, stride_b, stride_l, stride_c)
+    mask = mask_n[:, None] & (offs_c[None, :] < C)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
