@@ -398,3 +398,22 @@ def test_kernels_compile_for_sm90(xdt, channels, num_protos):
     done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, xdt, str(channels), str(num_protos)],
                           env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_strided_small_inputs():
+    """gamma, out_bias, q_bias as strided views and prototypes in a permuted layout: the kernel
+    indexes these as dense rows, so the op must make them dense rather than misread them."""
+    case = dict(layout="flat", batch=1, height=3, width=7, channels=6, num_heads=2, head_dim=3,
+                num_classes=4, protos_per_class=2, bias=True, gamma=True, exclude=True)
+    x, w, params, labels = make_case(11, **case)
+    params = dict(params)
+    for name in ("gamma", "out_bias", "q_bias"):
+        params[name] = torch.stack([params[name], torch.zeros_like(params[name])], -1)[..., 0]
+        assert not params[name].is_contiguous()
+    w = w.transpose(0, 2).contiguous().transpose(0, 2)  # (K, M, C), channel axis outermost in memory
+    assert not w.is_contiguous()
+    out, grads = run(x, w, params, labels, 2, "triton")
+    ref_out, ref_grads = run(x, w, params, labels, 2, "reference")
+    torch.testing.assert_close(out, ref_out, **FP32)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **FP32, msg=lambda m: f"d{name}: {m}")

@@ -348,6 +348,12 @@ def _num_splits(device: torch.device, num_p_programs: int, num_n_tiles: int) -> 
     return max(1, min(num_n_tiles, triton.cdiv(2 * sms, num_p_programs)))
 
 
+def _dense(*tensors: Optional[Tensor]):
+    """The small inputs (``Kt``, ``c``, ``Vt``, biases, ``gamma``, labels, ``lse``) are indexed
+    as dense rows by the kernels; only ``x`` and gradients of its shape are read by stride."""
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
 # ============================================================================ torch.library ops
 @torch.library.custom_op("torch_ppl::prototype_attention_fwd", mutates_args=())
 def _attention_fwd(
@@ -356,6 +362,7 @@ def _attention_fwd(
 ) -> Tuple[Tensor, Tensor]:
     """x ``(B, L, C)`` any strides; kt, vt ``(h*P, C)`` float32; c ``(h*P,)`` float32;
     exclude ``(B*L,)`` int64. Returns ``out`` (like ``x``) and ``lse`` ``(B*L, h)`` float32."""
+    kt, c, vt, out_bias, gamma, exclude = _dense(kt, c, vt, out_bias, gamma, exclude)
     batch, length, channels = x.shape
     n = batch * length
     num_protos = kt.shape[0] // num_heads
@@ -394,6 +401,7 @@ def _attention_bwd(
     """Returns ``dx`` (like ``x``), ``dkt``, ``dc``, ``dvt`` (float32, shaped like ``kt``, ``c``
     or ``(h*P,)``, ``vt``), and ``sum_n g*read``, ``sum_n g`` (``(C,)`` float32). Outputs that
     were not asked for are empty tensors."""
+    kt, c, vt, gamma, exclude, lse = _dense(kt, c, vt, gamma, exclude, lse)
     batch, length, channels = x.shape
     n = batch * length
     rows_hp = kt.shape[0]
