@@ -9,7 +9,6 @@ the kernels without a GPU).
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import sys
 from typing import Callable, Optional
@@ -92,10 +91,25 @@ def implementation(op: str, backend: str) -> Callable:
     module = sys.modules.get(f"torch_ppl.kernels.{module_name}")
     if module is not None:
         return getattr(module, fn_name)
+    name = f"torch_ppl.kernels.{module_name}"
     try:
-        module = importlib.import_module(f"torch_ppl.kernels.{module_name}")
+        module = _import_kernel_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name != f"torch_ppl.kernels.{module_name}":
+        if err.name != name:
             raise
         raise NotImplementedError(f"{op}: no Triton kernel for this op yet; use backend='reference'") from None
     return getattr(module, fn_name)
+
+
+def _import_kernel_module(module_name: str):
+    # Static import statements, not importlib.import_module: torch.compile traces an import
+    # statement but graph-breaks on importlib (fullgraph=True would fail on the functional API).
+    if module_name == "similarity":
+        import torch_ppl.kernels.similarity as module
+    elif module_name == "contrastive":
+        import torch_ppl.kernels.contrastive as module
+    elif module_name == "attention":
+        import torch_ppl.kernels.attention as module
+    else:
+        raise KeyError(module_name)
+    return module

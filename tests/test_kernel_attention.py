@@ -1,0 +1,419 @@
+"""The fused PPLAttention kernel (torch_ppl/kernels/attention.py) against the reference.
+
+The reference projects ``q`` per pixel the plain way; the kernel works on the fast form
+(``x Kt^T + c``, ``a Vt``). Both are called through the public functional API
+(``backend="triton"`` vs ``backend="reference"``) so that layouts, ``exclude=`` with
+``ignore_index`` and the output memory format go the user's way. Without a GPU the kernels
+run on CPU tensors under ``TRITON_INTERPRET=1`` (set in conftest.py); there the prototype-tile
+size is 16, so more than 16 prototypes per head exercise the online softmax across tiles.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
+
+from helpers import DEVICE, TOL, assert_no_worse, requires_triton
+
+pytestmark = requires_triton
+
+import torch_ppl  # noqa: E402
+import torch_ppl.functional as PF  # noqa: E402
+from torch_ppl import reference  # noqa: E402
+
+IGNORE = 255
+PARAM_NAMES = ("q_weight", "k_weight", "v_weight", "out_weight", "q_bias", "k_bias", "v_bias", "out_bias", "gamma")
+
+# fp32: the kernel computes the same float32 math in another order (fast form, online softmax)
+FP32 = dict(rtol=1e-4, atol=1e-5)
+
+
+def _kernel():
+    from torch_ppl.kernels import attention
+
+    return attention
+
+
+def make_case(seed, *, layout, batch, height, width, channels, num_heads, head_dim, num_classes,
+              protos_per_class, bias, gamma, exclude, x_dtype=torch.float32, param_dtype=torch.float32):
+    """Features in the requested layout, (K, M, C) prototypes, projection weights, and an
+    exclude label map with about 20 % ignore_index. Returns (x, prototypes, params dict, exclude)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(DEVICE)
+
+    c, inner = channels, num_heads * head_dim
+    if layout == "flat":
+        x = randn(batch * height * width, c)
+    elif layout == "flat_strided":  # channel stride 2: a non-contiguous (N, C)
+        x = randn(batch * height * width, 2 * c)[:, ::2]
+    elif layout == "nchw":
+        x = randn(batch, c, height, width)
+    elif layout == "channels_last":
+        x = randn(batch, c, height, width).contiguous(memory_format=torch.channels_last)
+    elif layout == "nchw_strided":  # spatially sliced: neither contiguous nor channels_last
+        x = randn(batch, c, height, 2 * width)[..., ::2]
+    else:
+        raise ValueError(layout)
+    x = x.to(x_dtype)
+    prototypes = randn(num_classes, protos_per_class, c)
+    params = {
+        "q_weight": randn(inner, c, scale=c ** -0.5),
+        "k_weight": randn(inner, c, scale=c ** -0.5),
+        "v_weight": randn(inner, c, scale=c ** -0.5),
+        "out_weight": randn(c, inner, scale=inner ** -0.5),
+        "q_bias": randn(inner, scale=0.5) if bias else None,
+        "k_bias": randn(inner, scale=0.5) if bias else None,
+        "v_bias": randn(inner, scale=0.5) if bias else None,
+        "out_bias": randn(c, scale=0.5) if bias else None,
+        "gamma": (randn(c, scale=0.5) + 1.0) if gamma else None,
+    }
+    params = {k: (None if v is None else v.to(param_dtype)) for k, v in params.items()}
+    labels = None
+    if exclude:
+        shape = (batch * height * width,) if layout.startswith("flat") else (batch, height, width)
+        labels = torch.randint(0, num_classes, shape, generator=gen)
+        labels = labels.masked_fill(torch.rand(shape, generator=gen) < 0.2, IGNORE).to(DEVICE)
+    return x, prototypes, params, labels
+
+
+def run(x, prototypes, params, labels, num_heads, backend, upcast=False):
+    """Forward + backward through the functional API; returns the output and the gradients of
+    x, the prototypes and every parameter (None for absent ones)."""
+    def prep(t):
+        if t is None:
+            return None
+        t = t.detach()
+        if upcast:
+            # ground truth: the same (already rounded) values in float32, same memory layout
+            t = t.to(torch.float32)
+        return t.requires_grad_()
+
+    x, prototypes = prep(x), prep(prototypes)
+    params = {k: prep(v) for k, v in params.items()}
+    out = PF.prototype_attention(
+        x, prototypes, params["q_weight"], params["k_weight"], params["v_weight"], params["out_weight"],
+        params["q_bias"], params["k_bias"], params["v_bias"], params["out_bias"],
+        num_heads=num_heads, gamma=params["gamma"], exclude=labels, ignore_index=IGNORE, backend=backend,
+    )
+    gen = torch.Generator().manual_seed(1234)
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, out.dtype)
+    inputs = [x, prototypes] + [params[k] for k in PARAM_NAMES if params[k] is not None]
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    names = ["x", "prototypes"] + [k for k in PARAM_NAMES if params[k] is not None]
+    return out.detach(), dict(zip(names, grads))
+
+
+# Each example runs the interpreter several times; shrinking a failure would take many minutes,
+# so it is switched off (the failing example is still printed in full).
+NO_SHRINK = (Phase.explicit, Phase.reuse, Phase.generate)
+
+shapes = st.fixed_dictionaries({
+    "layout": st.sampled_from(["flat", "flat_strided", "nchw", "channels_last", "nchw_strided"]),
+    "batch": st.integers(1, 2),
+    "height": st.integers(1, 6),
+    "width": st.integers(1, 6),
+    "channels": st.integers(1, 40),
+    "num_heads": st.integers(1, 3),
+    "head_dim": st.integers(1, 9),
+    "num_classes": st.integers(1, 6),
+    "protos_per_class": st.integers(1, 4),
+    "bias": st.booleans(),
+    "gamma": st.booleans(),
+    "exclude": st.booleans(),
+})
+
+
+@settings(max_examples=20, phases=NO_SHRINK)
+@given(case=shapes, seed=st.integers(0, 2 ** 16))
+def test_fp32_forward_and_every_gradient_match_reference(case, seed):
+    x, w, params, labels = make_case(seed, **case)
+    out, grads = run(x, w, params, labels, case["num_heads"], "triton")
+    ref_out, ref_grads = run(x, w, params, labels, case["num_heads"], "reference")
+    assert out.shape == x.shape and out.dtype == x.dtype
+    if x.dim() == 4:  # the functional returns x's memory format
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            assert out.is_contiguous(memory_format=fmt) == ref_out.is_contiguous(memory_format=fmt), fmt
+    torch.testing.assert_close(out, ref_out, **FP32)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **FP32, msg=lambda m: f"d{name}: {m}")
+
+
+@settings(max_examples=12, phases=NO_SHRINK)
+@given(case=shapes, seed=st.integers(0, 2 ** 16), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       low_params=st.booleans())
+def test_low_precision_no_worse_than_reference(case, seed, dtype, low_params):
+    """bf16/fp16 features with float32 prototypes (the headline case), and projection weights in
+    float32 (AMP) or in the low dtype. Cut-Cross-Entropy style: |fused - gt| <= |ref_same - gt| + tol."""
+    x, w, params, labels = make_case(seed, **case, x_dtype=dtype,
+                                     param_dtype=dtype if low_params else torch.float32)
+    out, grads = run(x, w, params, labels, case["num_heads"], "triton")
+    same, same_grads = run(x, w, params, labels, case["num_heads"], "reference")
+    gt, gt_grads = run(x, w, params, labels, case["num_heads"], "reference", upcast=True)
+    assert out.dtype == dtype
+    assert_no_worse(out, same, gt, TOL[dtype], "out")
+    for name in grads:
+        assert grads[name].dtype == same_grads[name].dtype, name
+        assert_no_worse(grads[name], same_grads[name], gt_grads[name], TOL[dtype], f"d{name}")
+
+
+@pytest.mark.parametrize("num_heads,head_dim", [(1, 5), (3, 2)])
+def test_single_class_exclude_reads_nothing_without_nan(num_heads, head_dim):
+    """K = 1 with exclude=: a pixel labelled 0 sees no prototype, so o = out_bias only, and no
+    NaN anywhere in the output or the gradients; ignored pixels attend normally."""
+    case = dict(layout="nchw", batch=2, height=3, width=5, channels=7, num_heads=num_heads, head_dim=head_dim,
+                num_classes=1, protos_per_class=3, bias=True, gamma=True, exclude=True)
+    x, w, params, labels = make_case(0, **case)
+    labels[0, 0, :] = IGNORE
+    labels[1] = 0
+    out, grads = run(x, w, params, labels, num_heads, "triton")
+    ref_out, ref_grads = run(x, w, params, labels, num_heads, "reference")
+    assert torch.isfinite(out).all()
+    blind = labels == 0
+    expected = x + (params["gamma"] * params["out_bias"])[:, None, None]
+    torch.testing.assert_close(out.movedim(1, -1)[blind], expected.movedim(1, -1)[blind], **FP32)
+    torch.testing.assert_close(out, ref_out, **FP32)
+    for name in grads:
+        assert torch.isfinite(grads[name]).all(), name
+        torch.testing.assert_close(grads[name], ref_grads[name], **FP32, msg=lambda m: f"d{name}: {m}")
+
+
+def test_many_prototypes_online_softmax_and_large_scores():
+    """P = 150 per head (ten prototype tiles on the interpreter) with large scores: the online
+    softmax must rescale exactly like a one-shot softmax."""
+    case = dict(layout="flat", batch=1, height=5, width=7, channels=24, num_heads=2, head_dim=12,
+                num_classes=50, protos_per_class=3, bias=True, gamma=False, exclude=True)
+    x, w, params, labels = make_case(3, **case)
+    x = x * 8.0  # scores of order 10-100
+    out, grads = run(x, w, params, labels, 2, "triton")
+    ref_out, ref_grads = run(x, w, params, labels, 2, "reference")
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-4,
+                                   msg=lambda m: f"d{name}: {m}")
+
+
+def test_deterministic_mode_is_bitwise_repeatable_and_agrees_with_atomics():
+    case = dict(layout="nchw", batch=2, height=6, width=6, channels=10, num_heads=2, head_dim=4,
+                num_classes=5, protos_per_class=4, bias=True, gamma=True, exclude=True)
+    x, w, params, labels = make_case(7, **case)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = run(x, w, params, labels, 2, "triton")
+        second = run(x, w, params, labels, 2, "triton")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    atomic = run(x, w, params, labels, 2, "triton")
+    assert torch.equal(first[0], second[0])
+    for name in first[1]:
+        assert torch.equal(first[1][name], second[1][name]), f"d{name} differs between two deterministic runs"
+        torch.testing.assert_close(first[1][name], atomic[1][name], **FP32)
+
+
+def test_forward_saves_no_pixel_by_prototype_tensor():
+    """Every tensor autograd keeps for the backward is at most N x C (x itself) or N x h (the
+    softmax statistics); the reference, which keeps N x h x P attention weights, fails this."""
+    n, c, k, m, h = 64, 8, 6, 4, 2
+    x, w, params, _ = make_case(0, layout="flat", batch=1, height=8, width=8, channels=c, num_heads=h,
+                                head_dim=4, num_classes=k, protos_per_class=m, bias=True, gamma=True,
+                                exclude=False)
+    x.requires_grad_()
+    w.requires_grad_()
+    for v in params.values():
+        v.requires_grad_()
+
+    def biggest_saved(backend):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            PF.prototype_attention(x, w, params["q_weight"], params["k_weight"], params["v_weight"],
+                                   params["out_weight"], params["q_bias"], params["k_bias"], params["v_bias"],
+                                   params["out_bias"], num_heads=h, gamma=params["gamma"], backend=backend)
+        return max(sizes)
+
+    assert biggest_saved("triton") <= n * c
+    assert biggest_saved("reference") >= n * h * k * m
+
+
+def test_module_end_to_end_and_torch_compile_fullgraph():
+    """PPLAttention(backend="triton") agrees with the reference module, and torch.compile with
+    fullgraph=True traces it (forward and backward) without a graph break. On CPU the compile
+    backend is "aot_eager": inductor cannot compile user Triton kernels for CPU tensors, while
+    aot_eager still runs dynamo (graph breaks are errors under fullgraph) and AOTAutograd."""
+    torch.manual_seed(0)
+    module = torch_ppl.PPLAttention(12, num_heads=3, head_dim=5, layer_scale=0.5, backend="triton").to(DEVICE)
+    x = torch.randn(2, 12, 4, 5, device=DEVICE).requires_grad_()
+    w = torch.randn(3, 2, 12, device=DEVICE).requires_grad_()
+    labels = torch.randint(0, 3, (2, 8, 10), device=DEVICE)  # resized to 4 x 5 (nearest) by the functional
+    labels[0, :4] = IGNORE
+
+    def loss_and_grads(fn):
+        out = fn(x, w, labels)
+        return [out] + list(torch.autograd.grad(out.square().sum(), [x, w] + list(module.parameters())))
+
+    fused = loss_and_grads(module)
+    compiled = loss_and_grads(torch.compile(module, fullgraph=True, backend="aot_eager"))
+    module.backend = "reference"
+    ref = loss_and_grads(module)
+    module.backend = "triton"
+    for a, b, r in zip(fused, compiled, ref):
+        torch.testing.assert_close(a, r, **FP32)
+        torch.testing.assert_close(b, r, **FP32)
+
+
+def test_autocast_keeps_dtypes_and_matches_reference():
+    """Under autocast the prototype-side GEMMs stay float32 (autocast switched off there, as in
+    the reference); the output keeps x's dtype and gradients each parameter's dtype."""
+    case = dict(layout="nchw", batch=1, height=4, width=4, channels=9, num_heads=2, head_dim=3,
+                num_classes=3, protos_per_class=2, bias=True, gamma=True, exclude=False)
+    x, w, params, labels = make_case(5, **case, x_dtype=torch.bfloat16)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out, grads = run(x, w, params, labels, 2, "triton")
+        same, same_grads = run(x, w, params, labels, 2, "reference")
+    gt, gt_grads = run(x, w, params, labels, 2, "reference", upcast=True)
+    assert out.dtype == torch.bfloat16
+    assert_no_worse(out, same, gt, TOL[torch.bfloat16], "out")
+    for name in grads:
+        assert grads[name].dtype == (torch.bfloat16 if name == "x" else torch.float32), name
+        assert_no_worse(grads[name], same_grads[name], gt_grads[name], TOL[torch.bfloat16], f"d{name}")
+
+
+def _op_args(exclude: bool, optional: bool):
+    attention = _kernel()
+    gen = torch.Generator().manual_seed(0)
+    c, h, p = 6, 2, 5
+    x = torch.randn(2, c, 3, 4, generator=gen).movedim(1, -1).flatten(1, 2)  # (B, L, C) view of NCHW
+    kt, cc, vt = attention.prototype_side(
+        torch.randn(p, c, generator=gen), torch.randn(h * 3, c, generator=gen), torch.randn(h * 3, generator=gen),
+        torch.randn(h * 3, c, generator=gen), None, torch.randn(h * 3, c, generator=gen), None,
+        torch.randn(c, h * 3, generator=gen), h)
+    labels = torch.randint(-1, p, (x.shape[0] * x.shape[1],), generator=gen) if exclude else None
+    bo = torch.randn(c, generator=gen) if optional else None
+    gamma = torch.randn(c, generator=gen) if optional else None
+    cc = cc if optional else None
+    x = x.to(DEVICE).detach().requires_grad_()
+    tensors = [t if t is None else t.detach().to(DEVICE).requires_grad_() for t in (kt, cc, vt, bo, gamma)]
+    return (x, *tensors, None if labels is None else labels.to(DEVICE), h, 1)
+
+
+@pytest.mark.parametrize("exclude,optional", [(True, True), (False, False)])
+def test_opcheck_forward_op(exclude, optional):
+    """torch.library.opcheck: schema, fake (meta) implementation, autograd registration and
+    torch.compile-ability of torch_ppl::prototype_attention_fwd."""
+    torch.library.opcheck(torch.ops.torch_ppl.prototype_attention_fwd.default, _op_args(exclude, optional))
+
+
+def test_opcheck_backward_op():
+    x, kt, cc, vt, bo, gamma, labels, h, m = _op_args(True, True)
+    _, lse = torch.ops.torch_ppl.prototype_attention_fwd(x, kt, cc, vt, bo, gamma, labels, h, m)
+    grad = torch.randn_like(x)
+    args = (grad, x.detach(), kt.detach(), cc.detach(), vt.detach(), gamma.detach(), labels, lse, h, m,
+            True, True, True, True, True)
+    # no autograd test: the backward op is not itself differentiable (no double backward)
+    torch.library.opcheck(torch.ops.torch_ppl.prototype_attention_bwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_float64_is_a_clear_type_error():
+    x, w, params, _ = make_case(0, layout="flat", batch=1, height=2, width=2, channels=4, num_heads=1,
+                                head_dim=4, num_classes=2, protos_per_class=1, bias=False, gamma=False,
+                                exclude=False)
+    with pytest.raises(TypeError, match=r"x has dtype torch\.float64.*backend='reference'"):
+        run(x.double(), w, params, None, 1, "triton")
+    with pytest.raises(TypeError, match=r"q_weight has dtype torch\.float64"):
+        run(x, w, {**params, "q_weight": params["q_weight"].double()}, None, 1, "triton")
+
+
+def test_no_pixels():
+    attention = _kernel()
+    x = torch.zeros(0, 5, device=DEVICE, requires_grad=True)
+    w = torch.randn(3, 5, device=DEVICE, requires_grad=True)
+    weights = [torch.randn(4, 5, device=DEVICE, requires_grad=True) for _ in range(3)]
+    out_w = torch.randn(5, 4, device=DEVICE, requires_grad=True)
+    out = attention.prototype_attention(x, w, weights[0], None, weights[1], None, weights[2], None, out_w,
+                                        None, None, num_heads=2)
+    assert out.shape == (0, 5)
+    gx, gw = torch.autograd.grad(out.sum(), [x, w], allow_unused=True)
+    assert gx.shape == (0, 5) and torch.equal(gw, torch.zeros_like(w))
+
+
+_AOT_SCRIPT = r"""
+import inspect, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import torch_ppl.kernels.attention as A
+
+xdt, channels, num_protos = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+cuda = torch.device("cuda")  # a device object only: nothing runs on it
+bn, bp, bc = A._blocks(cuda, num_protos, channels)
+prec = A._dot_precision({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[xdt])
+low = {"x_ptr", "g_ptr", "out_ptr", "dx_ptr"}
+common = dict(HAS_C=True, HAS_GAMMA=True, HAS_EXCLUDE=True, BLOCK_N=bn, BLOCK_P=bp, BLOCK_C=bc, DOT_PREC=prec)
+jobs = [(A._attn_fwd_kernel, dict(HAS_BO=True), 2),
+        (A._attn_bwd_dx_kernel, dict(NEED_DX=True, NEED_GREAD=True, NEED_GSUM=True), 1),
+        (A._attn_bwd_dproto_kernel, dict(DETERMINISTIC=True), 2)]
+for fn, flags, stages in jobs:
+    consts = dict(common, **flags)
+    assert A._launch_options(cuda, stages) == {"num_stages": stages}
+    sig = {}
+    for name in inspect.signature(fn.fn).parameters:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + xdt if name in low else ("*i64" if name == "lab_ptr" else "*fp32")
+        else:
+            sig[name] = "i64" if name.startswith("s") and "_" in name else "i32"
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                            options={"num_warps": 4, "num_stages": stages})
+    print(fn.fn.__name__, (bn, bp, bc), "shared", kernel.metadata.shared)
+    assert kernel.metadata.shared <= 227 * 1024, "more shared memory than an H100 block has"
+"""
+
+
+@pytest.mark.skipif(os.environ.get("TORCH_PPL_AOT_CHECK", "0") in ("", "0"),
+                    reason="opt-in (minutes): set TORCH_PPL_AOT_CHECK=1")
+@pytest.mark.parametrize("xdt,channels,num_protos", [("bf16", 256, 210), ("bf16", 512, 1500), ("fp16", 256, 210),
+                                                     ("fp32", 128, 40)])
+def test_kernels_compile_for_sm90(xdt, channels, num_protos):
+    """Without a GPU: compile the three kernels for an H100 (sm_90) ahead of time with Triton's
+    bundled ptxas, with the block sizes and stages the launchers would use, and check their
+    shared memory fits. Catches what the interpreter cannot (tl.dot shapes, type errors in
+    lowering, shared-memory overflow); it does not run them."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, xdt, str(channels), str(num_protos)],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_strided_small_inputs():
+    """gamma, out_bias, q_bias as strided views and prototypes in a permuted layout: the kernel
+    indexes these as dense rows, so the op must make them dense rather than misread them."""
+    case = dict(layout="flat", batch=1, height=3, width=7, channels=6, num_heads=2, head_dim=3,
+                num_classes=4, protos_per_class=2, bias=True, gamma=True, exclude=True)
+    x, w, params, labels = make_case(11, **case)
+    params = dict(params)
+    for name in ("gamma", "out_bias", "q_bias"):
+        params[name] = torch.stack([params[name], torch.zeros_like(params[name])], -1)[..., 0]
+        assert not params[name].is_contiguous()
+    w = w.transpose(0, 2).contiguous().transpose(0, 2)  # (K, M, C), channel axis outermost in memory
+    assert not w.is_contiguous()
+    out, grads = run(x, w, params, labels, 2, "triton")
+    ref_out, ref_grads = run(x, w, params, labels, 2, "reference")
+    torch.testing.assert_close(out, ref_out, **FP32)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **FP32, msg=lambda m: f"d{name}: {m}")

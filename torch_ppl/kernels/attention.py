@@ -1,0 +1,613 @@
+"""Fused feature-to-prototype attention (the pull, SPEC §2) on the *fast form*.
+
+Only ``x`` has ``N`` rows; everything derived from the prototypes is tiny. With ``h`` heads of
+``d`` channels, ``W_q = q_weight.view(h, d, C)``, ``W_o = out_weight.view(C, h, d)``::
+
+    k = k_proj(W), v = v_proj(W)                       # (P, h, d), plain PyTorch
+    Kt[i, p] = k[p, i] @ W_q[i] / sqrt(d)               # (h, P, C)
+    c[i, p]  = k[p, i] . b_q[i] / sqrt(d)               # (h, P)     (absent without q_bias)
+    Vt[i, p] = W_o[:, i] @ v[p, i]                      # (h, P, C)
+
+    s[n, i, p] = x[n] . Kt[i, p] + c[i, p]              # = <q[n, i], k[p, i]> / sqrt(d)
+    a[n, i, :] = softmax_p(s[n, i, :])                  # prototypes of the own class hidden with exclude=
+    o[n]       = sum_i sum_p a[n, i, p] Vt[i, p] + b_o  # = out_proj(concat_i sum_p a v)
+    out[n]     = x[n] + gamma * o[n]
+
+``Kt``, ``c`` and ``Vt`` are computed in plain PyTorch (float32) so autograd carries their
+gradients back to ``q/k/v/out`` weights, biases and the prototypes. The Triton kernels stream
+tiles of pixels against them; no ``N x h*P`` and no ``N x h*d`` tensor ever exists:
+
+* ``_attn_fwd_kernel`` (one program per ``BLOCK_N`` pixels): for each head an online softmax
+  over tiles of ``BLOCK_P`` prototypes (running max, rescaled sum and accumulator), then the
+  residual. It saves only the per-pixel, per-head log-sum-exp ``lse`` (``N x h`` float32).
+* ``_attn_bwd_dx_kernel`` (one program per ``BLOCK_N`` pixels): recomputes ``a`` from ``lse``
+  and yields ``dx``, the per-pixel per-head ``delta = sum_p a * da`` needed by the next kernel,
+  and per-tile partial sums for ``dgamma`` and ``d(out_bias)``.
+* ``_attn_bwd_dproto_kernel`` (one program per (head, prototype tile, pixel split)): loops over
+  the pixel tiles of its split, recomputes ``a`` and ``ds``, and accumulates ``dKt``, ``dc``,
+  ``dVt`` on chip. Splits are combined by a fixed-order sum of per-split partials when
+  ``torch.are_deterministic_algorithms_enabled()``, by ``tl.atomic_add`` otherwise.
+
+Numerics: scores, softmax statistics and accumulators are float32 whatever ``x``'s dtype; the
+output and ``dx`` are returned in ``x``'s dtype, the prototype-side gradients flow back through
+PyTorch in each parameter's dtype. float64 inputs are not supported (``TypeError`` before any
+launch; use ``backend="reference"``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["prototype_attention", "prototype_side"]
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ============================================================================ Triton kernels
+@triton.jit
+def _row_offsets(offs_n, offs_c, L, stride_b, stride_l, stride_c):
+    """Element offsets of rows ``n = b * L + l`` of a ``(B, L, C)`` strided tensor, 64-bit
+    (``N * C`` may pass 2**31)."""
+    n64 = offs_n.to(tl.int64)
+    row = (n64 // L) * stride_b + (n64 % L) * stride_l
+    return row[:, None] + offs_c[None, :].to(tl.int64) * stride_c
+
+
+@triton.jit
+def _load_rows(ptr, offs_n, offs_c, L, C, stride_b, stride_l, stride_c, mask_n):
+    """A ``(BLOCK_N, BLOCK_C)`` tile of a ``(B, L, C)`` strided tensor in float32, zero outside."""
+    ptrs = ptr + _row_offsets(offs_n, offs_c, L, stride_b, stride_l, stride_c)
+    mask = mask_n[:, None] & (offs_c[None, :] < C)
+    return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
+            HAS_C: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores ``s = x Kt_tile^T + c`` of one head's prototype tile, the validity mask of each
+    (pixel, prototype) pair, and the loaded ``Kt`` tile."""
+    mask_p = offs_p < P
+    rows = (head * P + offs_p).to(tl.int64)
+    kt = tl.load(kt_ptr + rows[:, None] * C + offs_c[None, :],
+                 mask=mask_p[:, None] & (offs_c[None, :] < C), other=0.0)
+    s = tl.dot(x, tl.trans(kt), input_precision=DOT_PREC)
+    if HAS_C:
+        s += tl.load(c_ptr + rows, mask=mask_p, other=0.0)[None, :]
+    valid = mask_p[None, :]
+    if HAS_EXCLUDE:
+        # prototype p belongs to class p // M; a pixel labelled k does not see class k (-1: sees all)
+        valid = valid & ((offs_p // M)[None, :] != lab[:, None])
+    return s, valid, kt
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    x_ptr, kt_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
+    N, L, C, P, M, H,
+    sx_b, sx_l, sx_c, so_b, so_l, so_c,
+    HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_pt = tl.arange(0, BLOCK_P)
+    mask_n = offs_n < N
+    mask_c = offs_c < C
+
+    x = _load_rows(x_ptr, offs_n, offs_c, L, C, sx_b, sx_l, sx_c, mask_n)
+    lab = tl.full((BLOCK_N,), -1, tl.int64)
+    if HAS_EXCLUDE:
+        lab = tl.load(lab_ptr + offs_n.to(tl.int64), mask=mask_n, other=-1)
+
+    o = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    for head in range(H):
+        # online softmax over the P prototypes of this head (flash-attention style):
+        #   m = running max, l = running sum of exp(s - m), acc = running sum of exp(s - m) Vt
+        m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_N,), tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + offs_pt
+            s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
+                                   HAS_C, HAS_EXCLUDE, DOT_PREC)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            rows = (head * P + offs_p).to(tl.int64)
+            vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :],
+                         mask=(offs_p < P)[:, None] & mask_c[None, :], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PREC)
+            m_i = m_new
+        seen = l_i > 0.0
+        # a pixel that sees no prototype (K = 1 with exclude=) reads nothing; lse = +inf makes
+        # the backward's exp(s - lse) exactly 0 for it
+        o += tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
+        tl.store(lse_ptr + offs_n.to(tl.int64) * H + head, lse, mask=mask_n)
+
+    if HAS_BO:
+        o += tl.load(bo_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_GAMMA:
+        o = o * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    out = x + o
+    out_offs = _row_offsets(offs_n, offs_c, L, so_b, so_l, so_c)
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
+
+
+@triton.jit
+def _attn_bwd_dx_kernel(
+    x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr,
+    dx_ptr, delta_ptr, gread_ptr, gsum_ptr,
+    N, L, C, P, M, H,
+    sx_b, sx_l, sx_c, sg_b, sg_l, sg_c, sd_b, sd_l, sd_c,
+    HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_GREAD: tl.constexpr, NEED_GSUM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Gradients, with g = d(loss)/d(out) and do = gamma * g (the gradient reaching o):
+    #   da[n,i,p]    = do[n] . Vt[i,p]
+    #   delta[n,i]   = sum_p a[n,i,p] da[n,i,p]                      (softmax backward)
+    #   ds[n,i,p]    = a[n,i,p] (da[n,i,p] - delta[n,i])
+    #   dx[n]        = g[n] + sum_i sum_p ds[n,i,p] Kt[i,p]
+    #                = g[n] + sum_i ( (a*da)[n,i,:] Kt[i] - delta[n,i] (a[n,i,:] Kt[i]) )
+    #     (one pass over the prototype tiles: delta is only known at the end of a head, so the
+    #      two products are accumulated separately and combined after the head's last tile)
+    #   dgamma       = sum_n g[n] * o[n] = sum_n g[n] * read[n] + b_o * sum_n g[n],
+    #                  read[n] = sum_i sum_p a[n,i,p] Vt[i,p]        (partials per tile: gread, gsum)
+    #   d(b_o)       = gamma * sum_n g[n]
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_pt = tl.arange(0, BLOCK_P)
+    mask_n = offs_n < N
+    mask_c = offs_c < C
+    n64 = offs_n.to(tl.int64)
+
+    x = _load_rows(x_ptr, offs_n, offs_c, L, C, sx_b, sx_l, sx_c, mask_n)
+    g = _load_rows(g_ptr, offs_n, offs_c, L, C, sg_b, sg_l, sg_c, mask_n)
+    do = g
+    if HAS_GAMMA:
+        do = g * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    lab = tl.full((BLOCK_N,), -1, tl.int64)
+    if HAS_EXCLUDE:
+        lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
+
+    dx = g
+    read = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    for head in range(H):
+        lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
+        delta = tl.zeros((BLOCK_N,), tl.float32)
+        ada_kt = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        a_kt = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + offs_pt
+            s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
+                                   HAS_C, HAS_EXCLUDE, DOT_PREC)
+            a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            rows = (head * P + offs_p).to(tl.int64)
+            vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :],
+                         mask=(offs_p < P)[:, None] & mask_c[None, :], other=0.0)
+            da = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
+            ada = a * da
+            delta += tl.sum(ada, 1)
+            if NEED_DX:
+                ada_kt += tl.dot(ada, kt, input_precision=DOT_PREC)
+                a_kt += tl.dot(a, kt, input_precision=DOT_PREC)
+            if NEED_GREAD:
+                read += tl.dot(a, vt, input_precision=DOT_PREC)
+        if NEED_DX:
+            dx += ada_kt - delta[:, None] * a_kt
+        tl.store(delta_ptr + n64 * H + head, delta, mask=mask_n)
+
+    mask = mask_n[:, None] & mask_c[None, :]
+    if NEED_DX:
+        dx_offs = _row_offsets(offs_n, offs_c, L, sd_b, sd_l, sd_c)
+        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    # per-tile partials over pixels (rows past N were loaded as 0), summed in fixed order by the host
+    if NEED_GREAD:
+        tl.store(gread_ptr + pid.to(tl.int64) * C + offs_c, tl.sum(g * read, 0), mask=mask_c)
+    if NEED_GSUM:
+        tl.store(gsum_ptr + pid.to(tl.int64) * C + offs_c, tl.sum(g, 0), mask=mask_c)
+
+
+@triton.jit
+def _attn_bwd_dproto_kernel(
+    x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr, delta_ptr,
+    dkt_ptr, dc_ptr, dvt_ptr,
+    N, L, C, P, M, H, TILES_PER_HEAD, NUM_N_TILES, SPLITS,
+    sx_b, sx_l, sx_c, sg_b, sg_l, sg_c,
+    HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # Gradients of the prototype-side tensors, reductions over pixels:
+    #   dKt[i,p] = sum_n ds[n,i,p] x[n]
+    #   dc[i,p]  = sum_n ds[n,i,p]
+    #   dVt[i,p] = sum_n a[n,i,p] do[n]
+    # This program owns prototypes p0 .. p0+BLOCK_P of one head and the pixel tiles
+    # split, split + SPLITS, split + 2*SPLITS, ...; its sums stay on chip until the end.
+    pid_p = tl.program_id(0)
+    split = tl.program_id(1)
+    head = pid_p // TILES_PER_HEAD
+    offs_p = (pid_p % TILES_PER_HEAD) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_p = offs_p < P
+    mask_c = offs_c < C
+    gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    rows = (head * P + offs_p).to(tl.int64)
+    vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :], mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+
+    dkt = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    dvt = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    dc = tl.zeros((BLOCK_P,), tl.float32)
+    for t in range(split, NUM_N_TILES, SPLITS):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        n64 = offs_n.to(tl.int64)
+        x = _load_rows(x_ptr, offs_n, offs_c, L, C, sx_b, sx_l, sx_c, mask_n)
+        do = _load_rows(g_ptr, offs_n, offs_c, L, C, sg_b, sg_l, sg_c, mask_n) * gamma[None, :]
+        lab = tl.full((BLOCK_N,), -1, tl.int64)
+        if HAS_EXCLUDE:
+            lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
+        lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
+        delta = tl.load(delta_ptr + n64 * H + head, mask=mask_n, other=0.0)
+        s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
+                               HAS_C, HAS_EXCLUDE, DOT_PREC)
+        # rows past N: lse = +inf gives a = 0, so they add nothing
+        a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        da = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
+        ds = a * (da - delta[:, None])
+        dkt += tl.dot(tl.trans(ds), x, input_precision=DOT_PREC)
+        dvt += tl.dot(tl.trans(a), do, input_precision=DOT_PREC)
+        dc += tl.sum(ds, 0)
+
+    mask = mask_p[:, None] & mask_c[None, :]
+    offs = rows[:, None] * C + offs_c[None, :]
+    if DETERMINISTIC:
+        # stage one of a two-stage reduction: this split's partial, summed in order by the host
+        base = split.to(tl.int64) * H * P * C
+        tl.store(dkt_ptr + base + offs, dkt, mask=mask)
+        tl.store(dvt_ptr + base + offs, dvt, mask=mask)
+        if HAS_C:
+            tl.store(dc_ptr + split.to(tl.int64) * H * P + rows, dc, mask=mask_p)
+    else:
+        tl.atomic_add(dkt_ptr + offs, dkt, mask=mask)
+        tl.atomic_add(dvt_ptr + offs, dvt, mask=mask)
+        if HAS_C:
+            tl.atomic_add(dc_ptr + rows, dc, mask=mask_p)
+
+
+# ============================================================================ launch helpers
+def _as_blc(x: Tensor) -> Tensor:
+    """``(..., C)`` rows as a ``(B, L, C)`` tensor, a view whenever the strides allow it (both
+    the channels-last view of a contiguous NCHW tensor and a channels_last tensor do)."""
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x.flatten(1, -2)
+
+
+def _blocks(device: torch.device, num_protos: int, channels: int) -> Tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_P, BLOCK_C)``, each at least 16 (``tl.dot``'s minimum). The whole
+    channel axis of a tile stays on chip (``BLOCK_C = next_power_of_2(C)``). On the CPU
+    interpreter blocks are small (Python runs each program) and ``BLOCK_P = 16`` so tests with
+    more than 16 prototypes per head exercise the online softmax across tiles. On a GPU the
+    tiles shrink as ``C`` grows to bound the on-chip ``BLOCK_P x BLOCK_C`` float32 tiles and
+    accumulators; this choice has NOT been tuned or validated on hardware yet."""
+    block_c = max(16, triton.next_power_of_2(channels))
+    if device.type != "cuda":
+        return 16, 16, block_c
+    if block_c <= 128:
+        block_n, block_p = 64, 64
+    elif block_c <= 256:
+        block_n, block_p = 32, 32
+    else:
+        block_n, block_p = 16, 16
+    block_p = min(block_p, max(16, triton.next_power_of_2(num_protos)))
+    return block_n, block_p, block_c
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for float32 operands (the kernels multiply float32 tiles: ``x`` is
+    upcast, ``Kt``/``Vt`` are float32). float32 features: exact IEEE products, as the float32
+    reference. bfloat16 features: TF32 tensor cores (10-bit mantissa, finer than bf16's 7).
+    float16 features: 3xTF32, as accurate as float32, because plain TF32 rounding would be as
+    coarse as float16 itself. The CPU interpreter ignores the setting (float32 products)."""
+    if dtype == torch.bfloat16:
+        return "tf32"
+    if dtype == torch.float16:
+        return "tf32x3"
+    return "ieee"
+
+
+def _launch_options(device: torch.device, num_stages: int) -> dict:
+    """GPU launch options. Software-pipelining depth bounds shared memory: with these stages
+    every kernel compiled for sm_90 (Triton 3.9, ahead of time, bf16/fp16/fp32 features, the
+    block sizes of ``_blocks``) needs at most 160 KiB, within an H100's (and an A100's) limit;
+    Triton's default of 3 stages asked for up to 264 KiB (backward, fp16)."""
+    return {"num_stages": num_stages} if device.type == "cuda" else {}
+
+
+def _num_splits(device: torch.device, num_p_programs: int, num_n_tiles: int) -> int:
+    """Pixel splits of the prototype-gradient kernel: enough programs to fill the GPU."""
+    if device.type != "cuda":
+        return min(2, num_n_tiles)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(num_n_tiles, triton.cdiv(2 * sms, num_p_programs)))
+
+
+def _dense(*tensors: Optional[Tensor]):
+    """The small inputs (``Kt``, ``c``, ``Vt``, biases, ``gamma``, labels, ``lse``) are indexed
+    as dense rows by the kernels; only ``x`` and gradients of its shape are read by stride."""
+    return [None if t is None else t.contiguous() for t in tensors]
+
+
+# ============================================================================ torch.library ops
+@torch.library.custom_op("torch_ppl::prototype_attention_fwd", mutates_args=())
+def _attention_fwd(
+    x: Tensor, kt: Tensor, c: Optional[Tensor], vt: Tensor, out_bias: Optional[Tensor],
+    gamma: Optional[Tensor], exclude: Optional[Tensor], num_heads: int, protos_per_class: int,
+) -> Tuple[Tensor, Tensor]:
+    """x ``(B, L, C)`` any strides; kt, vt ``(h*P, C)`` float32; c ``(h*P,)`` float32;
+    exclude ``(B*L,)`` int64. Returns ``out`` (like ``x``) and ``lse`` ``(B*L, h)`` float32."""
+    kt, c, vt, out_bias, gamma, exclude = _dense(kt, c, vt, out_bias, gamma, exclude)
+    batch, length, channels = x.shape
+    n = batch * length
+    num_protos = kt.shape[0] // num_heads
+    out = torch.empty_like(x)
+    lse = torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
+    if n == 0:
+        return out, lse
+    block_n, block_p, block_c = _blocks(x.device, num_protos, channels)
+    dummy = kt
+    _attn_fwd_kernel[(triton.cdiv(n, block_n),)](
+        x, kt, c if c is not None else dummy, vt,
+        out_bias if out_bias is not None else dummy, gamma if gamma is not None else dummy,
+        exclude if exclude is not None else dummy, out, lse,
+        n, length, channels, num_protos, protos_per_class, num_heads,
+        *x.stride(), *out.stride(),
+        HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
+        HAS_EXCLUDE=exclude is not None,
+        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype),
+        **_launch_options(x.device, num_stages=2),
+    )
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _attention_fwd_fake(x, kt, c, vt, out_bias, gamma, exclude, num_heads, protos_per_class):
+    n = x.shape[0] * x.shape[1]
+    return torch.empty_like(x), x.new_empty((n, num_heads), dtype=torch.float32)
+
+
+@torch.library.custom_op("torch_ppl::prototype_attention_bwd", mutates_args=())
+def _attention_bwd(
+    grad: Tensor, x: Tensor, kt: Tensor, c: Optional[Tensor], vt: Tensor, gamma: Optional[Tensor],
+    exclude: Optional[Tensor], lse: Tensor, num_heads: int, protos_per_class: int,
+    need_dx: bool, need_gread: bool, need_gsum: bool, need_dproto: bool, deterministic: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``dx`` (like ``x``), ``dkt``, ``dc``, ``dvt`` (float32, shaped like ``kt``, ``c``
+    or ``(h*P,)``, ``vt``), and ``sum_n g*read``, ``sum_n g`` (``(C,)`` float32). Outputs that
+    were not asked for are empty tensors."""
+    kt, c, vt, gamma, exclude, lse = _dense(kt, c, vt, gamma, exclude, lse)
+    batch, length, channels = x.shape
+    n = batch * length
+    rows_hp = kt.shape[0]
+    num_protos = rows_hp // num_heads
+    dev = x.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    block_n, block_p, block_c = _blocks(dev, num_protos, channels)
+    num_n_tiles = triton.cdiv(n, block_n)
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+
+    def empty() -> Tensor:  # a fresh one each time: outputs of a custom op may not alias
+        return torch.empty((0,), **f32)
+
+    if n == 0:
+        return (dx, torch.zeros_like(kt) if need_dproto else empty(),
+                torch.zeros((rows_hp,), **f32) if need_dproto else empty(),
+                torch.zeros_like(vt) if need_dproto else empty(),
+                torch.zeros((channels,), **f32) if need_gread else empty(),
+                torch.zeros((channels,), **f32) if need_gsum else empty())
+    delta = torch.empty((n, num_heads), **f32)
+    gread = torch.empty((num_n_tiles, channels), **f32) if need_gread else empty()
+    gsum = torch.empty((num_n_tiles, channels), **f32) if need_gsum else empty()
+    dummy = kt
+    common = dict(HAS_C=c is not None, HAS_GAMMA=gamma is not None, HAS_EXCLUDE=exclude is not None,
+                  BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype))
+    c_arg = c if c is not None else dummy
+    gamma_arg = gamma if gamma is not None else dummy
+    lab_arg = exclude if exclude is not None else dummy
+    _attn_bwd_dx_kernel[(num_n_tiles,)](
+        x, grad, kt, c_arg, vt, gamma_arg, lab_arg, lse,
+        dx if need_dx else dummy, delta, gread if need_gread else dummy, gsum if need_gsum else dummy,
+        n, length, channels, num_protos, protos_per_class, num_heads,
+        *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
+        NEED_DX=need_dx, NEED_GREAD=need_gread, NEED_GSUM=need_gsum, **common,
+        **_launch_options(dev, num_stages=1),
+    )
+    gread = gread.sum(0) if need_gread else gread
+    gsum = gsum.sum(0) if need_gsum else gsum
+    if not need_dproto:
+        return dx, empty(), empty(), empty(), gread, gsum
+
+    tiles_per_head = triton.cdiv(num_protos, block_p)
+    num_p_programs = num_heads * tiles_per_head
+    splits = _num_splits(dev, num_p_programs, num_n_tiles)
+    if deterministic:
+        dkt = torch.empty((splits, rows_hp, channels), **f32)
+        dvt = torch.empty((splits, rows_hp, channels), **f32)
+        dc = torch.empty((splits, rows_hp), **f32)
+    else:
+        dkt = torch.zeros((rows_hp, channels), **f32)
+        dvt = torch.zeros((rows_hp, channels), **f32)
+        dc = torch.zeros((rows_hp,), **f32)
+    _attn_bwd_dproto_kernel[(num_p_programs, splits)](
+        x, grad, kt, c_arg, vt, gamma_arg, lab_arg, lse, delta, dkt, dc, dvt,
+        n, length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
+        *x.stride(), *grad.stride(),
+        DETERMINISTIC=deterministic, **common, **_launch_options(dev, num_stages=2),
+    )
+    if deterministic:
+        # stage two: a fixed-order sum over the splits (no atomics anywhere)
+        dkt, dvt, dc = dkt.sum(0), dvt.sum(0), dc.sum(0)
+    if c is None:
+        dc = torch.zeros((rows_hp,), **f32)
+    return dx, dkt, dc, dvt, gread, gsum
+
+
+@_attention_bwd.register_fake
+def _attention_bwd_fake(grad, x, kt, c, vt, gamma, exclude, lse, num_heads, protos_per_class,
+                        need_dx, need_gread, need_gsum, need_dproto, deterministic):
+    channels = x.shape[-1]
+    f32 = dict(device=x.device, dtype=torch.float32)
+
+    def empty() -> Tensor:
+        return torch.empty((0,), **f32)
+
+    return (
+        torch.empty_like(x) if need_dx else x.new_empty((0,)),
+        torch.empty_like(kt) if need_dproto else empty(),
+        torch.empty((kt.shape[0],), **f32) if need_dproto else empty(),
+        torch.empty_like(vt) if need_dproto else empty(),
+        torch.empty((channels,), **f32) if need_gread else empty(),
+        torch.empty((channels,), **f32) if need_gsum else empty(),
+    )
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    x, kt, c, vt, out_bias, gamma, exclude, num_heads, protos_per_class = inputs
+    _, lse = output
+    ctx.save_for_backward(x, kt, c, vt, out_bias, gamma, exclude, lse)
+    ctx.num_heads = num_heads
+    ctx.protos_per_class = protos_per_class
+    ctx.mark_non_differentiable(lse)
+
+
+def _fwd_backward(ctx, grad_out, grad_lse):
+    x, kt, c, vt, out_bias, gamma, exclude, lse = ctx.saved_tensors
+    need_x, need_kt, need_c, need_vt, need_bo, need_gamma = ctx.needs_input_grad[:6]
+    need_dproto = need_kt or need_c or need_vt
+    need_gsum = need_bo or (need_gamma and out_bias is not None)
+    if grad_out is None or not (need_x or need_dproto or need_gsum or need_gamma):
+        return (None,) * 9
+    dx, dkt, dc, dvt, gread, gsum = torch.ops.torch_ppl.prototype_attention_bwd(
+        grad_out, x, kt, c, vt, gamma, exclude, lse, ctx.num_heads, ctx.protos_per_class,
+        need_x, need_gamma, need_gsum, need_dproto, torch.are_deterministic_algorithms_enabled(),
+    )
+    d_bo = d_gamma = None
+    if need_bo:
+        d_bo = (gsum * gamma.float() if gamma is not None else gsum).to(out_bias.dtype)
+    if need_gamma:
+        d_gamma = gread + gsum * out_bias.float() if out_bias is not None else gread
+        d_gamma = d_gamma.to(gamma.dtype)
+    return (
+        dx if need_x else None,
+        dkt if need_kt else None,
+        dc if need_c else None,
+        dvt if need_vt else None,
+        d_bo, d_gamma, None, None, None,
+    )
+
+
+_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+# ============================================================================ public function
+def prototype_side(
+    prototypes: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], k_weight: Tensor,
+    k_bias: Optional[Tensor], v_weight: Tensor, v_bias: Optional[Tensor], out_weight: Tensor,
+    num_heads: int,
+) -> Tuple[Tensor, Optional[Tensor], Tensor]:
+    """The fast form's prototype-side tensors, in float32 plain PyTorch (autograd flows):
+    ``Kt`` ``(h*P, C)``, ``c`` ``(h*P,)`` (``None`` without ``q_bias``) and ``Vt`` ``(h*P, C)``,
+    rows ordered head-major (row ``i * P + p``)."""
+    f32 = torch.float32
+
+    def cast(t: Optional[Tensor]) -> Optional[Tensor]:
+        return None if t is None else t.to(f32)
+
+    with torch.autocast(prototypes.device.type, enabled=False):
+        num_protos, channels = prototypes.shape
+        inner = q_weight.shape[0]
+        head_dim = inner // num_heads
+        w = prototypes.to(f32)
+        k = F.linear(w, cast(k_weight), cast(k_bias)).view(num_protos, num_heads, head_dim)
+        v = F.linear(w, cast(v_weight), cast(v_bias)).view(num_protos, num_heads, head_dim)
+        scale = 1.0 / math.sqrt(head_dim)
+        w_q = cast(q_weight).view(num_heads, head_dim, channels)
+        kt = torch.einsum("phd,hdc->hpc", k, w_q).mul(scale).reshape(num_heads * num_protos, channels)
+        c = None
+        if q_bias is not None:
+            c = torch.einsum("phd,hd->hp", k, cast(q_bias).view(num_heads, head_dim)).mul(scale).reshape(-1)
+        w_o = cast(out_weight).view(channels, num_heads, head_dim)
+        vt = torch.einsum("phd,chd->hpc", v, w_o).reshape(num_heads * num_protos, channels)
+    return kt, c, vt
+
+
+def _check_dtypes(**tensors: Optional[Tensor]) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in _SUPPORTED:
+            raise TypeError(
+                f"prototype_attention (triton): {name} has dtype {t.dtype}; the Triton kernel takes "
+                f"float32, bfloat16 or float16. Use backend='reference' for {t.dtype}."
+            )
+
+
+def prototype_attention(
+    x: Tensor,
+    prototypes: Tensor,
+    q_weight: Tensor,
+    q_bias: Optional[Tensor],
+    k_weight: Tensor,
+    k_bias: Optional[Tensor],
+    v_weight: Tensor,
+    v_bias: Optional[Tensor],
+    out_weight: Tensor,
+    out_bias: Optional[Tensor],
+    gamma: Optional[Tensor],
+    *,
+    num_heads: int,
+    exclude: Optional[Tensor] = None,
+    protos_per_class: int = 1,
+) -> Tensor:
+    """Fused counterpart of :func:`torch_ppl.reference.prototype_attention` (same signature,
+    same result: ``(..., C)`` in ``x``'s dtype).
+
+    Args:
+        x: ``(..., C)`` rows, any strides (the channels-last view of NCHW features is read in
+            place).
+        prototypes: ``(P, C)``.
+        q_weight, k_weight, v_weight: ``(h*d, C)``; biases ``(h*d,)`` or ``None``.
+        out_weight: ``(C, h*d)``; ``out_bias``, ``gamma``: ``(C,)`` or ``None``.
+        exclude: ``(...)`` int64 label per pixel, ``-1`` excluding nothing.
+
+    Raises:
+        TypeError: a float64 (or other unsupported) floating input.
+    """
+    _check_dtypes(x=x, prototypes=prototypes, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight,
+                  k_bias=k_bias, v_weight=v_weight, v_bias=v_bias, out_weight=out_weight,
+                  out_bias=out_bias, gamma=gamma)
+    if protos_per_class < 1 or prototypes.shape[0] % protos_per_class:
+        raise ValueError(f"prototype_attention (triton): protos_per_class={protos_per_class} must be >= 1 "
+                         f"and divide P={prototypes.shape[0]}")
+    kt, c, vt = prototype_side(prototypes, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
+                               out_weight, num_heads)
+    x3 = _as_blc(x)
+    if exclude is not None:
+        exclude = exclude.reshape(-1).to(torch.int64)
+    out, _ = torch.ops.torch_ppl.prototype_attention_fwd(
+        x3, kt, c, vt, out_bias, gamma, exclude, num_heads, protos_per_class)
+    return out.reshape(x.shape)  # a view: out has x3's strides
