@@ -1,0 +1,107 @@
+"""Command line: ``python -m benchmarks {gpu,run,plot} ...`` from the repository root.
+
+``python -m benchmarks gpu`` is the one command for a GPU session: every op, provider,
+pass and shape set, appended to ``benchmarks/results/<device>.jsonl`` (+ ``.csv``) within a
+time budget, then the plots into ``benchmarks/results/<device>/``. Rerun it until it prints
+``complete``; it skips what is already measured.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+# Without a GPU, Triton kernels (ours and Liger's) can only run on the CPU interpreter, and
+# the switch must be set before any kernel is decorated, i.e. before they are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import plots, providers, roofline, runner, shapes  # noqa: E402
+
+
+def _add_grid_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ops", nargs="+", default=list(roofline.OPS), choices=roofline.OPS)
+    p.add_argument("--providers", nargs="+", default=list(providers.PROVIDERS), choices=providers.PROVIDERS)
+    p.add_argument("--passes", nargs="+", default=list(roofline.PASSES), choices=roofline.PASSES)
+    p.add_argument("--shapes", nargs="+", default=list(shapes.DEFAULT_SETS), choices=list(shapes.SETS),
+                   help="shape sets (default: %(default)s)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="stop cleanly after S seconds; rerun the same command to resume")
+    p.add_argument("--no-resume", action="store_true", help="re-measure cells already in the output file")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default: inductor)")
+    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (default: 25)")
+    p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench measuring time (default: 100)")
+    p.add_argument("--peak-bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="override the device table (with --peak-flops)")
+    p.add_argument("--peak-flops", type=float, default=None, metavar="FLOP_PER_S",
+                   help="dense bf16 tensor FLOP/s, overrides the device table (with --peak-bandwidth)")
+
+
+def _run(args, out: Path) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = RESULTS.resolve()
+    if device.type != "cuda" and results in (out.resolve(), *out.resolve().parents):
+        print(f"refusing to write CPU timings under {RESULTS}: they are not results; pass --out elsewhere",
+              file=sys.stderr)
+        return 2
+    print(f"device: {runner.device_name(device)}; writing {out}")
+    done = runner.run(
+        shapes.get(args.shapes), args.ops, args.providers, args.passes, device=device, out=out,
+        resume=not args.no_resume, time_budget_s=args.time_budget, compile_backend=args.compile_backend,
+        warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, peak_bandwidth=args.peak_bandwidth,
+        peak_flops=args.peak_flops,
+    )
+    rows = runner.read_rows(out)
+    runner.write_csv(rows, out.with_suffix(".csv"))
+    print(f"{len(done['rows'])} rows written this run, {len(rows)} in {out} (+ .csv); "
+          + ("complete" if done["complete"] else "NOT complete: rerun the same command to resume"))
+    return 0
+
+
+RESULTS = runner.RESULTS_DIR
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gpu = sub.add_parser("gpu", help="the full suite on this GPU into benchmarks/results/<device>, then plots")
+    _add_grid_args(gpu)
+    gpu.set_defaults(time_budget=540.0)
+
+    run = sub.add_parser("run", help="measure a chosen grid into --out (JSON lines + CSV)")
+    _add_grid_args(run)
+    run.add_argument("--out", type=Path, required=True, help="JSON-lines file to append to")
+
+    plot = sub.add_parser("plot", help="PNG plots of a results file")
+    plot.add_argument("results", type=Path, help="a .jsonl results file")
+    plot.add_argument("--out-dir", type=Path, default=None, help="default: next to the file, named after it")
+    plot.add_argument("--pass", dest="pass_", default="fwdbwd", choices=roofline.PASSES)
+
+    args = parser.parse_args(argv)
+    if args.command == "plot":
+        out_dir = args.out_dir or args.results.with_suffix("")
+        for path in plots.plot(runner.read_rows(args.results), out_dir, args.pass_):
+            print(path)
+        return 0
+    if args.command == "gpu":
+        if not torch.cuda.is_available():
+            print("`gpu` needs a CUDA device; on the CPU use `run --shapes smoke --out /tmp/x.jsonl`",
+                  file=sys.stderr)
+            return 2
+        out = RESULTS / f"{runner.device_slug(runner.device_name(torch.device('cuda')))}.jsonl"
+        code = _run(args, out)
+        if code == 0:
+            for pass_ in roofline.PASSES:
+                for path in plots.plot(runner.read_rows(out), out.with_suffix(""), pass_):
+                    print(path)
+        return code
+    return _run(args, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
