@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
+import importlib
 import math
 from typing import Callable, Dict, Optional
 
@@ -163,8 +163,13 @@ def cce_ce(p: Problem) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- availability
+@functools.lru_cache(maxsize=None)
 def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def applies(provider: str, op: str, shape: Shape) -> bool:
