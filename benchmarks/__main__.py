@@ -82,6 +82,16 @@ GPU_PLAN = [(["headline", "m1-dot"], list(roofline.PASSES)), (["sweep-N", "sweep
 RESULTS = runner.RESULTS_DIR
 
 
+def _report(results: Path, out_dir=None, passes=roofline.PASSES) -> None:
+    """Rewrite ``results``' CSV and draw its plots (default: into a folder named after it)."""
+    rows = runner.read_rows(results)
+    runner.write_csv(rows, results.with_suffix(".csv"))
+    print(results.with_suffix(".csv"))
+    for pass_ in passes:
+        for path in plots.plot(rows, out_dir or results.with_suffix(""), pass_):
+            print(path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,16 +105,15 @@ def main(argv=None) -> int:
     _add_grid_args(run)
     run.add_argument("--out", type=Path, required=True, help="JSON-lines file to append to")
 
-    plot = sub.add_parser("plot", help="PNG plots of a results file")
+    plot = sub.add_parser("plot", help="the CSV and PNG plots of a results file")
     plot.add_argument("results", type=Path, help="a .jsonl results file")
-    plot.add_argument("--out-dir", type=Path, default=None, help="default: next to the file, named after it")
-    plot.add_argument("--pass", dest="pass_", default="fwdbwd", choices=roofline.PASSES)
+    plot.add_argument("--out-dir", type=Path, default=None,
+                      help="where the PNGs go; default: next to the file, in a folder named after it")
+    plot.add_argument("--pass", dest="passes", nargs="+", default=list(roofline.PASSES), choices=roofline.PASSES)
 
     args = parser.parse_args(argv)
     if args.command == "plot":
-        out_dir = args.out_dir or args.results.with_suffix("")
-        for path in plots.plot(runner.read_rows(args.results), out_dir, args.pass_):
-            print(path)
+        _report(args.results, args.out_dir, args.passes)
         return 0
     if args.command == "gpu":
         if not torch.cuda.is_available():
@@ -120,9 +129,7 @@ def main(argv=None) -> int:
             args.passes = args.passes or list(roofline.PASSES)
         code = _run(args, out, plan)
         if code == 0:
-            for pass_ in roofline.PASSES:
-                for path in plots.plot(runner.read_rows(out), out.with_suffix(""), pass_):
-                    print(path)
+            _report(out)
         return code
     return _run(args, args.out)
 

@@ -168,6 +168,34 @@ def test_resume_and_csv(grid, tmp_path):
     assert json.loads(table[0]["dims"]) == rows[0]["dims"]
 
 
+def test_resume_after_a_killed_run(tmp_path):
+    out = tmp_path / "r.jsonl"
+    kwargs = dict(ops=["prototype_logits"], providers=["reference"], passes=["fwd", "bwd"],
+                  device=torch.device("cpu"), out=out, cpu_reps=1, log=lambda *_: None)
+    first = runner.run(shapes.smoke()[:1], **kwargs)["rows"]
+    text = out.read_text()
+    out.write_text(text[: len(text) - 40])  # the last row cut off mid-line
+    assert runner.read_rows(out) == first[:1]
+    again = runner.run(shapes.smoke()[:1], **kwargs)["rows"]
+    assert [r["pass"] for r in again] == ["bwd"]
+    assert [r["pass"] for r in runner.read_rows(out)] == ["fwd", "bwd"]
+
+
+def test_providers_run_when_the_reference_does_not_fit(tmp_path, monkeypatch):
+    original = providers.OPS["prototype_logits"]
+
+    def oom_without_grad(problem, backend):
+        if not torch.is_grad_enabled():  # the reference forward of the accuracy check
+            raise RuntimeError("CUDA out of memory. Tried to allocate 40 GiB")
+        return original(problem, backend)
+
+    monkeypatch.setitem(providers.OPS, "prototype_logits", oom_without_grad)
+    done = runner.run(shapes.smoke()[:1], ops=["prototype_logits"], providers=["reference"], passes=["fwd"],
+                      device=torch.device("cpu"), out=None, cpu_reps=1, log=lambda *_: None)
+    (row,) = done["rows"]
+    assert row["status"] == "ok" and row["fwd_max_abs_err"] is None
+
+
 def test_time_budget_stops_cleanly(tmp_path):
     done = runner.run(shapes.smoke(), ops=["prototype_logits"], providers=["reference"],
                       device=torch.device("cpu"), out=tmp_path / "r.jsonl", time_budget_s=0.0, log=lambda *_: None)
@@ -235,7 +263,9 @@ def test_cli(tmp_path, capsys):
     assert cli.main(["run", "--shapes", "smoke", "--ops", "prototype_logits", "--providers", "reference",
                      "--passes", "fwd", "--out", str(out)]) == 0
     assert len(runner.read_rows(out)) == 2 and out.with_suffix(".csv").exists()
+    out.with_suffix(".csv").unlink()
     assert cli.main(["plot", str(out), "--pass", "fwd"]) == 0
+    assert out.with_suffix(".csv").exists()
     assert (tmp_path / "r" / "prototype_logits_smoke_fwd.png").exists()
     assert "complete" in capsys.readouterr().out
 
