@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 
 import pytest
 import torch
@@ -32,17 +31,32 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, one_thread):
+    """Every op and provider at the tiny shape, and at its M=1 dot-product twin the loss only
+    (where Liger and CCE apply; the other ops there would only repeat the first shape)."""
     out = tmp_path_factory.mktemp("bench") / "smoke.jsonl"
-    done = runner.run(shapes.smoke(), device=torch.device("cpu"), out=out, compile_backend="eager",
-                      cpu_reps=1, log=lambda *_: None)
-    return out, done
+    main, m1 = shapes.smoke()
+    kwargs = dict(device=torch.device("cpu"), out=out, compile_backend="eager", cpu_reps=1, log=lambda *_: None)
+    first = runner.run([main], **kwargs)
+    second = runner.run([m1], ops=["contrastive_loss"], **kwargs)
+    return out, dict(rows=first["rows"] + second["rows"], complete=first["complete"] and second["complete"])
 
 
 def _rows(grid):
     return runner.read_rows(grid[0])
 
 
-def test_rows_follow_the_schema(grid):
+def test_smoke_grid(grid, tmp_path):
+    """One test over the one grid run: under pytest-xdist a module fixture runs once per
+    worker, so checks spread over several tests could pay for the grid twice."""
+    _rows_follow_the_schema(grid)
+    _every_applicable_cell_has_one_row(grid)
+    _cpu_providers_run_and_agree_with_the_reference(grid)
+    _providers_that_cannot_run_say_why(grid)
+    _resume_and_csv(grid, tmp_path)
+    _plots_write_pngs(grid, tmp_path)
+
+
+def _rows_follow_the_schema(grid):
     out, done = grid
     rows = _rows(grid)
     assert done["complete"] and rows == done["rows"]
@@ -66,22 +80,23 @@ def test_rows_follow_the_schema(grid):
             assert r["reason"] and r["median_ms"] is None
 
 
-def test_every_applicable_cell_has_one_row(grid):
+def _every_applicable_cell_has_one_row(grid):
     rows = _rows(grid)
     keys = [(r["shape"], r["op"], r["provider"], r["pass"]) for r in rows]
     assert len(keys) == len(set(keys))
-    expected = {(s.name, op, prov, p) for s in shapes.smoke() for op in roofline.OPS
-                for prov in providers.PROVIDERS if providers.applies(prov, op, s) for p in PASSES}
+    main, m1 = shapes.smoke()
+    expected = {(s.name, op, prov, p) for s, ops in ((main, roofline.OPS), (m1, ["contrastive_loss"]))
+                for op in ops for prov in providers.PROVIDERS if providers.applies(prov, op, s) for p in PASSES}
     assert set(keys) == expected
     # the outside tools only where they compute the same thing
-    assert {(s, o) for s, o, p, _ in keys if p == "sdpa"} == {(n, "prototype_attention") for n in ("smoke", "smoke-m1dot")}
+    assert {(s, o) for s, o, p, _ in keys if p == "sdpa"} == {("smoke", "prototype_attention")}
     assert {(s, o) for s, o, p, _ in keys if p in ("liger", "cce")} == {("smoke-m1dot", "contrastive_loss")}
 
 
 HAS_LIGER = providers._has("liger_kernel")
 
 
-def test_cpu_providers_run_and_agree_with_the_reference(grid):
+def _cpu_providers_run_and_agree_with_the_reference(grid):
     rows = _rows(grid)
     by = {(r["shape"], r["op"], r["provider"], r["pass"]): r for r in rows}
     for (shape, op, prov, p), r in by.items():
@@ -95,14 +110,14 @@ def test_cpu_providers_run_and_agree_with_the_reference(grid):
         ref = by[(shape, op, "reference", p)]
         if prov == "reference":
             assert r["fwd_max_abs_err"] == 0.0
-        elif prov == "sdpa":  # computes in bf16, the reference in fp32
-            assert r["fwd_max_abs_err"] < 0.1
-        else:
+        elif prov == "compile":  # the same fp32 math, traced
             assert r["fwd_max_abs_err"] < 1e-3, (shape, op, prov)
+        else:  # bf16 somewhere inside (sdpa, liger; triton's tiles): bf16-sized errors on logits up to 10
+            assert r["fwd_max_abs_err"] < 0.1, (shape, op, prov)
         assert ref["status"] == "ok"
 
 
-def test_providers_that_cannot_run_say_why(grid):
+def _providers_that_cannot_run_say_why(grid):
     for r in _rows(grid):
         if r["provider"] == "cce":  # its kernels need CUDA
             assert r["status"] == "unavailable" and "CUDA" in r["reason"]
@@ -155,9 +170,9 @@ def test_failures_are_recorded_not_raised(tmp_path, monkeypatch):
     assert status["prototype_attention"] == ("error", "KeyError: 'boom'")
 
 
-def test_resume_and_csv(grid, tmp_path):
+def _resume_and_csv(grid, tmp_path):
     out, _ = grid
-    again = runner.run(shapes.smoke(), device=torch.device("cpu"), out=out, compile_backend="eager",
+    again = runner.run(shapes.smoke()[:1], device=torch.device("cpu"), out=out, compile_backend="eager",
                        cpu_reps=1, log=lambda *_: None)
     assert again["rows"] == [] and again["complete"]
     rows = _rows(grid)
@@ -202,7 +217,7 @@ def test_time_budget_stops_cleanly(tmp_path):
     assert not done["complete"] and done["rows"] == []
 
 
-def test_plots_write_pngs(grid, tmp_path):
+def _plots_write_pngs(grid, tmp_path):
     rows = _rows(grid)
     # plus a synthetic sweep with memory figures, as a GPU run would write
     sweep = []
