@@ -56,22 +56,26 @@ class Problem:
 
 
 def make_problem(shape: Shape, device: torch.device, seed: int = 0, with_attention: bool = True) -> Problem:
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    """Random inputs of ``shape`` made directly on ``device`` (at ``voc-fullres`` the features
+    alone are 2 GB: drawing them on the host would take longer than timing them)."""
+    g = torch.Generator(device=device).manual_seed(seed)
     s = shape
 
     def randn(*size, dtype=torch.float32, scale=1.0):
-        return (torch.randn(*size, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+        t = torch.randn(*size, generator=g, device=device, dtype=torch.float32)
+        return (t * scale).to(dtype).requires_grad_()
 
     x = randn(s.B, s.C, s.H, s.W, dtype=s.feature_dtype)
     prototypes = randn(s.K, s.M, s.C, dtype=s.prototype_dtype, scale=1 / math.sqrt(s.C))
-    target = torch.randint(0, s.K, (s.B, s.H, s.W), generator=g)
-    target = target.masked_fill(torch.rand(target.shape, generator=g) < IGNORE_FRAC, IGNORE_INDEX).to(device)
+    target = torch.randint(0, s.K, (s.B, s.H, s.W), generator=g, device=device)
+    drop = torch.rand(target.shape, generator=g, device=device) < IGNORE_FRAC
+    target = target.masked_fill(drop, IGNORE_INDEX)
     attn: Dict[str, Tensor] = {}
     if with_attention:
-        inner, bound = s.C, 1 / math.sqrt(s.C)  # nn.Linear's init range; h * d = C
+        bound = 1 / math.sqrt(s.C)  # about nn.Linear's scale; h * d = C
         for name in ("q", "k", "v", "out"):
-            attn[f"{name}_weight"] = randn(inner if name != "out" else s.C, s.C, scale=bound)
-            attn[f"{name}_bias"] = randn(inner if name != "out" else s.C, scale=bound)
+            attn[f"{name}_weight"] = randn(s.C, s.C, scale=bound)
+            attn[f"{name}_bias"] = randn(s.C, scale=bound)
     return Problem(shape, x, prototypes, target, attn)
 
 
