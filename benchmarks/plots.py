@@ -2,7 +2,8 @@
 shape group, for one pass (``fwdbwd`` by default). Each figure names the device.
 
 Sweeps (``sweep-N``, ``sweep-P``) are drawn as lines against N or P on log axes; the other
-groups as grouped bars, one per shape.
+groups as grouped bars, one per shape. A y axis turns logarithmic when its values span more
+than 10x.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def plot(rows: Sequence[Dict], out_dir, pass_: str = "fwdbwd") -> List[Path]:
         xs = ([table[next(k for k in table if k[0] == s)]["dims"][axis] for s in shapes] if axis
               else list(range(len(shapes))))
         width = 0.8 / max(len(providers), 1)
+        all_speed, all_mem = [], []
         for i, provider in enumerate(providers):
             speed, mem, where = [], [], []
             for x, shape in zip(xs, shapes):
@@ -49,6 +51,8 @@ def plot(rows: Sequence[Dict], out_dir, pass_: str = "fwdbwd") -> List[Path]:
                 where.append(x)
                 speed.append(base["median_ms"] / row["median_ms"] if base else float("nan"))
                 mem.append(row["peak_mem_bytes"] / 2**20 if row["peak_mem_bytes"] is not None else float("nan"))
+            all_speed += [v for v in speed if v == v]
+            all_mem += [v for v in mem if v == v and v > 0]
             if axis:
                 ax_speed.plot(where, speed, marker="o", label=provider)
                 ax_mem.plot(where, mem, marker="o", label=provider)
@@ -65,6 +69,14 @@ def plot(rows: Sequence[Dict], out_dir, pass_: str = "fwdbwd") -> List[Path]:
                 ax.set_xticks(xs)
                 ax.set_xticklabels(shapes, rotation=20)
             ax.grid(alpha=0.3)
+        # Speed-ups and memory can span orders of magnitude (a fused kernel vs N x P tensors).
+        if all_speed and max(all_speed) / min(all_speed) > 10:
+            ax_speed.set_yscale("log")
+        if all_mem and max(all_mem) / min(all_mem) > 10:
+            ax_mem.set_yscale("log")
+        if not all_mem:
+            ax_mem.text(0.5, 0.5, "no memory figures (not a CUDA run)", ha="center", va="center",
+                        transform=ax_mem.transAxes)
         ax_speed.axhline(1.0, color="black", linewidth=0.8)
         ax_speed.legend(fontsize=8)
         fig.suptitle(f"{op}, {group}, {pass_} — {', '.join(devices)}")

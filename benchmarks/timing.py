@@ -27,8 +27,8 @@ def output_grad(out: Tensor, seed: int = 0) -> Tensor:
     """The gradient fed to ``backward``: 1 for a scalar loss, else a fixed random tensor."""
     if out.dim() == 0:
         return torch.ones_like(out)
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(out.shape, generator=g).to(device=out.device, dtype=out.dtype)
+    g = torch.Generator(device=out.device).manual_seed(seed)
+    return torch.randn(out.shape, generator=g, device=out.device, dtype=torch.float32).to(out.dtype)
 
 
 def _step(fn: Callable[[], Tensor], pass_: str, grad: Tensor, leaves: List[Tensor]) -> Callable[[], object]:
