@@ -1,7 +1,8 @@
 """Command line: ``python -m benchmarks {gpu,run,plot} ...`` from the repository root.
 
-``python -m benchmarks gpu`` is the one command for a GPU session: every op and provider,
-all passes at the headline and M=1 shapes, then the N and P sweeps (fwd+bwd), appended to
+``python -m benchmarks gpu`` is the one command for a GPU session: every op, provider and
+pass at the headline shapes, the loss and head at the M=1 dot-product shapes (where Liger and
+CCE compete), then the N and P sweeps (fwd+bwd, without torch.compile), appended to
 ``benchmarks/results/<device>.jsonl`` (+ ``.csv``) within a time budget (default 480 s, under
 a 10-minute command limit), then the plots into ``benchmarks/results/<device>/``. Rerun it
 until it prints ``complete``; it skips what is already measured.
@@ -13,6 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -43,8 +45,9 @@ def _add_grid_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run(args, out: Path, plan=None) -> int:
-    """Measure ``plan`` (a list of ``(shape sets, passes)``; default: the command line's) into
-    ``out``, all within one time budget, then rewrite the CSV."""
+    """Measure ``plan`` (a list of :class:`Step`; default: the command line's grid) into
+    ``out``, all within one time budget, then rewrite the CSV. Each step's ops and providers
+    are limited to those on the command line."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = RESULTS.resolve()
     if device.type != "cuda" and results in (out.resolve(), *out.resolve().parents):
@@ -52,12 +55,14 @@ def _run(args, out: Path, plan=None) -> int:
               file=sys.stderr)
         return 2
     print(f"device: {runner.device_name(device)}; writing {out}")
-    plan = plan or [(args.shapes, args.passes)]
+    plan = plan or [Step(args.shapes, args.passes)]
     start, written, complete = time.monotonic(), 0, True
-    for sets, passes in plan:
+    for step in plan:
         budget = None if args.time_budget is None else args.time_budget - (time.monotonic() - start)
+        ops = [o for o in args.ops if step.ops is None or o in step.ops]
+        providers_ = [p for p in args.providers if step.providers is None or p in step.providers]
         done = runner.run(
-            shapes.get(sets), args.ops, args.providers, passes, device=device, out=out,
+            shapes.get(step.sets), ops, providers_, step.passes, device=device, out=out,
             resume=not args.no_resume, time_budget_s=budget, compile_backend=args.compile_backend,
             warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, peak_bandwidth=args.peak_bandwidth,
             peak_flops=args.peak_flops,
@@ -73,10 +78,26 @@ def _run(args, out: Path, plan=None) -> int:
     return 0
 
 
-# What `gpu` measures, in this order, when --shapes and --passes are not given: every pass at
-# the headline shapes and the M = 1 dot-product shapes first (they matter most), then the
-# sweeps over N and P for forward+backward only (enough for the curves, a third of the time).
-GPU_PLAN = [(["headline", "m1-dot"], list(roofline.PASSES)), (["sweep-N", "sweep-P"], ["fwdbwd"])]
+class Step(NamedTuple):
+    """Part of a plan: shape sets and passes, and the ops and providers (``None``: all)."""
+
+    sets: List[str]
+    passes: List[str]
+    ops: Optional[List[str]] = None
+    providers: Optional[List[str]] = None
+
+
+# What `gpu` measures, in this order, when --shapes and --passes are not given:
+# 1. every op, provider and pass at the headline shapes (SPEC §6; they matter most);
+# 2. at the M = 1 dot-product shapes the ops that M and the similarity change: the loss (where
+#    Liger and CCE compete) and the head (the 1x1-conv replacement);
+# 3. the sweeps over N and P, forward+backward only and without torch.compile, whose fresh
+#    compile for every shape and op would cost more device time than all the measuring.
+GPU_PLAN = [
+    Step(["headline"], list(roofline.PASSES)),
+    Step(["m1-dot"], list(roofline.PASSES), ops=["contrastive_loss", "prototype_logits"]),
+    Step(["sweep-N", "sweep-P"], ["fwdbwd"], providers=[p for p in providers.PROVIDERS if p != "compile"]),
+]
 
 
 RESULTS = runner.RESULTS_DIR

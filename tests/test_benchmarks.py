@@ -286,7 +286,7 @@ def test_cli(tmp_path, capsys):
 
 
 def test_gpu_command_plan(monkeypatch):
-    """`gpu` writes to results/<device>.jsonl: all passes at the headline and M=1 shapes first,
+    """`gpu` writes to results/<device>.jsonl: the headline shapes first, then the M=1 shapes,
     then the sweeps forward+backward, within the default time budget."""
     seen = {}
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
@@ -294,7 +294,27 @@ def test_gpu_command_plan(monkeypatch):
     monkeypatch.setattr(cli, "_run", lambda args, out, plan=None: seen.update(args=args, out=out, plan=plan) or 1)
     assert cli.main(["gpu"]) == 1
     assert seen["out"] == runner.RESULTS_DIR / "nvidia-h100-80gb-hbm3.jsonl"
-    assert seen["plan"] == [(["headline", "m1-dot"], list(PASSES)), (["sweep-N", "sweep-P"], ["fwdbwd"])]
+    headline, m1, sweeps = seen["plan"]
+    assert headline == cli.Step(["headline"], list(PASSES))
+    assert m1.sets == ["m1-dot"] and m1.passes == list(PASSES) and "contrastive_loss" in m1.ops
+    assert sweeps.sets == ["sweep-N", "sweep-P"] and sweeps.passes == ["fwdbwd"]
+    assert "triton" in sweeps.providers and "compile" not in sweeps.providers
     assert 0 < seen["args"].time_budget < 600
     assert cli.main(["gpu", "--shapes", "headline"]) == 1
     assert seen["plan"] is None and seen["args"].passes == list(PASSES)
+
+
+def test_plan_steps_limit_ops_and_providers(tmp_path):
+    import argparse
+
+    args = argparse.Namespace(ops=list(roofline.OPS), providers=["reference", "sdpa"], time_budget=None,
+                              no_resume=False, compile_backend="eager", warmup_ms=25.0, rep_ms=100.0,
+                              peak_bandwidth=None, peak_flops=None)
+    out = tmp_path / "r.jsonl"
+    plan = [cli.Step(["smoke"], ["fwd"], ops=["contrastive_loss", "prototype_attention"], providers=["sdpa", "liger"]),
+            cli.Step(["smoke"], ["bwd"], ops=["prototype_logits"])]
+    assert cli._run(args, out, plan) == 0
+    cells = sorted((r["op"], r["provider"], r["pass"]) for r in runner.read_rows(out))
+    # two smoke shapes; sdpa only where it applies; liger was not asked for on the command line
+    assert cells == sorted([("prototype_attention", "sdpa", "fwd")] * 2
+                           + [("prototype_logits", "reference", "bwd")] * 2)
