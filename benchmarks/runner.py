@@ -100,8 +100,8 @@ def _key(row: Dict):
 
 
 class _Writer:
-    def __init__(self, path: Optional[Path]):
-        self.path = path
+    def __init__(self, path: Optional[Path], log=print):
+        self.path, self.log = path, log
         self.rows: List[Dict] = []
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -117,6 +117,9 @@ class _Writer:
     def add(self, row: Dict) -> None:
         assert set(row) == set(FIELDS), sorted(set(row) ^ set(FIELDS))
         self.rows.append(row)
+        if row["status"] != "ok":
+            self.log(f"{row['shape']:>16} {row['op']:>20} {row['provider']:>9} {row['pass']:>6}: "
+                     f"{row['status']}: {row['reason']}")
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -184,7 +187,7 @@ def run(
     env = environment(device)
     peak = roofline.device_peak(env["device"], peak_bandwidth, peak_flops)
     done = {_key(r) for r in read_rows(out)} if (out is not None and resume) else set()
-    writer = _Writer(out)
+    writer = _Writer(out, log)
     start = time.monotonic()
 
     for shape in shapes:
