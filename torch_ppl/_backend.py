@@ -111,5 +111,6 @@ def _import_kernel_module(module_name: str):
     elif module_name == "attention":
         import torch_ppl.kernels.attention as module
     else:
-        raise KeyError(module_name)
+        name = f"torch_ppl.kernels.{module_name}"
+        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
     return module
