@@ -127,3 +127,65 @@ def test_examples_use_the_public_api_only():
     for path in EXAMPLES.glob("*.py"):
         text = path.read_text()
         assert "torch_ppl._" not in text and "torch_ppl.reference" not in text, path.name
+
+
+# ----------------------------------------------------------------------------- docs
+DOCS = EXAMPLES.parent / "docs"
+
+
+def _python_blocks(page):
+    import re
+
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("page", ["index.md", "usage.md"])
+def test_doc_code_blocks_run(page):
+    """Every python block of the page runs, in order, in one namespace; blocks that start with
+    ``# fragment`` use names from the reader's own script and are only compiled."""
+    scope: dict = {}
+    blocks = _python_blocks(page)
+    assert blocks, page
+    for i, block in enumerate(blocks):
+        code = compile(block, f"{page}[block {i}]", "exec")
+        if block.lstrip().startswith("# fragment"):
+            continue
+        torch.manual_seed(0)
+        exec(code, scope)
+
+
+def test_mmseg_page_marks_its_code_untested():
+    blocks = _python_blocks("mmseg.md")
+    assert blocks
+    for block in blocks:
+        compile(block, "mmseg.md", "exec")  # at least valid Python
+        assert block.lstrip().startswith("# UNTESTED"), block[:80]
+
+
+def test_mmseg_reduction_mapping():
+    """docs/mmseg.md: avg_non_ignore=True is our "mean"; avg_non_ignore=False is our "sum" over
+    target.numel(); loss_weight is ce_weight; seg_weight is weight= (no renormalisation).
+    The right-hand sides are mmseg's formula: per-pixel CE, times weight, summed, divided by
+    the number of non-ignored pixels (True) or of all pixels (False)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, generator=g)
+    target = torch.randint(0, 4, (2, 6, 6), generator=g)
+    target[0, :2] = 255
+    seg_weight = torch.rand(2, 6, 6, generator=g)
+    per_pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none") * seg_weight
+    n_valid = (target != 255).sum()
+    ce_only = dict(contrast_weight=0.0, ce_weight=0.4)  # loss_weight=0.4
+    ours_mean = PushPullLoss(**ce_only)(logits, None, target, None, weight=seg_weight)
+    ours_sum = PushPullLoss(reduction="sum", **ce_only)(logits, None, target, None, weight=seg_weight)
+    torch.testing.assert_close(ours_mean, 0.4 * per_pixel.sum() / n_valid)             # avg_non_ignore=True
+    torch.testing.assert_close(ours_sum / target.numel(), 0.4 * per_pixel.sum() / target.numel())  # False
+    assert n_valid < target.numel()  # so the two rows really differ
+
+    # the recipe's push term: ce_weight=0 and logits=None give the contrastive term alone
+    from torch_ppl.functional import contrastive_loss
+
+    feats, protos = torch.randn(2, 8, 3, 3, generator=g), torch.randn(4, 2, 8, generator=g)
+    push = PushPullLoss(ce_weight=0.0)(None, feats, target, protos)
+    torch.testing.assert_close(push, contrastive_loss(feats, target, protos))
