@@ -20,7 +20,6 @@ import socket
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import torch_ppl
@@ -53,15 +52,6 @@ def _batch(b=2, size=8, seed=0, ignore_frac=0.2):
     y = y.masked_fill(torch.rand(b, size, size, generator=g) < ignore_frac, 255)
     conf = torch.rand(b, size, size, generator=g)
     return img, y, (conf >= 0.3).float()
-
-
-def _grads(model):
-    return {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-
-
-def _step(model, crit, img, y, w):
-    logits, f = model(img)
-    return crit(logits, f, y, model.head.prototypes, weight=w)
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -247,7 +237,7 @@ def _ddp_batch():
     return img, y, w
 
 
-def _train(model, crit, opt, img, y, w, check_every_grad=True):
+def _train(model, crit, opt, img, y, w):
     grads = []
     for _ in range(STEPS):
         opt.zero_grad(set_to_none=True)
