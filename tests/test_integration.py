@@ -11,6 +11,7 @@ shapes are tiny because compile and process start-up dominate the time.
 from __future__ import annotations
 
 import copy
+import datetime
 import importlib.metadata
 import io
 import os
@@ -258,7 +259,8 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # A short timeout: a collective that hangs fails the test instead of stalling CI.
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(TinySegNet(), find_unused_parameters=False)
