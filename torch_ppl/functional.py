@@ -161,8 +161,14 @@ def prototype_attention(
     Args:
         x: features ``(B, C, H, W)`` or ``(N, C)``.
         prototypes: ``(K, M, C)`` or ``(P, C)``.
-        q_weight, k_weight, v_weight: ``(h*d, C)``; ``q_bias``, ``k_bias``, ``v_bias``: ``(h*d,)``.
-        out_weight: ``(C, h*d)``; ``out_bias``: ``(C,)``.
+        q_weight: ``(h*d, C)``, the query projection.
+        k_weight: ``(h*d, C)``, the key projection (applied to the prototypes).
+        v_weight: ``(h*d, C)``, the value projection (applied to the prototypes).
+        out_weight: ``(C, h*d)``, the output projection.
+        q_bias: ``(h*d,)`` or ``None``.
+        k_bias: ``(h*d,)`` or ``None``.
+        v_bias: ``(h*d,)`` or ``None``.
+        out_bias: ``(C,)`` or ``None``.
         num_heads: ``h``; ``h*d`` must be divisible by it.
         gamma: ``(C,)`` layer scale, ``None`` for 1.
         exclude: optional label map ``(B, H', W')`` (``(N,)`` for 2-D ``x``), resized to ``x``'s

@@ -17,7 +17,8 @@ class PushPullLoss(nn.Module):
 
     Args:
         temperature: ``tau`` of the contrastive term, ``z = s / tau``.
-        contrast_weight, ce_weight: the weights of the two terms.
+        contrast_weight: the weight of the contrastive term.
+        ce_weight: the weight of the cross-entropy term.
         positives: ``"all"`` (logsumexp over the ``M`` prototypes of the label's class) or
             ``"nearest"`` (the closest one).
         similarity: ``"cosine"`` or ``"dot"`` (for the contrastive term).

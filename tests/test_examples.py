@@ -1,0 +1,191 @@
+"""The scripts in examples/ run, and do what their docstrings say.
+
+segmentation_models_pytorch cannot be installed on the CI machine (its torchvision dependency
+does not import beside this torch build), so ``smp_swap.py`` is tested on its stand-in models,
+which have smp's attribute structure (``encoder``, ``decoder(*features)``,
+``segmentation_head[0]`` the classifier conv). The real smp models are untested here.
+"""
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import runpy
+import sys
+
+import pytest
+import torch
+
+from torch_ppl import PushPullLoss
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_script(name, args, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLES / f"{name}.py"), *args])
+    runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+    return capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- smp_swap.py
+def test_smp_swap_script_runs(monkeypatch, capsys):
+    out = _run_script("smp_swap", ["--steps", "2"], monkeypatch, capsys)
+    for kind in ("deeplabv3plus", "unet"):
+        line = next(ln for ln in out.splitlines() if f" {kind}:" in ln)
+        assert "classifier PPLHead" in line and "logits (2, 3, 32, 32)" in line, line
+
+
+@pytest.mark.parametrize("kind, kernel", [("deeplabv3plus", 1), ("unet", 3)])
+def test_smp_swap_replaces_the_conv_and_trains_every_parameter(kind, kernel):
+    ex = _load("smp_swap")
+    torch.manual_seed(0)
+    model = ex.StandInSegmentationModel(kind, classes=3)
+    conv = model.segmentation_head[0]
+    assert isinstance(conv, torch.nn.Conv2d) and conv.kernel_size == (kernel, kernel)
+
+    head = ex.swap_classifier(model, num_prototypes=2)
+    assert model.segmentation_head[0] is head
+    assert head.classifier.kernel_size == kernel
+    assert head.prototypes.shape == (3, 2, conv.in_channels * kernel * kernel)
+    assert head.pull.channels == conv.in_channels * kernel * kernel
+
+    images, labels = torch.randn(2, 3, 16, 16), torch.randint(0, 3, (2, 16, 16))
+    labels[0, :4] = 255
+    crit = PushPullLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: keep the gradients to inspect
+    loss = ex.train_step(model, head, crit, optimizer, images, labels)
+    assert loss > 0 and torch.isfinite(torch.tensor(loss))
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"{name}: all-zero gradient"
+
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (2, 3, 16, 16) and logits.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="train mode"):
+        head.pop_features()  # eval keeps nothing
+
+
+@pytest.mark.parametrize("kind", ["deeplabv3plus", "unet"])
+def test_pplhead_scores_what_the_head_itself_scores(kind):
+    """With the pull switched off (out_proj zeroed: x_out = x), PPLHead(x) must equal the
+    MultiPrototypeClassifier applied to x (for 3x3, its own embed + score)."""
+    ex = _load("smp_swap")
+    torch.manual_seed(1)
+    model = ex.StandInSegmentationModel(kind, classes=3)
+    head = ex.swap_classifier(model, num_prototypes=2)
+    with torch.no_grad():
+        head.pull.out_proj.weight.zero_()
+        head.pull.out_proj.bias.zero_()
+    x = torch.randn(2, head.classifier.in_channels, 8, 8)
+    torch.testing.assert_close(head(x), head.classifier(x))
+    torch.testing.assert_close(head.pop_features(), head.classifier.embed(x))
+
+
+# ----------------------------------------------------------------------------- unimatch_loop.py
+def test_unimatch_script_runs(monkeypatch, capsys):
+    out = _run_script("unimatch_loop", ["--steps", "2", "--threshold", "0.3"], monkeypatch, capsys)
+    lines = [ln for ln in out.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 2
+    for ln in lines:
+        loss = float(ln.split("loss ")[1].split(",")[0])
+        assert loss > 0 and loss == loss  # finite and not NaN
+
+
+def _unimatch_loss(ex, **kwargs):
+    torch.manual_seed(0)
+    model = ex.SegNet(classes=4, channels=8, num_prototypes=2)
+    g = torch.Generator().manual_seed(3)
+    x_l, x_u = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    y_l = torch.randint(0, 4, (2, 8, 8), generator=g)
+    loss, confident = ex.semi_supervised_loss(model, PushPullLoss(), x_l, y_l, x_u, g, **kwargs)
+    return model, loss, confident
+
+
+def test_unimatch_confidence_mask_and_lambda():
+    ex = _load("unimatch_loop")
+    _, supervised, _ = _unimatch_loss(ex, lambda_u=0.0)
+    _, nothing_confident, frac_none = _unimatch_loss(ex, threshold=1.01)
+    model, everything, frac_all = _unimatch_loss(ex, threshold=0.0)
+    assert frac_none == 0.0 and frac_all == 1.0
+    # A mask of zeros removes the unlabelled term exactly (mean over valid pixels of 0 * loss).
+    torch.testing.assert_close(nothing_confident, supervised, rtol=0, atol=0)
+    assert everything > supervised
+    everything.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_examples_use_the_public_api_only():
+    for path in EXAMPLES.glob("*.py"):
+        text = path.read_text()
+        assert "torch_ppl._" not in text and "torch_ppl.reference" not in text, path.name
+
+
+# ----------------------------------------------------------------------------- docs
+DOCS = EXAMPLES.parent / "docs"
+
+
+def _python_blocks(page):
+    import re
+
+    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("page", ["index.md", "usage.md"])
+def test_doc_code_blocks_run(page):
+    """Every python block of the page runs, in order, in one namespace; blocks that start with
+    ``# fragment`` use names from the reader's own script and are only compiled."""
+    scope: dict = {}
+    blocks = _python_blocks(page)
+    assert blocks, page
+    for i, block in enumerate(blocks):
+        code = compile(block, f"{page}[block {i}]", "exec")
+        if block.lstrip().startswith("# fragment"):
+            continue
+        torch.manual_seed(0)
+        exec(code, scope)
+
+
+def test_mmseg_page_marks_its_code_untested():
+    blocks = _python_blocks("mmseg.md")
+    assert blocks
+    for block in blocks:
+        compile(block, "mmseg.md", "exec")  # at least valid Python
+        assert block.lstrip().startswith("# UNTESTED"), block[:80]
+
+
+def test_mmseg_reduction_mapping():
+    """docs/mmseg.md: avg_non_ignore=True is our "mean"; avg_non_ignore=False is our "sum" over
+    target.numel(); loss_weight is ce_weight; seg_weight is weight= (no renormalisation).
+    The right-hand sides are mmseg's formula: per-pixel CE, times weight, summed, divided by
+    the number of non-ignored pixels (True) or of all pixels (False)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 4, 6, 6, generator=g)
+    target = torch.randint(0, 4, (2, 6, 6), generator=g)
+    target[0, :2] = 255
+    seg_weight = torch.rand(2, 6, 6, generator=g)
+    per_pixel = F.cross_entropy(logits, target, ignore_index=255, reduction="none") * seg_weight
+    n_valid = (target != 255).sum()
+    ce_only = dict(contrast_weight=0.0, ce_weight=0.4)  # loss_weight=0.4
+    ours_mean = PushPullLoss(**ce_only)(logits, None, target, None, weight=seg_weight)
+    ours_sum = PushPullLoss(reduction="sum", **ce_only)(logits, None, target, None, weight=seg_weight)
+    torch.testing.assert_close(ours_mean, 0.4 * per_pixel.sum() / n_valid)             # avg_non_ignore=True
+    torch.testing.assert_close(ours_sum / target.numel(), 0.4 * per_pixel.sum() / target.numel())  # False
+    assert n_valid < target.numel()  # so the two rows really differ
+
+    # the recipe's push term: ce_weight=0 and logits=None give the contrastive term alone
+    from torch_ppl.functional import contrastive_loss
+
+    feats, protos = torch.randn(2, 8, 3, 3, generator=g), torch.randn(4, 2, 8, generator=g)
+    push = PushPullLoss(ce_weight=0.0)(None, feats, target, protos)
+    torch.testing.assert_close(push, contrastive_loss(feats, target, protos))
