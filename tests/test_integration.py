@@ -13,11 +13,14 @@ from __future__ import annotations
 import copy
 import datetime
 import importlib.metadata
+import importlib.util
 import io
 import os
 import pickle
 import re
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -272,6 +275,39 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+
+
+_FIRST_COMPILED_CALL = """
+import torch
+import torch_ppl.functional as F
+
+x, w = torch.randn(2, 8, 3, 3), torch.randn(4, 2, 8)
+y = torch.randint(0, 4, (2, 3, 3))
+wq, wo = torch.randn(8, 8), torch.randn(8, 8)
+
+
+def step(x, w, y):
+    a = F.prototype_attention(x, w, q_weight=wq, k_weight=wq, v_weight=wq, out_weight=wo, backend="triton")
+    return F.prototype_logits(a, w, backend="triton"), F.contrastive_loss(a, y, w, backend="triton")
+
+
+logits, loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x, w, y)
+a = F.prototype_attention(x, w, q_weight=wq, k_weight=wq, v_weight=wq, out_weight=wo, backend="reference")
+torch.testing.assert_close(logits, F.prototype_logits(a, w, backend="reference"), rtol=1e-4, atol=1e-4)
+torch.testing.assert_close(loss, F.contrastive_loss(a, y, w, backend="reference"), rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_first_compiled_call_imports_the_kernels_inside_the_trace():
+    """In a fresh process the kernel modules are first imported while dynamo traces the call;
+    that import must not break a ``fullgraph=True`` compile (a ``sys.modules`` lookup once
+    made dynamo fail its own guard on the first call)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", _FIRST_COMPILED_CALL], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from typing import Callable, Optional
 
 from torch import Tensor
@@ -86,11 +85,6 @@ def implementation(op: str, backend: str) -> Callable:
     if backend == "reference":
         return getattr(reference, op)
     module_name, fn_name = _KERNELS[op]
-    # Already imported: look it up without importlib, which torch.compile cannot trace
-    # (fullgraph=True would fail on every call after the first import).
-    module = sys.modules.get(f"torch_ppl.kernels.{module_name}")
-    if module is not None:
-        return getattr(module, fn_name)
     name = f"torch_ppl.kernels.{module_name}"
     try:
         module = _import_kernel_module(module_name)
