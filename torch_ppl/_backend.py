@@ -28,13 +28,20 @@ _KERNELS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORTS: Optional[bool] = None  # found out on first use, then a constant of the process
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # ImportError, or a broken install raising on import
-        return False
-    return True
+    # A module global rather than functools.lru_cache: torch.compile traces through lru_cache
+    # and warns about it on every model that uses torch_ppl.
+    global _TRITON_IMPORTS
+    if _TRITON_IMPORTS is None:
+        try:
+            import triton  # noqa: F401
+            _TRITON_IMPORTS = True
+        except Exception:  # ImportError, or a broken install raising on import
+            _TRITON_IMPORTS = False
+    return _TRITON_IMPORTS
 
 
 def interpret_mode() -> bool:
