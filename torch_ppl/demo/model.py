@@ -54,11 +54,11 @@ VARIANTS = {
 }
 
 
-def _block(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+def _block(c_in: int, c_out: int, stride: int = 1, dilation: int = 1, kernel: int = 3) -> nn.Sequential:
     # GroupNorm, not BatchNorm: the pseudo-labels come from the same model in no_grad mode, and
     # GroupNorm behaves the same in train() and eval(), so there is no statistics mismatch.
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
+        nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=dilation * (kernel // 2), dilation=dilation, bias=False),
         nn.GroupNorm(8, c_out),
         nn.ReLU(inplace=True),
     )
@@ -72,7 +72,8 @@ class Backbone(nn.Module):
         self.stem = nn.Sequential(_block(1, width), _block(width, 2 * width, stride=2))           # H/2
         self.down = nn.Sequential(_block(2 * width, 3 * width, stride=2),
                                   _block(3 * width, 3 * width, dilation=2))                     # H/4
-        self.fuse = nn.Sequential(_block(5 * width, channels), _block(channels, channels))      # H/2
+        # 1x1 then 3x3: the fuse runs at H/2 on 5 * width channels, the costliest place for a 3x3.
+        self.fuse = nn.Sequential(_block(5 * width, channels, kernel=1), _block(channels, channels))  # H/2
 
     def forward(self, x: Tensor) -> Tensor:
         skip = self.stem(x)

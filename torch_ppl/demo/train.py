@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,7 +40,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     threshold: float = 0.95       # pseudo-label confidence threshold
     lambda_u: float = 1.0         # weight of the unlabelled loss
-    eval_every: int = 50
+    eval_every: int = 50          # steps between two points of the curves
+    curve_test_scenes: int = 64   # the curves use the first test scenes; the final mIoU uses all
     channels: int = 32
     num_prototypes: int = 4       # M, for the prototype-head variants
     samples: int = 4              # test scenes whose predictions are kept for the figure
@@ -49,18 +49,23 @@ class TrainConfig:
 
 @dataclass
 class RunResult:
+    """One variant trained with one seed. ``test_miou`` and ``per_class_iou`` are on the whole
+    test split at the end; ``noise_rate``, ``noise_rate_fg`` and ``coverage`` count every
+    pseudo-label made during the run (see :class:`NoiseMeter`); ``history`` holds the curves."""
     variant: str
     seed: int
     test_miou: float
     per_class_iou: List[float]
+    noise_rate: Optional[float]
+    noise_rate_fg: Optional[float]
+    coverage: Optional[float]
     wall_s: float
     history: List[Dict[str, float]] = field(default_factory=list)
     samples: Optional[Tensor] = field(default=None, repr=False)  # (S, H, W) predicted classes
 
     def to_json(self) -> dict:
-        out = asdict(self)
-        out.pop("samples")
-        return out
+        """Every field but ``samples`` (plain Python values)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples"}
 
 
 def masked_ce(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
@@ -109,8 +114,8 @@ def strong_view(x: Tensor, pseudo: Tensor, conf: Tensor, g: torch.Generator):
     corners = (torch.rand(b, 2, generator=g) * (torch.tensor([h, w]) - sides + 1)).long()
     for i in range(b):
         if use[i]:
-            (t, l), (sh, sw) = corners[i].tolist(), sides[i].tolist()
-            box[i, t:t + sh, l:l + sw] = True
+            (top, left), (sh, sw) = corners[i].tolist(), sides[i].tolist()
+            box[i, top:top + sh, left:left + sw] = True
     box = box.to(dev)
     x = torch.where(box[:, None], x[partner], x)
     pseudo = torch.where(box, pseudo[partner], pseudo)
@@ -146,15 +151,18 @@ def mean_iou(per_class: List[float]) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: SegNet, split: Split, device: torch.device, batch: int = 64):
-    """Test mIoU over the whole split, per-class IoU, and the predicted classes."""
+def evaluate(model: SegNet, split: Split, device: torch.device, batch: int = 64, limit: Optional[int] = None):
+    """mIoU over the split's first ``limit`` scenes (all by default), per-class IoU, and the
+    predicted classes."""
     model.eval()
     cm = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
     preds = []
-    for start in range(0, len(split), batch):
-        x = split.images[start:start + batch].to(device)
+    stop = len(split) if limit is None else min(limit, len(split))
+    for start in range(0, stop, batch):
+        end = min(start + batch, stop)
+        x = split.images[start:end].to(device)
         pred = model.predict(x).argmax(dim=1)
-        cm += confusion(pred, split.labels[start:start + batch].to(device))
+        cm += confusion(pred, split.labels[start:end].to(device))
         preds.append(pred.cpu())
     model.train()
     per_class = iou_from_confusion(cm)
@@ -162,40 +170,58 @@ def evaluate(model: SegNet, split: Split, device: torch.device, batch: int = 64)
 
 
 class NoiseMeter:
-    """Counts confident pseudo-labels and the wrong ones (against the hidden truth) between two
-    reads; ``fg`` restricts both to pixels whose true class is a digit."""
+    """Counts pseudo-labelled pixels, the confident ones and the confident ones that are wrong
+    against the hidden truth.
+
+    * ``noise_rate`` = wrong confident / confident: the share of the pseudo-labels the loss
+      trains on that are wrong (``None`` while nothing is confident);
+    * ``noise_rate_fg``: the same over the pixels whose true class is a digit (the background
+      is most of a scene and easy, so it dilutes ``noise_rate``);
+    * ``coverage`` = confident / all pixels.
+
+    :meth:`read` gives the rates since the previous ``read``; :meth:`total` those of the whole run.
+    """
+
+    KEYS = ("pixels", "confident", "wrong", "confident_fg", "wrong_fg")
 
     def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.pixels = self.confident = self.wrong = self.confident_fg = self.wrong_fg = 0
+        self.window = dict.fromkeys(self.KEYS, 0)
+        self.run = dict.fromkeys(self.KEYS, 0)
 
     def update(self, pseudo: Tensor, confident: Tensor, truth: Tensor) -> None:
         wrong = confident & (pseudo != truth)
         fg = truth != 0
-        self.pixels += truth.numel()
-        self.confident += int(confident.sum())
-        self.wrong += int(wrong.sum())
-        self.confident_fg += int((confident & fg).sum())
-        self.wrong_fg += int((wrong & fg).sum())
+        counts = {"pixels": truth.numel(), "confident": int(confident.sum()), "wrong": int(wrong.sum()),
+                  "confident_fg": int((confident & fg).sum()), "wrong_fg": int((wrong & fg).sum())}
+        for key, value in counts.items():
+            self.window[key] += value
+            self.run[key] += value
+
+    @staticmethod
+    def rates(c: Dict[str, int]) -> Dict[str, Optional[float]]:
+        def ratio(a: int, b: int) -> Optional[float]:
+            return a / b if b else None
+        return {"noise_rate": ratio(c["wrong"], c["confident"]),
+                "noise_rate_fg": ratio(c["wrong_fg"], c["confident_fg"]),
+                "coverage": ratio(c["confident"], c["pixels"])}
 
     def read(self) -> Dict[str, Optional[float]]:
-        def ratio(a, b):
-            return a / b if b else None
-        out = {"noise_rate": ratio(self.wrong, self.confident), "noise_rate_fg": ratio(self.wrong_fg, self.confident_fg),
-               "coverage": ratio(self.confident, self.pixels)}
-        self.reset()
+        out = self.rates(self.window)
+        self.window = dict.fromkeys(self.KEYS, 0)
         return out
+
+    def total(self) -> Dict[str, Optional[float]]:
+        return self.rates(self.run)
 
 
 def train_variant(variant: Variant, scenes: DigitScenes, cfg: TrainConfig, seed: int,
                   device: torch.device = torch.device("cpu"), on_step: Callable[[], None] = lambda: None) -> RunResult:
     """Train one variant from scratch with one seed and return its test metrics and history.
 
-    ``history`` has one entry per ``cfg.eval_every`` steps (and the last step): the test mIoU
-    then, and the noise rate and coverage of the confident pseudo-labels made since the previous
-    entry. The supervised variant trains on no pseudo-labels; it makes them all the same (with
+    ``history`` has one entry per ``cfg.eval_every`` steps (and the last step): the mIoU on the
+    first ``cfg.curve_test_scenes`` test scenes then, and the noise rate and coverage of the
+    pseudo-labels made since the previous entry. The final ``test_miou`` is on the whole test
+    split. The supervised variant trains on no pseudo-labels; it makes them all the same (with
     no gradient) so its noise rate says how noisy its pseudo-labels would have been.
     """
     start = time.perf_counter()
@@ -231,7 +257,8 @@ def train_variant(variant: Variant, scenes: DigitScenes, cfg: TrainConfig, seed:
         sched.step()
         on_step()
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            miou, per_class, preds = evaluate(model, scenes.test, device)
+            miou, _, _ = evaluate(model, scenes.test, device, limit=cfg.curve_test_scenes)
             history.append({"step": step, "test_miou": miou, "loss": float(loss.detach()), **meter.read()})
-    return RunResult(variant.name, seed, miou, per_class, time.perf_counter() - start, history,
-                     preds[:cfg.samples])
+    miou, per_class, preds = evaluate(model, scenes.test, device)
+    return RunResult(variant.name, seed, miou, per_class, **meter.total(), wall_s=time.perf_counter() - start,
+                     history=history, samples=preds[:cfg.samples])
