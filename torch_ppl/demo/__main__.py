@@ -35,9 +35,9 @@ class Preset:
 # The training setting was fixed once (FixMatch/UniMatch choices, the library's defaults for the
 # PPL modules) and the number of steps chosen from the time budget and from the supervised
 # variant alone; see docs/demo.md. It was not tuned on the semi-supervised results.
-DEFAULT = Preset(DataConfig(), TrainConfig(steps=300, eval_every=50), seeds=3)
+DEFAULT = Preset(DataConfig(), TrainConfig(steps=600, eval_every=50), seeds=3)
 QUICK = Preset(DataConfig(num_train=256, num_test=64),
-               TrainConfig(steps=40, eval_every=10, curve_test_scenes=32), seeds=1)
+               TrainConfig(steps=100, eval_every=20, curve_test_scenes=32), seeds=1)
 
 
 def _variants(text: str) -> List[str]:

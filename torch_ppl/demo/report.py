@@ -140,8 +140,8 @@ def make_figure(path: Path, runs: List[RunResult], scenes: DigitScenes, samples:
     grid = bottom.subplots(samples, cols, squeeze=False)
     first = {name: min((r for r in runs if r.variant == name), key=lambda r: r.seed) for name in names}
     for row in range(samples):
-        panels_row = [("image", scenes.test.images[row, 0], "gray"), ("truth", scenes.test.labels[row], cmap)]
-        panels_row += [(name, first[name].samples[row], cmap) for name in names]
+        panels_row = [("image", scenes.test.images[row, 0].numpy(), "gray"), ("truth", scenes.test.labels[row].numpy(), cmap)]
+        panels_row += [(name, first[name].samples[row].numpy(), cmap) for name in names]
         for ax, (title, img, cm) in zip(grid[row], panels_row):
             if cm == "gray":
                 ax.imshow(img, cmap="gray", vmin=0, vmax=1)

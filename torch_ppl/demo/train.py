@@ -34,8 +34,11 @@ from .model import SegNet, Variant
 @dataclass(frozen=True)
 class TrainConfig:
     steps: int = 600
-    batch_labelled: int = 8
-    batch_unlabelled: int = 8
+    # Small batches: on a 2-core CPU the number of updates is what limits learning. With 2 + 2
+    # scenes per step the supervised variant learns several times faster per second than with
+    # 8 + 8 (measured on the supervised variant only; the semi-supervised ones were not consulted).
+    batch_labelled: int = 2
+    batch_unlabelled: int = 2
     lr: float = 3e-3
     weight_decay: float = 1e-4
     threshold: float = 0.95       # pseudo-label confidence threshold
