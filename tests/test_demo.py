@@ -88,10 +88,12 @@ def test_noise_meter_counts_confident_wrong_pixels():
     pseudo = torch.tensor([0, 2, 3, 0, 5, 1])
     confident = torch.tensor([True, True, True, True, False, False])
     meter.update(pseudo, confident, truth)
-    assert meter.read() == {"noise_rate": 2 / 4, "noise_rate_fg": 1 / 2, "coverage": 4 / 6}
-    assert meter.read() == {"noise_rate": None, "noise_rate_fg": None, "coverage": None}  # a new window
+    assert meter.read() == {"noise_rate": 2 / 4, "noise_rate_fg": 1 / 2, "coverage": 4 / 6,
+                            "digit_claims": 2 / 6, "noise_rate_claims": 1 / 2}
+    assert set(meter.read().values()) == {None}  # a new window: nothing counted yet
     meter.update(pseudo, torch.ones(6, dtype=torch.bool), truth)
-    assert meter.total() == {"noise_rate": 5 / 10, "noise_rate_fg": 3 / 6, "coverage": 10 / 12}
+    assert meter.total() == {"noise_rate": 5 / 10, "noise_rate_fg": 3 / 6, "coverage": 10 / 12,
+                             "digit_claims": 6 / 12, "noise_rate_claims": 3 / 6}
 
 
 def test_baseline_loss_is_normalised_like_push_pull_loss():
@@ -168,7 +170,8 @@ def test_cli_runs_every_variant_and_writes_results(tmp_path, capsys):
     for r in doc["runs"]:
         assert 0.0 <= r["test_miou"] <= 1.0 and r["wall_s"] > 0
         assert len(r["per_class_iou"]) == NUM_CLASSES and all(_in_unit(v) for v in r["per_class_iou"])
-        assert _in_unit(r["noise_rate"]) and _in_unit(r["noise_rate_fg"]) and r["coverage"] is not None
+        assert all(_in_unit(r[k]) for k in ("noise_rate", "noise_rate_fg", "noise_rate_claims", "digit_claims"))
+        assert r["coverage"] is not None and 0.0 <= r["coverage"] <= 1.0
         assert [h["step"] for h in r["history"]] == [2]
         for h in r["history"]:
             assert 0.0 <= h["test_miou"] <= 1.0 and math.isfinite(h["loss"]) and _in_unit(h["noise_rate"])

@@ -37,7 +37,7 @@ class Preset:
 # variant alone; see docs/demo.md. It was not tuned on the semi-supervised results.
 DEFAULT = Preset(DataConfig(), TrainConfig(steps=600, eval_every=50), seeds=3)
 QUICK = Preset(DataConfig(num_train=256, num_test=64),
-               TrainConfig(steps=100, eval_every=20, curve_test_scenes=32), seeds=1)
+               TrainConfig(steps=80, eval_every=20, curve_test_scenes=32), seeds=1)
 
 
 def _variants(text: str) -> List[str]:

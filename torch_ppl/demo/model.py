@@ -7,6 +7,8 @@ bilinearly resizes the logits to the labels, and :meth:`SegNet.predict` does the
 Variants (see ``VARIANTS``):
 
 * ``supervised``, ``pseudo_label``: ``nn.Conv2d(C, K, 1)`` classifier, plain cross-entropy.
+* ``prototypes``: ``MultiPrototypeClassifier`` and cross-entropy only: the control that tells
+  the head's own effect from push's and pull's.
 * ``push``: ``MultiPrototypeClassifier`` (``M`` prototypes per class) + ``PushPullLoss``
   (cross-entropy + multi-prototype contrastive term).
 * ``pull``: ``MultiPrototypeClassifier`` + ``PPLAttention`` before it, cross-entropy only.
@@ -42,6 +44,8 @@ VARIANTS = {
                 description="1x1 conv + CE, labelled split only"),
         Variant("pseudo_label", True, False, False, False,
                 description="1x1 conv + CE, FixMatch-style pseudo-labels"),
+        Variant("prototypes", True, True, False, False,
+                description="multi-prototype head + CE (control: no push, no pull)"),
         Variant("push", True, True, True, False,
                 description="multi-prototype head + CE + contrastive"),
         Variant("pull", True, True, False, True,

@@ -3,7 +3,7 @@
 ``results.json`` holds ``config`` (data, training, seeds, variants, device), ``environment``,
 ``wall_s`` (the whole run), ``runs`` (one :class:`~torch_ppl.demo.train.RunResult` per variant
 and seed, with its curves) and ``summary`` (per variant: mean and sample standard deviation over
-the seeds of the final test mIoU, of the whole-run noise rates and of the coverage; ``std`` is
+the seeds of the final test mIoU, of the whole-run noise rates, coverage and digit claims; ``std`` is
 ``null`` with a single seed).
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .data import CLASS_NAMES, DigitScenes
 from .model import VARIANTS
 from .train import RunResult
 
-METRICS = ("test_miou", "noise_rate", "noise_rate_fg", "coverage", "wall_s")
+METRICS = ("test_miou", "noise_rate", "noise_rate_fg", "coverage", "digit_claims", "noise_rate_claims", "wall_s")
 
 
 def _mean_std(values: Sequence[Optional[float]]) -> Dict[str, Optional[float]]:
@@ -79,11 +79,13 @@ def _fmt(stat: Dict[str, Optional[float]], digits: int = 3, percent: bool = Fals
 
 def format_table(summary: Dict[str, dict]) -> str:
     """A plain-text table, one row per variant."""
-    head = ("variant", "seeds", "test mIoU", "noise %", "noise % (digits)", "coverage %", "s / run")
+    head = ("variant", "seeds", "test mIoU", "noise %", "noise % (digits)", "coverage %", "digit claims %",
+            "s / run")
     rows = [head]
     for name, s in summary.items():
         rows.append((name, str(len(s["seeds"])), _fmt(s["test_miou"]), _fmt(s["noise_rate"], 2, True),
                      _fmt(s["noise_rate_fg"], 1, True), _fmt(s["coverage"], 1, True),
+                     _fmt(s["digit_claims"], 2, True),
                      f"{s['wall_s']['mean']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

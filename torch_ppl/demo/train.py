@@ -53,7 +53,8 @@ class TrainConfig:
 @dataclass
 class RunResult:
     """One variant trained with one seed. ``test_miou`` and ``per_class_iou`` are on the whole
-    test split at the end; ``noise_rate``, ``noise_rate_fg`` and ``coverage`` count every
+    test split at the end; ``noise_rate``, ``noise_rate_fg``, ``coverage``, ``digit_claims`` and
+    ``noise_rate_claims`` count every
     pseudo-label made during the run (see :class:`NoiseMeter`); ``history`` holds the curves."""
     variant: str
     seed: int
@@ -62,6 +63,8 @@ class RunResult:
     noise_rate: Optional[float]
     noise_rate_fg: Optional[float]
     coverage: Optional[float]
+    digit_claims: Optional[float]
+    noise_rate_claims: Optional[float]
     wall_s: float
     history: List[Dict[str, float]] = field(default_factory=list)
     samples: Optional[Tensor] = field(default=None, repr=False)  # (S, H, W) predicted classes
@@ -180,12 +183,15 @@ class NoiseMeter:
       trains on that are wrong (``None`` while nothing is confident);
     * ``noise_rate_fg``: the same over the pixels whose true class is a digit (the background
       is most of a scene and easy, so it dilutes ``noise_rate``);
-    * ``coverage`` = confident / all pixels.
+    * ``coverage`` = confident / all pixels;
+    * ``digit_claims`` = confident pixels pseudo-labelled as a digit (not background) / all
+      pixels: how much digit supervision the unlabelled loss gets, and ``noise_rate_claims`` the
+      share of those claims that are wrong.
 
     :meth:`read` gives the rates since the previous ``read``; :meth:`total` those of the whole run.
     """
 
-    KEYS = ("pixels", "confident", "wrong", "confident_fg", "wrong_fg")
+    KEYS = ("pixels", "confident", "wrong", "confident_fg", "wrong_fg", "claims", "wrong_claims")
 
     def __init__(self) -> None:
         self.window = dict.fromkeys(self.KEYS, 0)
@@ -194,8 +200,10 @@ class NoiseMeter:
     def update(self, pseudo: Tensor, confident: Tensor, truth: Tensor) -> None:
         wrong = confident & (pseudo != truth)
         fg = truth != 0
+        claims = confident & (pseudo != 0)
         counts = {"pixels": truth.numel(), "confident": int(confident.sum()), "wrong": int(wrong.sum()),
-                  "confident_fg": int((confident & fg).sum()), "wrong_fg": int((wrong & fg).sum())}
+                  "confident_fg": int((confident & fg).sum()), "wrong_fg": int((wrong & fg).sum()),
+                  "claims": int(claims.sum()), "wrong_claims": int((claims & wrong).sum())}
         for key, value in counts.items():
             self.window[key] += value
             self.run[key] += value
@@ -206,7 +214,9 @@ class NoiseMeter:
             return a / b if b else None
         return {"noise_rate": ratio(c["wrong"], c["confident"]),
                 "noise_rate_fg": ratio(c["wrong_fg"], c["confident_fg"]),
-                "coverage": ratio(c["confident"], c["pixels"])}
+                "coverage": ratio(c["confident"], c["pixels"]),
+                "digit_claims": ratio(c["claims"], c["pixels"]),
+                "noise_rate_claims": ratio(c["wrong_claims"], c["claims"])}
 
     def read(self) -> Dict[str, Optional[float]]:
         out = self.rates(self.window)
