@@ -1,7 +1,7 @@
 """Semi-supervised segmentation demo on scikit-learn's handwritten digits.
 
 ``python -m torch_ppl.demo [--quick]`` trains a small conv segmentation net with pseudo-labels
-(FixMatch/UniMatch style) in six variants, from a 1x1-conv baseline to full PPL, and measures
+(FixMatch/UniMatch style) in seven variants, from a 1x1-conv baseline to full PPL, and measures
 test mIoU and how noisy the confident pseudo-labels are against the hidden truth. Modules:
 
 * :mod:`~torch_ppl.demo.data`: the digit scenes and their splits;

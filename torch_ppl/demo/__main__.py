@@ -1,11 +1,11 @@
 """``python -m torch_ppl.demo``: semi-supervised segmentation of handwritten-digit scenes.
 
-Trains every variant (``supervised``, ``pseudo_label``, ``push``, ``pull``, ``ppl``,
-``ppl_exclude``) with each seed on the same scenes, then prints a table and writes
+Trains every variant (``supervised``, ``pseudo_label``, ``prototypes``, ``push``, ``pull``,
+``ppl``, ``ppl_exclude``) with each seed on the same scenes, then prints a table and writes
 ``results.json`` and ``figure.png`` under ``--out``. See ``docs/demo.md``.
 
     python -m torch_ppl.demo --quick            # every variant, one seed, well under a minute on 2 CPU cores
-    python -m torch_ppl.demo                    # every variant, 3 seeds, a few minutes
+    python -m torch_ppl.demo                    # every variant, 3 seeds, about 8 minutes on 2 CPU cores
     python -m torch_ppl.demo --device cuda --variants pseudo_label,ppl --seeds 5 --steps 2000
 """
 from __future__ import annotations
