@@ -35,8 +35,8 @@ from .model import SegNet, Variant
 class TrainConfig:
     steps: int = 600
     # Small batches: on a 2-core CPU the number of updates is what limits learning. With 2 + 2
-    # scenes per step the supervised variant learns several times faster per second than with
-    # 8 + 8 (measured on the supervised variant only; the semi-supervised ones were not consulted).
+    # scenes per step the supervised variant learned far more per second than with 8 + 8
+    # (measured on the supervised variant only; see docs/demo.md).
     batch_labelled: int = 2
     batch_unlabelled: int = 2
     lr: float = 3e-3
@@ -54,8 +54,8 @@ class TrainConfig:
 class RunResult:
     """One variant trained with one seed. ``test_miou`` and ``per_class_iou`` are on the whole
     test split at the end; ``noise_rate``, ``noise_rate_fg``, ``coverage``, ``digit_claims`` and
-    ``noise_rate_claims`` count every
-    pseudo-label made during the run (see :class:`NoiseMeter`); ``history`` holds the curves."""
+    ``noise_rate_claims`` count every pseudo-label made during the run (see :class:`NoiseMeter`);
+    ``history`` holds the curves."""
     variant: str
     seed: int
     test_miou: float
