@@ -157,7 +157,8 @@ def _in_unit(v):
 
 def test_cli_runs_every_variant_and_writes_results(tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["--quick", "--steps", "2", "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
+    assert cli.main(["--quick", "--steps", "2", "--seeds", "2", "--workers", "2", "--out", str(out),
+                     "--no-progress"]) == 0
     doc = json.loads((out / "results.json").read_text())
     png = (out / "figure.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -189,11 +190,30 @@ def test_cli_runs_every_variant_and_writes_results(tmp_path, capsys):
     assert "test mIoU" in table and "results.json" in table
 
 
+def test_worker_processes_train_the_same_runs_as_one_process(tmp_path):
+    """--workers spreads whole runs over processes; each run seeds itself, so the results are
+    those of the in-process loop (up to the float order of one thread instead of several)."""
+    args = ["--quick", "--steps", "3", "--seeds", "2", "--variants", "pseudo_label,ppl", "--no-progress"]
+    docs = []
+    for workers in ("1", "2"):
+        assert cli.main(args + ["--workers", workers, "--out", str(tmp_path / workers)]) == 0
+        docs.append(json.loads((tmp_path / workers / "results.json").read_text()))
+    one, many = docs
+    assert [(r["variant"], r["seed"]) for r in one["runs"]] == [(r["variant"], r["seed"]) for r in many["runs"]]
+    assert many["config"]["workers"] == 2
+    for a, b in zip(one["runs"], many["runs"]):
+        assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-4)
+        assert a["coverage"] == pytest.approx(b["coverage"], abs=1e-3)
+        assert a["test_miou"] == pytest.approx(b["test_miou"], abs=1e-3)
+
+
 def test_cli_rejects_bad_arguments():
     with pytest.raises(SystemExit):
         cli.parse_args(["--variants", "ppl,nope"])
     with pytest.raises(SystemExit):
         cli.parse_args(["--seeds", "0"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--workers", "0"])
     assert cli.parse_args(["--variants", "ppl, supervised"]).variants == ["ppl", "supervised"]
     if not torch.cuda.is_available():
         assert cli.main(["--device", "cuda", "--no-progress"]) == 2

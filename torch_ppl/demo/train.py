@@ -33,7 +33,7 @@ from .model import SegNet, Variant
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 600
+    steps: int = 1500
     # Small batches: on a 2-core CPU the number of updates is what limits learning. With 2 + 2
     # scenes per step the supervised variant learned far more per second than with 8 + 8
     # (measured on the supervised variant only; see docs/demo.md).
