@@ -1,0 +1,219 @@
+"""The demo (``python -m torch_ppl.demo``): its data, its metrics, and a tiny run of every variant."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+
+from torch_ppl import PushPullLoss  # noqa: E402
+from torch_ppl.demo import __main__ as cli  # noqa: E402
+from torch_ppl.demo.data import IGNORE_INDEX, NUM_CLASSES, DataConfig, load_scans, make_scenes  # noqa: E402
+from torch_ppl.demo.model import VARIANTS  # noqa: E402
+from torch_ppl.demo.train import (  # noqa: E402
+    NoiseMeter, TrainConfig, iou_from_confusion, confusion, masked_ce, mean_iou, strong_view, train_variant,
+)
+
+TINY_DATA = DataConfig(num_train=64, num_test=16)
+TINY_TRAIN = TrainConfig(steps=3, eval_every=2, curve_test_scenes=8, samples=2)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    return make_scenes(TINY_DATA)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def test_labels_are_the_digit_pixels(scenes):
+    _, targets = load_scans()
+    thr = TINY_DATA.ink_threshold
+    for split in (scenes.labelled, scenes.unlabelled, scenes.test):
+        assert split.labels.dtype == torch.int64 and split.labels.min() >= 0 and split.labels.max() < NUM_CLASSES
+        # a pixel is a digit exactly where the (noise-free) upscaled ink passes the threshold ...
+        assert torch.equal(split.labels > 0, split.clean[:, 0] > thr)
+        for s, scene in enumerate(split.placements):
+            assert TINY_DATA.max_digits >= len(scene) >= 1
+            inside = torch.zeros(split.labels.shape[1:], dtype=torch.bool)
+            for p in scene:
+                assert p.digit == targets[p.scan]
+                assert TINY_DATA.digit_min <= p.side <= TINY_DATA.digit_max
+                box = (slice(p.top, p.top + p.side), slice(p.left, p.left + p.side))
+                assert not inside[box].any(), "digits overlap"
+                inside[box] = True
+                # ... and carries the class of the digit drawn there (0 = background, d + 1 = digit d)
+                labels = split.labels[s][box]
+                assert set(labels.unique().tolist()) <= {0, p.digit + 1}
+                assert (labels == p.digit + 1).any()
+            assert (split.labels[s][~inside] == 0).all() and (split.clean[s, 0][~inside] == 0).all()
+        # the noisy image is the clean one plus noise of about noise_std
+        assert abs(float((split.images - split.clean).std()) - TINY_DATA.noise_std) < 0.01
+
+
+def test_splits_are_disjoint_and_sized(scenes):
+    lab, unlab, test = scenes.labelled.scans, scenes.unlabelled.scans, scenes.test.scans
+    assert lab and unlab and test
+    assert not (lab & unlab) and not (lab & test) and not (unlab & test)
+    assert len(scenes.labelled) == round(TINY_DATA.num_train * TINY_DATA.labelled_fraction)
+    assert len(scenes.labelled) + len(scenes.unlabelled) == TINY_DATA.num_train
+    assert len(scenes.test) == TINY_DATA.num_test
+
+
+def test_scenes_are_deterministic_in_the_seed(scenes):
+    again = make_scenes(TINY_DATA)
+    for a, b in ((scenes.labelled, again.labelled), (scenes.unlabelled, again.unlabelled), (scenes.test, again.test)):
+        assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.placements == b.placements
+    other = make_scenes(dataclasses.replace(TINY_DATA, seed=1))
+    assert not torch.equal(scenes.test.labels, other.test.labels)
+
+
+# --- metrics and pieces of the loop -----------------------------------------------------------
+
+def test_confusion_iou_and_mean_iou():
+    truth = torch.tensor([0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 1, 1, 1, 0])
+    per_class = iou_from_confusion(confusion(pred, truth, num_classes=4))
+    assert per_class[:3] == pytest.approx([1 / 3, 2 / 3, 0.0])
+    assert math.isnan(per_class[3])  # absent from truth and prediction: left out of the mean
+    assert mean_iou(per_class) == pytest.approx(1 / 3)
+
+
+def test_noise_meter_counts_confident_wrong_pixels():
+    meter = NoiseMeter()
+    truth = torch.tensor([0, 0, 3, 3, 5, 5])
+    pseudo = torch.tensor([0, 2, 3, 0, 5, 1])
+    confident = torch.tensor([True, True, True, True, False, False])
+    meter.update(pseudo, confident, truth)
+    assert meter.read() == {"noise_rate": 2 / 4, "noise_rate_fg": 1 / 2, "coverage": 4 / 6,
+                            "digit_claims": 2 / 6, "noise_rate_claims": 1 / 2}
+    assert set(meter.read().values()) == {None}  # a new window: nothing counted yet
+    meter.update(pseudo, torch.ones(6, dtype=torch.bool), truth)
+    assert meter.total() == {"noise_rate": 5 / 10, "noise_rate_fg": 3 / 6, "coverage": 10 / 12,
+                             "digit_claims": 6 / 12, "noise_rate_claims": 3 / 6}
+
+
+def test_baseline_loss_is_normalised_like_push_pull_loss():
+    """The 1x1-conv variants' ``masked_ce`` and ``PushPullLoss`` without push give the same
+    UniMatch-normalised CE, so the variants differ in their head and terms, not in the reduction."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, NUM_CLASSES, 6, 6, generator=g)
+    target = torch.randint(NUM_CLASSES, (2, 12, 12), generator=g)
+    target[0, :3] = IGNORE_INDEX
+    weight = (torch.rand(2, 12, 12, generator=g) > 0.5).float()
+    ours = masked_ce(logits, target, weight)
+    lib = PushPullLoss(contrast_weight=0.0)(logits, None, target, None, weight)
+    torch.testing.assert_close(ours, lib)
+    assert ours < masked_ce(logits, target)  # the mask lowers the loss, it does not renormalise it
+
+
+def test_strong_view_mixes_pseudo_labels_with_their_confidence():
+    g = torch.Generator().manual_seed(0)
+    b = 8
+    x = torch.rand(b, 1, 16, 16, generator=g)
+    pseudo = torch.arange(b).view(b, 1, 1).expand(b, 16, 16).clone()
+    conf = pseudo.float() / 10
+    x_s, pseudo_s, conf_s = strong_view(x, pseudo, conf, g)
+    assert x_s.shape == x.shape and torch.isfinite(x_s).all()
+    torch.testing.assert_close(conf_s, pseudo_s.float() / 10)  # the same CutMix box for both
+    assert (pseudo_s != pseudo).any()  # some CutMix happened with this seed
+
+
+# --- the training loop and the CLI ------------------------------------------------------------
+
+def _wrong_truth(scenes):
+    """The same scenes, the unlabelled split's hidden labels replaced by other labels."""
+    unlab = dataclasses.replace(scenes.unlabelled, labels=(scenes.unlabelled.labels + 1) % NUM_CLASSES)
+    return dataclasses.replace(scenes, unlabelled=unlab)
+
+
+@pytest.mark.parametrize("variant", ["supervised", "ppl"])
+def test_hidden_truth_only_feeds_the_noise_rate(scenes, variant):
+    """Training never reads the unlabelled split's labels: replacing them changes the noise rate
+    and nothing else. (Threshold 0: every pseudo-label is confident, so the noise rate exists.)"""
+    cfg = dataclasses.replace(TINY_TRAIN, threshold=0.0)
+    a = train_variant(VARIANTS[variant], scenes, cfg, seed=0)
+    b = train_variant(VARIANTS[variant], _wrong_truth(scenes), cfg, seed=0)
+    assert a.test_miou == b.test_miou and torch.equal(a.samples, b.samples)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert a.coverage == b.coverage == 1.0
+    # a pixel is right under at most one of the two truths, so the two noise rates add up to >= 1
+    assert a.noise_rate != b.noise_rate and a.noise_rate + b.noise_rate >= 1.0 - 1e-12
+
+
+def test_supervised_does_not_train_on_the_unlabelled_split(scenes):
+    noise = dataclasses.replace(scenes.unlabelled, images=torch.rand_like(scenes.unlabelled.images))
+    a = train_variant(VARIANTS["supervised"], scenes, TINY_TRAIN, seed=0)
+    b = train_variant(VARIANTS["supervised"], dataclasses.replace(scenes, unlabelled=noise), TINY_TRAIN, seed=0)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history] and torch.equal(a.samples, b.samples)
+
+
+def _in_unit(v):
+    return v is None or 0.0 <= v <= 1.0
+
+
+def test_cli_runs_every_variant_and_writes_results(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["--quick", "--steps", "2", "--seeds", "2", "--workers", "2", "--out", str(out),
+                     "--no-progress"]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    png = (out / "figure.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    assert set(doc) == {"config", "environment", "wall_s", "runs", "summary"}
+    assert doc["config"]["variants"] == list(VARIANTS) and doc["config"]["seeds"] == [0, 1]
+    assert doc["config"]["train"]["steps"] == 2 and doc["config"]["train"]["threshold"] == 0.95
+    assert doc["wall_s"] > 0 and doc["environment"]["device"] == "cpu"
+    assert sorted((r["variant"], r["seed"]) for r in doc["runs"]) == sorted((v, s) for v in VARIANTS for s in (0, 1))
+    for r in doc["runs"]:
+        assert 0.0 <= r["test_miou"] <= 1.0 and r["wall_s"] > 0
+        assert len(r["per_class_iou"]) == NUM_CLASSES and all(_in_unit(v) for v in r["per_class_iou"])
+        assert all(_in_unit(r[k]) for k in ("noise_rate", "noise_rate_fg", "noise_rate_claims", "digit_claims"))
+        assert r["coverage"] is not None and 0.0 <= r["coverage"] <= 1.0
+        assert [h["step"] for h in r["history"]] == [2]
+        for h in r["history"]:
+            assert 0.0 <= h["test_miou"] <= 1.0 and math.isfinite(h["loss"]) and _in_unit(h["noise_rate"])
+    assert list(doc["summary"]) == list(VARIANTS)
+    for name, s in doc["summary"].items():
+        assert s["seeds"] == [0, 1]
+        mine = [r["test_miou"] for r in doc["runs"] if r["variant"] == name]
+        assert s["test_miou"]["mean"] == pytest.approx(sum(mine) / 2)
+        assert s["test_miou"]["std"] == pytest.approx(abs(mine[0] - mine[1]) / math.sqrt(2))
+        assert _in_unit(s["noise_rate"]["mean"])
+
+    table = capsys.readouterr().out
+    for name in VARIANTS:
+        assert name in table
+    assert "test mIoU" in table and "results.json" in table
+
+
+def test_worker_processes_train_the_same_runs_as_one_process(tmp_path):
+    """--workers spreads whole runs over processes; each run seeds itself, so the results are
+    those of the in-process loop (up to the float order of one thread instead of several)."""
+    args = ["--quick", "--steps", "3", "--seeds", "2", "--variants", "pseudo_label,ppl", "--no-progress"]
+    docs = []
+    for workers in ("1", "2"):
+        assert cli.main(args + ["--workers", workers, "--out", str(tmp_path / workers)]) == 0
+        docs.append(json.loads((tmp_path / workers / "results.json").read_text()))
+    one, many = docs
+    assert [(r["variant"], r["seed"]) for r in one["runs"]] == [(r["variant"], r["seed"]) for r in many["runs"]]
+    assert many["config"]["workers"] == 2
+    for a, b in zip(one["runs"], many["runs"]):
+        assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-4)
+        assert a["coverage"] == pytest.approx(b["coverage"], abs=1e-3)
+        assert a["test_miou"] == pytest.approx(b["test_miou"], abs=1e-3)
+
+
+def test_cli_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--variants", "ppl,nope"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--seeds", "0"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--workers", "0"])
+    assert cli.parse_args(["--variants", "ppl, supervised"]).variants == ["ppl", "supervised"]
+    if not torch.cuda.is_available():
+        assert cli.main(["--device", "cuda", "--no-progress"]) == 2

@@ -1,0 +1,152 @@
+"""``python -m torch_ppl.demo``: semi-supervised segmentation of handwritten-digit scenes.
+
+Trains every variant (``supervised``, ``pseudo_label``, ``prototypes``, ``push``, ``pull``,
+``ppl``, ``ppl_exclude``) with each seed on the same scenes, then prints a table and writes
+``results.json`` and ``figure.png`` under ``--out``. See ``docs/demo.md``.
+
+    python -m torch_ppl.demo --quick            # every variant, one seed, well under a minute on 2 CPU cores
+    python -m torch_ppl.demo                    # every variant, 3 seeds, about 9 minutes on 2 CPU cores
+    python -m torch_ppl.demo --device cuda --variants pseudo_label,ppl --seeds 5 --steps 2000
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from .data import DataConfig, make_scenes
+from .model import VARIANTS
+from .report import format_table, make_figure, summarize, write_json
+from .train import RunResult, TrainConfig, train_variant
+from .workers import run_in_workers
+
+
+@dataclass(frozen=True)
+class Preset:
+    data: DataConfig
+    train: TrainConfig
+    seeds: int
+
+
+# The training setting was fixed once (FixMatch/UniMatch choices, the library's defaults for the
+# PPL modules) and the number of steps chosen from the time budget and from the supervised
+# variant alone; see docs/demo.md. It was not tuned on the semi-supervised results.
+DEFAULT = Preset(DataConfig(), TrainConfig(steps=1500, eval_every=50), seeds=3)
+QUICK = Preset(DataConfig(num_train=256, num_test=64),
+               TrainConfig(steps=80, eval_every=20, curve_test_scenes=32), seeds=1)
+
+
+def _variants(text: str) -> List[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown or text!r}; choose from {', '.join(VARIANTS)}")
+    return names
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (Linux)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m torch_ppl.demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"smaller data, {QUICK.train.steps} steps, {QUICK.seeds} seed: checks that it runs, "
+                        "too short to compare variants")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu (default), cuda, cuda:1")
+    p.add_argument("--seeds", type=_positive, default=None,
+                   help=f"number of seeds, 0..N-1 (default {DEFAULT.seeds}; {QUICK.seeds} with --quick)")
+    p.add_argument("--steps", type=_positive, default=None,
+                   help=f"training steps per run (default {DEFAULT.train.steps}; {QUICK.train.steps} with --quick)")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out/)")
+    p.add_argument("--variants", type=_variants, default=list(VARIANTS),
+                   help=f"comma-separated subset of: {', '.join(VARIANTS)} (default all)")
+    p.add_argument("--workers", type=_positive, default=None,
+                   help="runs trained at once in worker processes, one torch thread each (CPU only; "
+                        "default: the number of CPU cores, at most the number of runs)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def run(data_cfg: DataConfig, train_cfg: TrainConfig, variants: Sequence[str], seeds: Sequence[int],
+        device: torch.device, out: Path, progress: bool = True, workers: int = 1) -> dict:
+    """Train every variant with every seed, write ``results.json`` and ``figure.png`` under
+    ``out``, print the table; returns the JSON document.
+
+    ``workers > 1`` (CPU only) trains that many runs at once in worker processes with one torch
+    thread each: the demo's tensors are too small for intra-op threads to pay (one thread per
+    run is faster than two here), so separate runs use the cores far better. Every run seeds
+    itself, so the results do not depend on how runs are spread over workers (up to the
+    floating-point order of a different thread count)."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = make_scenes(data_cfg)
+    jobs = [(name, seed) for seed in seeds for name in variants]
+    bar = tqdm(total=len(jobs) * train_cfg.steps, unit="step", disable=not progress, dynamic_ncols=True)
+    with bar:
+        if workers <= 1:
+            runs: List[RunResult] = []
+            for name, seed in jobs:
+                bar.set_description(f"{name} seed {seed}")
+                runs.append(train_variant(VARIANTS[name], scenes, train_cfg, seed, device,
+                                          on_step=lambda: bar.update()))
+                bar.set_postfix_str(f"last mIoU {runs[-1].test_miou:.3f}")
+        else:
+            bar.set_description(f"{len(jobs)} runs, {workers} workers")
+            runs = run_in_workers(jobs, scenes, train_cfg, workers, bar)
+    summary = summarize(runs)
+    make_figure(out / "figure.png", runs, scenes)
+    wall_s = time.perf_counter() - start
+    config = {"data": asdict(data_cfg), "train": asdict(train_cfg), "variants": list(variants),
+              "seeds": list(seeds), "device": str(device), "workers": workers}
+    doc = write_json(out / "results.json", config, runs, summary, wall_s, device)
+    print(format_table(summary))
+    threads = "1 thread each" if workers > 1 else f"{torch.get_num_threads()} threads"
+    print(f"\n{len(runs)} runs in {wall_s:.1f} s on {device} ({workers} worker(s), {threads}); "
+          f"wrote {out / 'results.json'} and {out / 'figure.png'}")
+    return doc
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    preset = QUICK if args.quick else DEFAULT
+    train_cfg = preset.train
+    if args.steps is not None:
+        train_cfg = replace(train_cfg, steps=args.steps, eval_every=min(train_cfg.eval_every, args.steps))
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    seeds = list(range(args.seeds if args.seeds is not None else preset.seeds))
+    if device.type != "cpu":
+        if args.workers not in (None, 1):
+            print("error: --workers applies to --device cpu only", file=sys.stderr)
+            return 2
+        workers = 1
+    else:
+        workers = args.workers or min(_usable_cores(), len(seeds) * len(args.variants))
+    run(preset.data, train_cfg, args.variants, seeds, device, args.out, progress=args.progress, workers=workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
