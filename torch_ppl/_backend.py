@@ -8,7 +8,6 @@ the kernels without a GPU).
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Callable, Optional
 

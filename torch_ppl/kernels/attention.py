@@ -44,10 +44,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import check_dtypes
+
 __all__ = ["prototype_attention", "prototype_side"]
-
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
-
 
 # ============================================================================ Triton kernels
 @triton.jit
@@ -557,15 +556,6 @@ def prototype_side(
     return kt, c, vt
 
 
-def _check_dtypes(**tensors: Optional[Tensor]) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in _SUPPORTED:
-            raise TypeError(
-                f"prototype_attention (triton): {name} has dtype {t.dtype}; the Triton kernel takes "
-                f"float32, bfloat16 or float16. Use backend='reference' for {t.dtype}."
-            )
-
-
 def prototype_attention(
     x: Tensor,
     prototypes: Tensor,
@@ -597,7 +587,7 @@ def prototype_attention(
     Raises:
         TypeError: a float64 (or other unsupported) floating input.
     """
-    _check_dtypes(x=x, prototypes=prototypes, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight,
+    check_dtypes("prototype_attention", x=x, prototypes=prototypes, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight,
                   k_bias=k_bias, v_weight=v_weight, v_bias=v_bias, out_weight=out_weight,
                   out_bias=out_bias, gamma=gamma)
     if protos_per_class < 1 or prototypes.shape[0] % protos_per_class:

@@ -38,6 +38,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import reference
+from . import check_dtypes
 
 __all__ = ["contrastive_loss"]
 
@@ -441,12 +442,7 @@ def contrastive_loss(
         TypeError: float64 ``x`` or ``prototypes`` (use ``backend="reference"``).
         ValueError: unknown ``positives`` or ``similarity``.
     """
-    for name, t in (("x", x), ("prototypes", prototypes)):
-        if t.dtype not in _DOT_DTYPES:
-            raise TypeError(
-                f"contrastive_loss: the triton backend takes float32, bfloat16 or float16 {name}; got "
-                f"{t.dtype}. Use backend='reference' for float64."
-            )
+    check_dtypes("contrastive_loss", x=x, prototypes=prototypes)
     if positives not in ("all", "nearest"):
         raise ValueError(f"contrastive_loss: unknown positives {positives!r}; expected 'all' or 'nearest'")
     if similarity not in ("cosine", "dot"):

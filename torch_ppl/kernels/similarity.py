@@ -38,10 +38,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import check_dtypes
+
 EPS = 1e-12  # as F.normalize and torch_ppl.reference
 
 _POOL_CODE = {"max": 0, "logsumexp": 1, "mean": 2}
-_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ============================================================================ Triton kernels
@@ -375,15 +376,6 @@ class _Config:
         self.upcast = x_dtype != torch.float32 and not on_gpu
 
 
-def _check_dtypes(**tensors: Optional[Tensor]) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.dtype not in _SUPPORTED:
-            raise TypeError(
-                f"prototype_logits (triton): {name} has dtype {t.dtype}; the fused kernel takes "
-                f"float32, bfloat16 or float16. Use backend='reference' for {t.dtype}."
-            )
-
-
 # ============================================================================ custom ops
 @torch.library.custom_op("torch_ppl::prototype_logits_fwd", mutates_args=())
 def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cosine: bool,
@@ -546,7 +538,7 @@ def prototype_logits(
     if pooling not in _POOL_CODE:
         raise ValueError(f"prototype_logits: unknown pooling {pooling!r}")
     scale_t = scale if isinstance(scale, Tensor) else None
-    _check_dtypes(x=x, prototypes=prototypes, bias=bias, scale=scale_t)
+    check_dtypes("prototype_logits", x=x, prototypes=prototypes, bias=bias, scale=scale_t)
     with torch.autocast(x.device.type, enabled=False):
         w = prototypes.to(torch.float32)
         # P x C, tiny: plain PyTorch, so autograd carries dŴ back through the normalisation.
