@@ -24,7 +24,6 @@ pytestmark = requires_triton
 
 import torch_ppl  # noqa: E402
 import torch_ppl.functional as PF  # noqa: E402
-from torch_ppl import reference  # noqa: E402
 
 IGNORE = 255
 PARAM_NAMES = ("q_weight", "k_weight", "v_weight", "out_weight", "q_bias", "k_bias", "v_bias", "out_bias", "gamma")
