@@ -5,7 +5,7 @@ Trains every variant (``supervised``, ``pseudo_label``, ``prototypes``, ``push``
 ``results.json`` and ``figure.png`` under ``--out``. See ``docs/demo.md``.
 
     python -m torch_ppl.demo --quick            # every variant, one seed, well under a minute on 2 CPU cores
-    python -m torch_ppl.demo                    # every variant, 3 seeds, about 9 minutes on 2 CPU cores
+    python -m torch_ppl.demo                    # every variant, 3 seeds, 1500 steps: about 11 minutes on 2 CPU cores
     python -m torch_ppl.demo --device cuda --variants pseudo_label,ppl --seeds 5 --steps 2000
 """
 from __future__ import annotations
