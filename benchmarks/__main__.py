@@ -18,11 +18,16 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-# Without a GPU, Triton kernels (ours and Liger's) can only run on the CPU interpreter, and
-# the switch must be set before any kernel is decorated, i.e. before they are imported.
-if not torch.cuda.is_available():
+if sys.argv[1:2] == ["compile"]:
+    # `compile` compiles for a real GPU: kernels must be decorated for the compiler, not the
+    # interpreter.
+    os.environ.pop("TRITON_INTERPRET", None)
+elif not torch.cuda.is_available():
+    # Without a GPU, Triton kernels (ours and Liger's) can only run on the CPU interpreter, and
+    # the switch must be set before any kernel is decorated, i.e. before they are imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from . import compile as compile_gate  # noqa: E402
 from . import plots, providers, roofline, runner, shapes  # noqa: E402
 
 
@@ -132,7 +137,13 @@ def main(argv=None) -> int:
                       help="where the PNGs go; default: next to the file, in a folder named after it")
     plot.add_argument("--pass", dest="passes", nargs="+", default=list(roofline.PASSES), choices=roofline.PASSES)
 
+    comp = sub.add_parser("compile", help="compile every kernel for a GPU target without a GPU; "
+                          "write PTX, cubin and a table of registers, spills, tensor cores, loads, atomics")
+    compile_gate.add_arguments(comp)
+
     args = parser.parse_args(argv)
+    if args.command == "compile":
+        return compile_gate.run(args)
     if args.command == "plot":
         _report(args.results, args.out_dir, args.passes)
         return 0

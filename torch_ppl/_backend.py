@@ -48,6 +48,12 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Set by torch_ppl.kernels._common.compile_for: the launchers tile for a named GPU and CPU
+# tensors are accepted for backend="triton", because a stand-in Triton driver compiles each
+# kernel for that GPU and launches nothing (python -m benchmarks compile).
+COMPILE_TARGET = None
+
+
 def check_backend(backend: object, name: str = "backend") -> str:
     if not isinstance(backend, str):
         raise TypeError(f"{name} must be a str, one of {BACKENDS}; got {type(backend).__name__}")
@@ -78,7 +84,7 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
         if not triton_available():
             raise RuntimeError(f"{where}backend='triton' needs the triton package, which does not import here")
         devices = {t.device.type for t in tensors if t is not None}
-        if devices - {"cuda"} and not interpret_mode():
+        if devices - {"cuda"} and not interpret_mode() and COMPILE_TARGET is None:
             raise ValueError(
                 f"{where}backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
                 f"on the CPU interpreter); got tensors on {sorted(devices)}. Use backend='reference' on CPU."

@@ -17,13 +17,13 @@ Only ``x`` has ``N`` rows; everything derived from the prototypes is tiny. With 
 gradients back to ``q/k/v/out`` weights, biases and the prototypes. The Triton kernels stream
 tiles of pixels against them; no ``N x h*P`` and no ``N x h*d`` tensor ever exists:
 
-* ``_attn_fwd_kernel`` (one program per ``BLOCK_N`` pixels): for each head an online softmax
+* ``_attention_fwd_kernel`` (one program per ``BLOCK_N`` pixels): for each head an online softmax
   over tiles of ``BLOCK_P`` prototypes (running max, rescaled sum and accumulator), then the
   residual. It saves only the per-pixel, per-head log-sum-exp ``lse`` (``N x h`` float32).
-* ``_attn_bwd_dx_kernel`` (one program per ``BLOCK_N`` pixels): recomputes ``a`` from ``lse``
+* ``_attention_bwd_dx_kernel`` (one program per ``BLOCK_N`` pixels): recomputes ``a`` from ``lse``
   and yields ``dx``, the per-pixel per-head ``delta = sum_p a * da`` needed by the next kernel,
   and per-tile partial sums for ``dgamma`` and ``d(out_bias)``.
-* ``_attn_bwd_dproto_kernel`` (one program per (head, prototype tile, pixel split)): loops over
+* ``_attention_bwd_dproto_kernel`` (one program per (head, prototype tile, pixel split)): loops over
   the pixel tiles of its split, recomputes ``a`` and ``ds``, and accumulates ``dKt``, ``dc``,
   ``dVt`` on chip. Splits are combined by a fixed-order sum of per-split partials when
   ``torch.are_deterministic_algorithms_enabled()``, by ``tl.atomic_add`` otherwise.
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_dtypes
+from ._common import as_blc, check_dtypes, num_sms, on_gpu
 
 __all__ = ["prototype_attention", "prototype_side"]
 
@@ -86,7 +86,7 @@ def _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def _attention_fwd_kernel(
     x_ptr, kt_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
     N, L, C, P, M, H,
     sx_b, sx_l, sx_c, so_b, so_l, so_c,
@@ -145,7 +145,7 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_dx_kernel(
+def _attention_bwd_dx_kernel(
     x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr,
     dx_ptr, delta_ptr, gread_ptr, gsum_ptr,
     N, L, C, P, M, H,
@@ -221,7 +221,7 @@ def _attn_bwd_dx_kernel(
 
 
 @triton.jit
-def _attn_bwd_dproto_kernel(
+def _attention_bwd_dproto_kernel(
     x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr, delta_ptr,
     dkt_ptr, dc_ptr, dvt_ptr,
     N, L, C, P, M, H, TILES_PER_HEAD, NUM_N_TILES, SPLITS,
@@ -290,14 +290,6 @@ def _attn_bwd_dproto_kernel(
 
 
 # ============================================================================ launch helpers
-def _as_blc(x: Tensor) -> Tensor:
-    """``(..., C)`` rows as a ``(B, L, C)`` tensor, a view whenever the strides allow it (both
-    the channels-last view of a contiguous NCHW tensor and a channels_last tensor do)."""
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.flatten(1, -2)
-
-
 def _blocks(device: torch.device, num_protos: int, channels: int) -> Tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_P, BLOCK_C)``, each at least 16 (``tl.dot``'s minimum). The whole
     channel axis of a tile stays on chip (``BLOCK_C = next_power_of_2(C)``). On the CPU
@@ -306,7 +298,7 @@ def _blocks(device: torch.device, num_protos: int, channels: int) -> Tuple[int, 
     tiles shrink as ``C`` grows to bound the on-chip ``BLOCK_P x BLOCK_C`` float32 tiles and
     accumulators; this choice has NOT been tuned or validated on hardware yet."""
     block_c = max(16, triton.next_power_of_2(channels))
-    if device.type != "cuda":
+    if not on_gpu(device):
         return 16, 16, block_c
     if block_c <= 128:
         block_n, block_p = 64, 64
@@ -336,14 +328,14 @@ def _launch_options(device: torch.device, num_stages: int) -> dict:
     every kernel compiled for sm_90 (Triton 3.9, ahead of time, bf16/fp16/fp32 features, the
     block sizes of ``_blocks``) needs at most 160 KiB, within an H100's (and an A100's) limit;
     Triton's default of 3 stages asked for up to 264 KiB (backward, fp16)."""
-    return {"num_stages": num_stages} if device.type == "cuda" else {}
+    return {"num_stages": num_stages} if on_gpu(device) else {}
 
 
 def _num_splits(device: torch.device, num_p_programs: int, num_n_tiles: int) -> int:
     """Pixel splits of the prototype-gradient kernel: enough programs to fill the GPU."""
-    if device.type != "cuda":
+    if not on_gpu(device):
         return min(2, num_n_tiles)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = num_sms(device)
     return max(1, min(num_n_tiles, triton.cdiv(2 * sms, num_p_programs)))
 
 
@@ -371,7 +363,7 @@ def _attention_fwd(
         return out, lse
     block_n, block_p, block_c = _blocks(x.device, num_protos, channels)
     dummy = kt
-    _attn_fwd_kernel[(triton.cdiv(n, block_n),)](
+    _attention_fwd_kernel[(triton.cdiv(n, block_n),)](
         x, kt, c if c is not None else dummy, vt,
         out_bias if out_bias is not None else dummy, gamma if gamma is not None else dummy,
         exclude if exclude is not None else dummy, out, lse,
@@ -429,7 +421,7 @@ def _attention_bwd(
     c_arg = c if c is not None else dummy
     gamma_arg = gamma if gamma is not None else dummy
     lab_arg = exclude if exclude is not None else dummy
-    _attn_bwd_dx_kernel[(num_n_tiles,)](
+    _attention_bwd_dx_kernel[(num_n_tiles,)](
         x, grad, kt, c_arg, vt, gamma_arg, lab_arg, lse,
         dx if need_dx else dummy, delta, gread if need_gread else dummy, gsum if need_gsum else dummy,
         n, length, channels, num_protos, protos_per_class, num_heads,
@@ -453,7 +445,7 @@ def _attention_bwd(
         dkt = torch.zeros((rows_hp, channels), **f32)
         dvt = torch.zeros((rows_hp, channels), **f32)
         dc = torch.zeros((rows_hp,), **f32)
-    _attn_bwd_dproto_kernel[(num_p_programs, splits)](
+    _attention_bwd_dproto_kernel[(num_p_programs, splits)](
         x, grad, kt, c_arg, vt, gamma_arg, lab_arg, lse, delta, dkt, dc, dvt,
         n, length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
         *x.stride(), *grad.stride(),
@@ -595,7 +587,7 @@ def prototype_attention(
                          f"and divide P={prototypes.shape[0]}")
     kt, c, vt = prototype_side(prototypes, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
                                out_weight, num_heads)
-    x3 = _as_blc(x)
+    x3 = as_blc(x)
     if exclude is not None:
         exclude = exclude.reshape(-1).to(torch.int64)
     out, _ = torch.ops.torch_ppl.prototype_attention_fwd(

@@ -28,7 +28,6 @@ PyTorch outside the op, so autograd carries ``dW_hat`` back through it.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
@@ -37,16 +36,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
-from . import check_dtypes
+from ._common import EPS, as_blc, check_dtypes, dot_operand, next_pow2, num_sms, on_gpu, upcast_dot
 
 __all__ = ["contrastive_loss"]
 
-EPS = reference.EPS  # as F.normalize
 # Running maxima start here instead of at -inf: exp(NEG - NEG) = 1 keeps a tile with no
 # positive prototype NaN-free, while masked entries (-inf) still contribute exp(-inf) = 0.
 # Any finite z is far above it (cosine: |z| <= 1 / tau).
-NEG = -1.0e30
+NEG = tl.constexpr(-1.0e30)  # a constexpr: a plain float global fails the GPU compiler
 
 # Tests set this to force small tiles so that every multi-tile path runs on tiny shapes.
 _FORCE_BLOCKS = None  # Optional[Tuple[int, int, int]]: (BLOCK_N, BLOCK_P, BLOCK_C)
@@ -56,21 +53,9 @@ _DETERMINISTIC_PROGRAMS = {"cuda": 128, "cpu": 4}
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _operand(t, DOT_DTYPE: tl.constexpr, EMULATE_DOT: tl.constexpr):
-    """A GEMM operand rounded to ``DOT_DTYPE``. Triton's CPU interpreter multiplies bfloat16
-    operands as raw uint16 bits, so under it (``EMULATE_DOT``) the rounded operand goes back to
-    fp32: products of 16-bit values are exact in fp32, so this is the GPU's 16-bit-in,
-    fp32-accumulate GEMM up to summation order."""
-    t = t.to(DOT_DTYPE)
-    if EMULATE_DOT:
-        t = t.to(tl.float32)
-    return t
-
-
-@triton.jit
 def _z_tile(
     x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-    COSINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    COSINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One ``(BLOCK_N, BLOCK_P)`` tile of ``z = s / tau`` and the rows' ``1 / max(||x||, eps)``.
@@ -92,7 +77,7 @@ def _z_tile(
         if COSINE:
             xf = x.to(tl.float32)
             sumsq += tl.sum(xf * xf, axis=1)
-        acc = tl.dot(_operand(x, DOT_DTYPE, EMULATE_DOT), tl.trans(_operand(w, DOT_DTYPE, EMULATE_DOT)), acc,
+        acc = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(dot_operand(w, DOT_DTYPE, UPCAST_DOT)), acc,
                      input_precision=INPUT_PRECISION)
     if COSINE:
         norm = tl.sqrt(sumsq)
@@ -112,7 +97,7 @@ def _contrastive_fwd_kernel(
     L, C, P, M, ignore_index, inv_tau, eps,
     stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    EMULATE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_lblocks = tl.cdiv(L, BLOCK_N)
@@ -135,7 +120,7 @@ def _contrastive_fwd_kernel(
         p_in = offs_p < P
         z, acc, rnorm, clamped = _z_tile(
             x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-            COSINE, DOT_DTYPE, INPUT_PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
+            COSINE, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
         # online logsumexp over all prototypes (masked columns are -inf: exp(-inf) = 0)
         m_new = tl.maximum(m_all, tl.max(z, axis=1))
         l_all = l_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -177,7 +162,7 @@ def _contrastive_bwd_kernel(
     stride_gb, stride_gl, stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     stride_dxb, stride_dxl, stride_dxc, stride_dwg,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -219,7 +204,7 @@ def _contrastive_bwd_kernel(
             p_in = offs_p < P
             z, acc, rnorm, clamped = _z_tile(
                 x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-                COSINE, DOT_DTYPE, INPUT_PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
+                COSINE, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
             prob = tl.exp(z - lse[:, None])  # softmax over all P (masked columns: exp(-inf) = 0)
             if NEAREST:
                 q = tl.where(offs_p[None, :] == best[:, None], 1.0, 0.0)
@@ -244,7 +229,7 @@ def _contrastive_bwd_kernel(
                             mask=valid[:, None] & c_in[None, :], other=0.0)
                 if COMPUTE_DX:
                     # this tile's share of dx: row_scale * (dz @ W_hat) - proj * x
-                    dx_tile = tl.dot(_operand(dz, DOT_DTYPE, EMULATE_DOT), _operand(w, DOT_DTYPE, EMULATE_DOT),
+                    dx_tile = tl.dot(dot_operand(dz, DOT_DTYPE, UPCAST_DOT), dot_operand(w, DOT_DTYPE, UPCAST_DOT),
                                      input_precision=INPUT_PRECISION)
                     dx_tile = dx_tile * row_scale[:, None]
                     if COSINE:
@@ -256,8 +241,8 @@ def _contrastive_bwd_kernel(
                     tl.store(dx_ptrs, tl.load(dx_ptrs, mask=dx_mask, other=0.0) + dx_tile, mask=dx_mask)
                 if COMPUTE_DW:
                     # dW_hat[p, c] += sum_n dz[n, p] * (row_scale[n] * x[n, c])
-                    xs = _operand(x.to(tl.float32) * row_scale[:, None], DW_DOT_DTYPE, EMULATE_DOT)
-                    dw_tile = tl.dot(tl.trans(_operand(dz, DW_DOT_DTYPE, EMULATE_DOT)), xs,
+                    xs = dot_operand(x.to(tl.float32) * row_scale[:, None], DW_DOT_DTYPE, UPCAST_DOT)
+                    dw_tile = tl.dot(tl.trans(dot_operand(dz, DW_DOT_DTYPE, UPCAST_DOT)), xs,
                                      input_precision=INPUT_PRECISION)
                     dw_mask = p_in[:, None] & c_in[None, :]
                     dw_off = offs_p[:, None].to(tl.int64) * C + offs_c[None, :].to(tl.int64)
@@ -281,14 +266,10 @@ def _dot_dtypes(x_dtype: torch.dtype):
     return dot, dw_dot
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _blocks(device: torch.device, L: int, P: int, C: int) -> Tuple[int, int, int]:
     if _FORCE_BLOCKS is not None:
         return _FORCE_BLOCKS
-    if device.type == "cuda":
+    if on_gpu(device):
         cap_n, cap_p, cap_c = 64, 64, 64
     else:  # the interpreter: few, large tiles (each tile op is one numpy call)
         cap_n, cap_p, cap_c = 128, 128, 128
@@ -329,7 +310,7 @@ def contrastive_loss_fwd(
         x.stride(0), x.stride(1), x.stride(2), w_hat.stride(0), w_hat.stride(1),
         target.stride(0), target.stride(1),
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
-        EMULATE_DOT=_interpreting(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
+        UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
     )
     return loss, lse, pos, best
 
@@ -365,7 +346,7 @@ def contrastive_loss_bwd(
         w_hat.stride(0), w_hat.stride(1), target.stride(0), target.stride(1),
         dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2), P * C,
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, DW_DOT_DTYPE=dw_dot, INPUT_PRECISION="ieee",
-        EMULATE_DOT=_interpreting(), COMPUTE_DX=needs_dx, COMPUTE_DW=needs_dw, DETERMINISTIC=deterministic and needs_dw,
+        UPCAST_DOT=upcast_dot(), COMPUTE_DX=needs_dx, COMPUTE_DW=needs_dw, DETERMINISTIC=deterministic and needs_dw,
         BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
     )
     if deterministic and needs_dw:
@@ -408,16 +389,6 @@ torch.library.register_autograd("torch_ppl::contrastive_loss_fwd", _backward, se
 
 
 # ----------------------------------------------------------------------------- public function
-def _as_blc(x: Tensor) -> Tensor:
-    """``(..., C)`` rows as a ``(B, L, C)`` view where possible: ``(B, H, W, C)`` flattens its
-    pixel axes without a copy for both NCHW-moved and channels_last features."""
-    if x.dim() == 1:
-        return x.reshape(1, 1, -1)
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.flatten(1, -2)
-
-
 def contrastive_loss(
     x: Tensor,
     prototypes: Tensor,
@@ -453,7 +424,7 @@ def contrastive_loss(
         # The P x C prototype side in plain torch: autograd takes dW_hat back through it.
         w = prototypes.reshape(K * M, C).float()
         w_hat = F.normalize(w, p=2.0, dim=-1, eps=EPS) if cosine else w
-        x3 = _as_blc(x)
+        x3 = as_blc(x)
         loss, _, _, _ = torch.ops.torch_ppl.contrastive_loss_fwd(
             x3, w_hat, target.reshape(x3.shape[:2]), M, 1.0 / float(temperature), cosine,
             positives == "nearest", int(ignore_index),

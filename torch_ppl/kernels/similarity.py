@@ -29,7 +29,6 @@ Host side: ``torch.library.custom_op`` ops ``torch_ppl::prototype_logits_fwd`` a
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -38,9 +37,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_dtypes
+from ._common import EPS, check_dtypes, num_sms, on_gpu, upcast_dot
 
-EPS = 1e-12  # as F.normalize and torch_ppl.reference
 
 _POOL_CODE = {"max": 0, "logsumexp": 1, "mean": 2}
 
@@ -108,7 +106,7 @@ def _similarity(x, w, inv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M
 
 
 @triton.jit
-def _fwd_kernel(
+def _logits_fwd_kernel(
     X, WD, SCALE, BIAS, OUT, ARGMAX,
     L, WIDTH, C, K, M,
     stride_xb, stride_xh, stride_xw, stride_xc,
@@ -195,7 +193,7 @@ def _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
 
 
 @triton.jit
-def _bwd_dx_kernel(
+def _logits_bwd_dx_kernel(
     X, W, WD, SCALE, G, ARGMAX, DX, DSCALE,
     L, WIDTH, C, K, M,
     stride_xb, stride_xh, stride_xw, stride_xc,
@@ -250,7 +248,7 @@ def _bwd_dx_kernel(
 
 
 @triton.jit
-def _bwd_dw_kernel(
+def _logits_bwd_dw_kernel(
     X, WD, SCALE, G, ARGMAX, DW,
     B, L, WIDTH, C, K, M,
     stride_xb, stride_xh, stride_xw, stride_xc,
@@ -325,11 +323,6 @@ def _argmax_dtype(m: int) -> torch.dtype:
     return torch.int8 if m <= 127 else (torch.int16 if m <= 32767 else torch.int32)
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 class _Config:
     """Block sizes. On the CPU interpreter small tiles keep the (numpy) work and the number of
     launched programs modest. On the GPU the tiles are sized so that a row block (all ``C``
@@ -342,14 +335,14 @@ class _Config:
     def __init__(self, device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype):
         self.block_c = max(16, triton.next_power_of_2(c))
         self.block_m = triton.next_power_of_2(m)
-        on_gpu = device.type == "cuda"
+        gpu = on_gpu(device)
         # class tile of BLOCK_K * BLOCK_M >= 16 columns (tl.dot needs >= 16)
-        target_p = 64 if on_gpu else 16
+        target_p = 64 if gpu else 16
         target_p = max(target_p, self.block_m)
         self.block_k = max(1, min(triton.next_power_of_2(k), target_p // self.block_m))
         while self.block_k * self.block_m < 16:
             self.block_k *= 2
-        if on_gpu:
+        if gpu:
             self.block_n = 64 if self.block_c <= 256 else (32 if self.block_c <= 512 else 16)
             self.num_warps = 4 if self.block_c <= 256 else 8
             self.num_stages = 2
@@ -373,7 +366,7 @@ class _Config:
         # gradient GEMMs run on fp32 operands (ds can be far below fp16's range): TF32 for
         # low-precision inputs, exact fp32 when the inputs are fp32.
         self.grad_precision = "ieee" if x_dtype == torch.float32 else "tf32"
-        self.upcast = x_dtype != torch.float32 and not on_gpu
+        self.upcast = x_dtype != torch.float32 and upcast_dot()
 
 
 # ============================================================================ custom ops
@@ -394,7 +387,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
         return out, winners
     cfg = _Config(x.device, c, k, m, x.dtype)
     grid = (nb * triton.cdiv(nl, cfg.block_n),)
-    _fwd_kernel[grid](
+    _logits_fwd_kernel[grid](
         x4, w_hat.to(x.dtype), scale, bias if bias is not None else scale, out4, winners if pool == 0 else scale,
         nl, nw, c, k, m,
         *x4.stride(), *out4.stride(),
@@ -446,7 +439,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
 
     if need_dx or need_dscale:
         partial = torch.empty((n_blocks if need_dscale else 1,), dtype=torch.float32, device=x.device)
-        _bwd_dx_kernel[(n_blocks,)](
+        _logits_bwd_dx_kernel[(n_blocks,)](
             x4, w_hat, w_dot, scale, g4, winners, dx4, partial,
             nl, nw, c, k, m,
             *x4.stride(), *g4.stride(), *dx4.stride(),
@@ -458,13 +451,13 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
 
     if need_dw:
         tiles = triton.cdiv(k, cfg.bwd_block_k)
-        if x.device.type == "cuda":
-            splits = max(1, min(n_blocks, triton.cdiv(4 * _num_sms(x.device.index or 0), tiles)))
+        if on_gpu(x.device):
+            splits = max(1, min(n_blocks, triton.cdiv(4 * num_sms(x.device), tiles)))
         else:
             splits = min(n_blocks, 2)
         deterministic = torch.are_deterministic_algorithms_enabled()
         target = w_hat.new_empty((splits, k, m, c)) if deterministic else dw
-        _bwd_dw_kernel[(tiles, splits)](
+        _logits_bwd_dw_kernel[(tiles, splits)](
             x4, w_dot, scale, g4, winners, target,
             nb, nl, nw, c, k, m,
             *x4.stride(), *g4.stride(),
