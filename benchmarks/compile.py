@@ -237,8 +237,10 @@ def sass_counts(cubin: Path) -> Dict[str, object]:
             parts = o.split(".")
             width = next((p for p in parts[1:] if p in ("64", "128", "U8", "S8", "U16", "S16")), "32")
             loads[{"U8": "8", "S8": "8", "U16": "16", "S16": "16"}.get(width, width)] += 1
-    atomics = count["ATOMG"] + count["RED"] + count["ATOM"]
-    fences = count["MEMBAR"] + count["FENCE"]
+    atomics = count["ATOMG"] + count["REDG"] + count["RED"] + count["ATOM"]
+    # a fence that orders global memory (MEMBAR.*.GPU / .SYS); MEMBAR.*.CTA only orders shared
+    # memory within the block, around the pipeline's barriers
+    fences = sum(1 for o in ops if o.startswith("MEMBAR") and (".GPU" in o or ".SYS" in o))
     return dict(
         stl=count["STL"], ldl=count["LDL"], hgmma=count["HGMMA"], hmma=count["HMMA"],
         ldg=dict(sorted(loads.items(), key=lambda kv: int(kv[0]))), tma=count["UTMALDG"],
@@ -250,8 +252,8 @@ def ptx_counts(ptx: str) -> Dict[str, int]:
     return dict(
         wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
         mma_sync=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
-        atom_relaxed=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.[^\s]*relaxed", ptx, re.M)),
-        atom_acq_rel=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.[^\s]*acq_rel", ptx, re.M)),
+        atom_relaxed=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global\S*\.relaxed", ptx, re.M)),
+        atom_acq_rel=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global\S*\.acq_rel", ptx, re.M)),
     )
 
 
@@ -302,9 +304,9 @@ def _tensor_cores(row) -> str:
 def _atomics(row) -> str:
     if not row["atomics"]:
         return "-"
-    fenced = "fenced" if row["fences"] else "unfenced"
     sem = "relaxed" if row["atom_relaxed"] and not row["atom_acq_rel"] else ("acq_rel" if row["atom_acq_rel"] else "?")
-    return f"{row['atomics']} ({sem}, {fenced}: {row['fences']} MEMBAR)"
+    fenced = f"fenced, {row['fences']} MEMBAR.GPU" if row["fences"] else "unfenced"
+    return f"{row['atomics']} {sem}, {fenced}"
 
 
 def markdown(rows: List[Dict[str, object]], title: str) -> str:

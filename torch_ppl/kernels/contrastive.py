@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, as_blc, check_dtypes, dot_operand, next_pow2, num_sms, on_gpu, upcast_dot
+from ._common import EPS, EPS_C, as_blc, check_dtypes, dot_operand, next_pow2, num_sms, on_gpu, upcast_dot
 
 __all__ = ["contrastive_loss"]
 
@@ -48,13 +48,14 @@ NEG = tl.constexpr(-1.0e30)  # a constexpr: a plain float global fails the GPU c
 # Tests set this to force small tiles so that every multi-tile path runs on tiny shapes.
 _FORCE_BLOCKS = None  # Optional[Tuple[int, int, int]]: (BLOCK_N, BLOCK_P, BLOCK_C)
 # Deterministic dW: at most this many programs (each owning a P x C fp32 partial) per launch.
-_DETERMINISTIC_PROGRAMS = {"cuda": 128, "cpu": 4}
+# Two per SM on a GPU (a persistent grid), a few on the interpreter.
+_DETERMINISTIC_PROGRAMS_PER_SM = 2
 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _z_tile(
-    x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
+    x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
     COSINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -81,8 +82,8 @@ def _z_tile(
                      input_precision=INPUT_PRECISION)
     if COSINE:
         norm = tl.sqrt(sumsq)
-        rnorm = 1.0 / tl.maximum(norm, eps)
-        clamped = norm <= eps
+        rnorm = 1.0 / tl.maximum(norm, EPS_C)
+        clamped = norm <= EPS_C
     else:
         rnorm = tl.full((BLOCK_N,), 1.0, tl.float32)
         clamped = tl.full((BLOCK_N,), 0, tl.int1)
@@ -94,7 +95,7 @@ def _z_tile(
 @triton.jit
 def _contrastive_fwd_kernel(
     x_ptr, w_ptr, y_ptr, loss_ptr, lse_ptr, pos_ptr, best_ptr,
-    L, C, P, M, ignore_index, inv_tau, eps,
+    L, C, P, M, ignore_index, inv_tau,
     stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -119,7 +120,7 @@ def _contrastive_fwd_kernel(
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_in = offs_p < P
         z, acc, rnorm, clamped = _z_tile(
-            x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
+            x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
             COSINE, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
         # online logsumexp over all prototypes (masked columns are -inf: exp(-inf) = 0)
         m_new = tl.maximum(m_all, tl.max(z, axis=1))
@@ -158,11 +159,11 @@ def _contrastive_fwd_kernel(
 @triton.jit
 def _contrastive_bwd_kernel(
     g_ptr, x_ptr, w_ptr, y_ptr, lse_ptr, pos_ptr, best_ptr, dx_ptr, dw_ptr,
-    B, L, C, P, M, ignore_index, inv_tau, eps,
+    B, L, C, P, M, ignore_index, inv_tau,
     stride_gb, stride_gl, stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     stride_dxb, stride_dxl, stride_dxc, stride_dwg,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -203,7 +204,7 @@ def _contrastive_bwd_kernel(
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_in = offs_p < P
             z, acc, rnorm, clamped = _z_tile(
-                x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
+                x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
                 COSINE, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
             prob = tl.exp(z - lse[:, None])  # softmax over all P (masked columns: exp(-inf) = 0)
             if NEAREST:
@@ -227,7 +228,7 @@ def _contrastive_bwd_kernel(
                             mask=p_in[:, None] & c_in[None, :], other=0.0)
                 x = tl.load(x_rows[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
                             mask=valid[:, None] & c_in[None, :], other=0.0)
-                if COMPUTE_DX:
+                if NEED_DX:
                     # this tile's share of dx: row_scale * (dz @ W_hat) - proj * x
                     dx_tile = tl.dot(dot_operand(dz, DOT_DTYPE, UPCAST_DOT), dot_operand(w, DOT_DTYPE, UPCAST_DOT),
                                      input_precision=INPUT_PRECISION)
@@ -239,7 +240,7 @@ def _contrastive_bwd_kernel(
                     dx_mask = row_in[:, None] & c_in[None, :]
                     # this program owns these rows: a plain read-modify-write, no atomics
                     tl.store(dx_ptrs, tl.load(dx_ptrs, mask=dx_mask, other=0.0) + dx_tile, mask=dx_mask)
-                if COMPUTE_DW:
+                if NEED_DW:
                     # dW_hat[p, c] += sum_n dz[n, p] * (row_scale[n] * x[n, c])
                     xs = dot_operand(x.to(tl.float32) * row_scale[:, None], DW_DOT_DTYPE, UPCAST_DOT)
                     dw_tile = tl.dot(tl.trans(dot_operand(dz, DW_DOT_DTYPE, UPCAST_DOT)), xs,
@@ -250,7 +251,8 @@ def _contrastive_bwd_kernel(
                         dw_ptrs = dw_ptr + pid.to(tl.int64) * stride_dwg + dw_off
                         tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw_tile, mask=dw_mask)
                     else:
-                        tl.atomic_add(dw_ptr + dw_off, dw_tile, mask=dw_mask)
+                        # relaxed: only the sum matters, not its order against other memory
+                        tl.atomic_add(dw_ptr + dw_off, dw_tile, mask=dw_mask, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- host side
@@ -273,14 +275,14 @@ def _blocks(device: torch.device, L: int, P: int, C: int) -> Tuple[int, int, int
         cap_n, cap_p, cap_c = 64, 64, 64
     else:  # the interpreter: few, large tiles (each tile op is one numpy call)
         cap_n, cap_p, cap_c = 128, 128, 128
-    block_n = max(16, min(cap_n, triton.next_power_of_2(max(L, 1))))
-    block_p = max(16, min(cap_p, triton.next_power_of_2(P)))
-    block_c = max(16, min(cap_c, triton.next_power_of_2(C)))
+    block_n = min(cap_n, next_pow2(L))
+    block_p = min(cap_p, next_pow2(P))
+    block_c = min(cap_c, next_pow2(C))
     return block_n, block_p, block_c
 
 
 @torch.library.custom_op("torch_ppl::contrastive_loss_fwd", mutates_args=())
-def contrastive_loss_fwd(
+def _fwd_op(
     x: Tensor, w_hat: Tensor, target: Tensor, num_per_class: int, inv_temperature: float,
     cosine: bool, nearest: bool, ignore_index: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -306,7 +308,7 @@ def contrastive_loss_fwd(
     grid = (B * triton.cdiv(L, block_n),)
     _contrastive_fwd_kernel[grid](
         x, w_hat, target, loss, lse, pos, best,
-        L, C, P, num_per_class, ignore_index, inv_temperature, EPS,
+        L, C, P, num_per_class, ignore_index, inv_temperature,
         x.stride(0), x.stride(1), x.stride(2), w_hat.stride(0), w_hat.stride(1),
         target.stride(0), target.stride(1),
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
@@ -316,10 +318,10 @@ def contrastive_loss_fwd(
 
 
 @torch.library.custom_op("torch_ppl::contrastive_loss_bwd", mutates_args=())
-def contrastive_loss_bwd(
+def _bwd_op(
     grad: Tensor, x: Tensor, w_hat: Tensor, target: Tensor, lse: Tensor, pos: Tensor, best: Tensor,
     num_per_class: int, inv_temperature: float, cosine: bool, nearest: bool, ignore_index: int,
-    deterministic: bool, needs_dx: bool, needs_dw: bool,
+    deterministic: bool, need_dx: bool, need_dw: bool,
 ) -> Tuple[Tensor, Tensor]:
     """``(dx, dw_hat)``: ``dx`` like ``x`` (its dtype and strides), ``dw_hat`` ``(P, C)`` float32.
     A gradient that is not needed comes back as zeros without being computed."""
@@ -328,41 +330,41 @@ def contrastive_loss_bwd(
     # fp32 features: accumulate straight into dx. 16-bit: an fp32 accumulator, cast at the end.
     dx_acc = torch.zeros_like(x, dtype=torch.float32)
     dw = torch.zeros((P, C), device=x.device, dtype=torch.float32)
-    if B * L == 0 or not (needs_dx or needs_dw):
+    if B * L == 0 or not (need_dx or need_dw):
         return dx_acc.to(x.dtype), dw
     block_n, block_p, block_c = _blocks(x.device, L, P, C)
     dot, dw_dot = _dot_dtypes(x.dtype)
     num_tiles = B * triton.cdiv(L, block_n)
-    if deterministic and needs_dw:
-        programs = min(num_tiles, _DETERMINISTIC_PROGRAMS.get(x.device.type, 128))
+    if deterministic and need_dw:
+        programs = min(num_tiles, _DETERMINISTIC_PROGRAMS_PER_SM * num_sms(x.device))
         dw_out = torch.zeros((programs, P, C), device=x.device, dtype=torch.float32)
     else:
         programs = num_tiles
         dw_out = dw
     _contrastive_bwd_kernel[(programs,)](
         grad, x, w_hat, target, lse, pos, best, dx_acc, dw_out,
-        B, L, C, P, num_per_class, ignore_index, inv_temperature, EPS,
+        B, L, C, P, num_per_class, ignore_index, inv_temperature,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
         w_hat.stride(0), w_hat.stride(1), target.stride(0), target.stride(1),
         dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2), P * C,
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, DW_DOT_DTYPE=dw_dot, INPUT_PRECISION="ieee",
-        UPCAST_DOT=upcast_dot(), COMPUTE_DX=needs_dx, COMPUTE_DW=needs_dw, DETERMINISTIC=deterministic and needs_dw,
+        UPCAST_DOT=upcast_dot(), NEED_DX=need_dx, NEED_DW=need_dw, DETERMINISTIC=deterministic and need_dw,
         BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
     )
-    if deterministic and needs_dw:
+    if deterministic and need_dw:
         dw = dw_out.sum(0)  # partials added in a fixed order
     return dx_acc.to(x.dtype), dw
 
 
-@contrastive_loss_fwd.register_fake
-def _(x, w_hat, target, num_per_class, inv_temperature, cosine, nearest, ignore_index):
+@_fwd_op.register_fake
+def _fwd_fake(x, w_hat, target, num_per_class, inv_temperature, cosine, nearest, ignore_index):
     loss = x.new_empty(x.shape[:2], dtype=torch.float32)
     return loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss, dtype=torch.int32)
 
 
-@contrastive_loss_bwd.register_fake
-def _(grad, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
-      ignore_index, deterministic, needs_dx, needs_dw):
+@_bwd_op.register_fake
+def _bwd_fake(grad, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
+      ignore_index, deterministic, need_dx, need_dw):
     return torch.empty_like(x), w_hat.new_empty(w_hat.shape, dtype=torch.float32)
 
 
@@ -377,15 +379,15 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss, *_stat_grads):
     x, w_hat, target, lse, pos, best = ctx.saved_tensors
     num_per_class, inv_temperature, cosine, nearest, ignore_index = ctx.options
-    needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw = torch.ops.torch_ppl.contrastive_loss_bwd(
         grad_loss, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
-        ignore_index, torch.are_deterministic_algorithms_enabled(), needs_dx, needs_dw,
+        ignore_index, torch.are_deterministic_algorithms_enabled(), need_dx, need_dw,
     )
-    return (dx if needs_dx else None, dw if needs_dw else None, None, None, None, None, None, None)
+    return (dx if need_dx else None, dw if need_dw else None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("torch_ppl::contrastive_loss_fwd", _backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public function
