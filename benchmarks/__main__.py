@@ -18,7 +18,7 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-if sys.argv[1:2] == ["compile"]:
+if sys.argv[1:2] in (["compile"], ["compile-docs"]):
     # `compile` compiles for a real GPU: kernels must be decorated for the compiler, not the
     # interpreter.
     os.environ.pop("TRITON_INTERPRET", None)
@@ -140,10 +140,15 @@ def main(argv=None) -> int:
     comp = sub.add_parser("compile", help="compile every kernel for a GPU target without a GPU; "
                           "write PTX, cubin and a table of registers, spills, tensor cores, loads, atomics")
     compile_gate.add_arguments(comp)
+    docs = sub.add_parser("compile-docs", help="regenerate docs/kernels.md: the compile tables at voc and ade, "
+                          "bf16, NCHW and NHWC, for sm_90")
+    docs.add_argument("--path", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "kernels.md")
 
     args = parser.parse_args(argv)
     if args.command == "compile":
         return compile_gate.run(args)
+    if args.command == "compile-docs":
+        return compile_gate.write_docs(args.path)
     if args.command == "plot":
         _report(args.results, args.out_dir, args.passes)
         return 0

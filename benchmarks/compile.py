@@ -352,6 +352,77 @@ def run(args) -> int:
     return 1 if errors else 0
 
 
+DOC_INTRO = """\
+# What the kernels compile to
+
+**No kernel of this library has run on a GPU yet.** Every kernel is tested for correctness on
+the CPU through Triton's interpreter, and compiled, as below, for real GPUs without one. Until a
+GPU run is published in [benchmarks](benchmarks.md), these tables are the whole truth about the
+GPU path: what the compiler makes of each kernel, not how fast it runs.
+
+The tables are generated, not written: `python -m benchmarks compile-docs` rewrites this page.
+It runs a forward and a backward of each op through its real launchers (the tile and grid choice
+for the GPU, Triton's argument specialisation, the strides of the real layouts) on CPU tensors
+of the shape, with a stand-in Triton driver that compiles for sm_90 (H100) with Triton's own
+`ptxas` and launches nothing. One table per shape and feature layout; bf16 features, fp32
+prototypes; the default, non-deterministic mode. To see one configuration, with the PTX and
+cubin of every kernel:
+
+```bash
+python -m benchmarks compile --target sm_90 --shape ade --dtype bf16 --layout nhwc --out compile-out
+```
+
+CI runs that command for sm_90 and sm_80, NCHW and NHWC, at the voc shape with the newest
+Triton and with Triton 3.8.0, and fails on any compile error.
+
+## The kernels
+
+| kernel | role |
+| --- | --- |
+{roles}
+
+## Reading the columns
+
+- **grid**: programs launched at that shape (an H100 has 132 SMs).
+- **regs**, **stack B**: registers per thread and local memory per thread (`cuobjdump
+  -res-usage`); a non-zero stack means registers spilled. **STL/LDL**: spill stores and loads
+  in the SASS.
+- **shared B**: the shared memory the launch asks for.
+- **tensor cores**: Hopper `wgmma` (SASS `HGMMA`) and `mma.sync` (`HMMA`) instructions. An fp32
+  GEMM (`input_precision="ieee"` or `tf32`) lowers to `mma.sync`; 16-bit operands lower to
+  `wgmma` on sm_90.
+- **global loads**: `LDG` instructions by width. 16-bit loads of the features mean one element
+  per thread: coalesced along pixels for NCHW (the pixel stride is specialised to 1), but not
+  vectorised, because the pixel count of these shapes is odd and the loads are masked.
+- **atomics**: `ATOMG`/`REDG` instructions, their memory order in the PTX, and the
+  `MEMBAR.*.GPU` fences around them. Relaxed atomics compile without fences.
+
+"""
+
+
+def write_docs(path: Path, shapes=("voc", "ade"), layouts=LAYOUTS, target: str = "sm_90") -> int:
+    """Regenerate ``docs/kernels.md``: the tables for ``shapes`` x ``layouts`` at bf16."""
+    import tempfile
+
+    import triton
+
+    roles = "\n".join(f"| `{k}` | {v} |" for k, v in ROLES.items())
+    parts = [DOC_INTRO.replace("{roles}", roles)]
+    failed = 0
+    for shape in shapes:
+        parts.append(f"## {shape}\n")
+        for layout in layouts:
+            launches = compile_ops(target, shape, "bf16", layout)
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = analyse(launches, Path(tmp))
+            failed += sum("error" in r for r in rows)
+            title = f"{shape}, bf16 features ({layout.upper()}), {target}, triton {triton.__version__}"
+            parts.append(markdown(rows, title))
+    path.write_text("\n".join(parts))
+    print(f"wrote {path}" + (f"; {failed} kernels failed to compile" if failed else ""))
+    return 1 if failed else 0
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="sm_90", choices=tuple(TARGETS), help="GPU to compile for (default: %(default)s)")
     p.add_argument("--shape", default="voc", choices=("voc", "cityscapes", "ade", "voc-fullres"),
