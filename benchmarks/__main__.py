@@ -1,11 +1,16 @@
-"""Command line: ``python -m benchmarks {gpu,run,plot} ...`` from the repository root.
+"""Command line: ``python -m benchmarks {gpu,run,plot,compile,compile-docs} ...`` from the
+repository root.
 
-``python -m benchmarks gpu`` is the one command for a GPU session: every op, provider and
-pass at the headline shapes, the loss and head at the M=1 dot-product shapes (where Liger and
-CCE compete), then the N and P sweeps (fwd+bwd, without torch.compile), appended to
-``benchmarks/results/<device>.jsonl`` (+ ``.csv``) within a time budget (default 480 s, under
-a 10-minute command limit), then the plots into ``benchmarks/results/<device>/``. Rerun it
-until it prints ``complete``; it skips what is already measured.
+``python -m benchmarks gpu`` measures everything on a CUDA GPU: every op, provider and pass at
+the headline shapes, the loss and head at the M=1 dot-product shapes (where Liger and CCE
+compete), then the N and P sweeps (fwd+bwd, without torch.compile). Results are appended to
+``benchmarks/results/<device>.jsonl`` (+ ``.csv``) and plotted into
+``benchmarks/results/<device>/``. It stops cleanly after ``--time-budget`` seconds (default
+480); rerun the same command until it prints ``complete``: it skips what is already measured.
+
+``python -m benchmarks compile`` needs no GPU: it compiles every kernel for sm_90 or sm_80
+through the real launchers and tabulates what the compiler made (registers, spills, tensor
+cores, loads, atomics); ``compile-docs`` regenerates docs/kernels.md from it.
 """
 from __future__ import annotations
 
@@ -93,7 +98,7 @@ class Step(NamedTuple):
 
 
 # What `gpu` measures, in this order, when --shapes and --passes are not given:
-# 1. every op, provider and pass at the headline shapes (SPEC §6; they matter most);
+# 1. every op, provider and pass at the headline shapes (they matter most);
 # 2. at the M = 1 dot-product shapes the ops that M and the similarity change: the loss (where
 #    Liger and CCE compete) and the head (the 1x1-conv replacement);
 # 3. the sweeps over N and P, forward+backward only and without torch.compile, whose fresh

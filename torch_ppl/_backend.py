@@ -18,15 +18,6 @@ from . import reference
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "TORCH_PPL_BACKEND"
 
-# op name -> (module under torch_ppl.kernels, function name); the reference function has the
-# op's name in torch_ppl.reference and the same signature.
-_KERNELS = {
-    "prototype_logits": ("similarity", "prototype_logits"),
-    "contrastive_loss": ("contrastive", "contrastive_loss"),
-    "prototype_attention": ("attention", "prototype_attention"),
-}
-
-
 _TRITON_IMPORTS: Optional[bool] = None  # found out on first use, then a constant of the process
 
 
@@ -93,30 +84,18 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The function computing ``op`` for a resolved backend."""
+    """The function computing ``op`` (``prototype_logits``, ``contrastive_loss`` or
+    ``prototype_attention``) for a resolved backend; both have the same signature."""
     if backend == "reference":
         return getattr(reference, op)
-    module_name, fn_name = _KERNELS[op]
-    name = f"torch_ppl.kernels.{module_name}"
-    try:
-        module = _import_kernel_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-        raise NotImplementedError(f"{op}: no Triton kernel for this op yet; use backend='reference'") from None
-    return getattr(module, fn_name)
-
-
-def _import_kernel_module(module_name: str):
-    # Static import statements, not importlib.import_module: torch.compile traces an import
-    # statement but graph-breaks on importlib (fullgraph=True would fail on the functional API).
-    if module_name == "similarity":
-        import torch_ppl.kernels.similarity as module
-    elif module_name == "contrastive":
-        import torch_ppl.kernels.contrastive as module
-    elif module_name == "attention":
-        import torch_ppl.kernels.attention as module
+    # Plain import statements, not importlib or sys.modules: torch.compile traces an import
+    # statement, while the other two made fullgraph=True fail on the functional API.
+    if op == "prototype_logits":
+        from .kernels import similarity as module
+    elif op == "contrastive_loss":
+        from .kernels import contrastive as module
+    elif op == "prototype_attention":
+        from .kernels import attention as module
     else:
-        name = f"torch_ppl.kernels.{module_name}"
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    return module
+        raise ValueError(f"unknown op {op!r}")
+    return getattr(module, op)

@@ -1,4 +1,4 @@
-"""Fused feature-to-prototype attention (the pull, SPEC §2) on the *fast form*.
+"""Fused feature-to-prototype attention (the pull, docs/math.md) on the *fast form*.
 
 Only ``x`` has ``N`` rows; everything derived from the prototypes is tiny. With ``h`` heads of
 ``d`` channels, ``W_q = q_weight.view(h, d, C)``, ``W_o = out_weight.view(C, h, d)``::

@@ -134,7 +134,7 @@ def _logits_fwd_kernel(
         if POOL == 0:
             # max over m, the first maximal index on ties (tl.argmax breaks ties to the left).
             # NaN ranks above everything, as in torch.argmax, so a NaN feature makes a NaN
-            # logit (SPEC §5) whatever the hardware max does with NaN.
+            # logit whatever the hardware max does with NaN (non-finite features never give a finite loss).
             key = tl.where(m_ok, tl.where(s != s, float("inf"), s), float("-inf"))
             winner = tl.argmax(key, axis=2)
             pooled = tl.sum(tl.where(m_idx[None, None, :] == winner[:, :, None], s, 0.0), axis=2)
