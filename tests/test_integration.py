@@ -84,7 +84,7 @@ def test_compile_inductor_matches_eager():
             loss = step(p, h, xx)
         else:
             # fullgraph: the reference path must trace without a graph break (the value checks
-            # are skipped while compiling; the shape checks run at trace time). For the test's
+            # are a custom op in the graph; the shape checks run at trace time). For the test's
             # time budget: one compile thread (no worker pool to start for a handful of small
             # kernels) and inductor's scalar C++ code instead of its vectorised code, which
             # measured about half the compile CPU time here; tracing, the AOT backward and
