@@ -171,8 +171,11 @@ def same_batch(fn: str, **tensors: Optional[Tensor]) -> None:
     The message names the argument(s) that differ from the others, or all of them when no
     size has a majority."""
     sizes = {name: t.shape[0] for name, t in tensors.items() if isinstance(t, Tensor) and t.dim() > 0}
-    if len(set(sizes.values())) <= 1:
+    values = list(sizes.values())
+    # Compared with ==, not hashed: under torch.export the sizes may be symbolic.
+    if all(v == values[0] for v in values):
         return
+    sizes = {name: int(v) for name, v in sizes.items()}
     counts = {size: list(sizes.values()).count(size) for size in set(sizes.values())}
     majority = [size for size, n in counts.items() if 2 * n > len(sizes)]
 
