@@ -17,7 +17,6 @@ import importlib.util
 import io
 import os
 import pickle
-import re
 import socket
 import subprocess
 import sys
