@@ -1,4 +1,4 @@
-"""The torch_ppl benchmark suite (SPEC §6); run it as ``python -m benchmarks --help``.
+"""The torch_ppl benchmark suite; run it as ``python -m benchmarks --help``.
 
 Modules: :mod:`.shapes` (problem sizes), :mod:`.providers` (the implementations compared),
 :mod:`.timing` (CUDA-event timing and peak memory), :mod:`.roofline` (bytes/FLOPs models

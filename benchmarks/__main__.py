@@ -1,11 +1,16 @@
-"""Command line: ``python -m benchmarks {gpu,run,plot} ...`` from the repository root.
+"""Command line: ``python -m benchmarks {gpu,run,plot,compile,compile-docs} ...`` from the
+repository root.
 
-``python -m benchmarks gpu`` is the one command for a GPU session: every op, provider and
-pass at the headline shapes, the loss and head at the M=1 dot-product shapes (where Liger and
-CCE compete), then the N and P sweeps (fwd+bwd, without torch.compile), appended to
-``benchmarks/results/<device>.jsonl`` (+ ``.csv``) within a time budget (default 480 s, under
-a 10-minute command limit), then the plots into ``benchmarks/results/<device>/``. Rerun it
-until it prints ``complete``; it skips what is already measured.
+``python -m benchmarks gpu`` measures everything on a CUDA GPU: every op, provider and pass at
+the headline shapes, the loss and head at the M=1 dot-product shapes (where Liger and CCE
+compete), then the N and P sweeps (fwd+bwd, without torch.compile). Results are appended to
+``benchmarks/results/<device>.jsonl`` (+ ``.csv``) and plotted into
+``benchmarks/results/<device>/``. It stops cleanly after ``--time-budget`` seconds (default
+480); rerun the same command until it prints ``complete``: it skips what is already measured.
+
+``python -m benchmarks compile`` needs no GPU: it compiles every kernel for sm_90 or sm_80
+through the real launchers and tabulates what the compiler made (registers, spills, tensor
+cores, loads, atomics); ``compile-docs`` regenerates docs/kernels.md from it.
 """
 from __future__ import annotations
 
@@ -18,11 +23,16 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
-# Without a GPU, Triton kernels (ours and Liger's) can only run on the CPU interpreter, and
-# the switch must be set before any kernel is decorated, i.e. before they are imported.
-if not torch.cuda.is_available():
+if sys.argv[1:2] in (["compile"], ["compile-docs"]):
+    # `compile` compiles for a real GPU: kernels must be decorated for the compiler, not the
+    # interpreter.
+    os.environ.pop("TRITON_INTERPRET", None)
+elif not torch.cuda.is_available():
+    # Without a GPU, Triton kernels (ours and Liger's) can only run on the CPU interpreter, and
+    # the switch must be set before any kernel is decorated, i.e. before they are imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from . import compile as compile_gate  # noqa: E402
 from . import plots, providers, roofline, runner, shapes  # noqa: E402
 
 
@@ -88,7 +98,7 @@ class Step(NamedTuple):
 
 
 # What `gpu` measures, in this order, when --shapes and --passes are not given:
-# 1. every op, provider and pass at the headline shapes (SPEC §6; they matter most);
+# 1. every op, provider and pass at the headline shapes (they matter most);
 # 2. at the M = 1 dot-product shapes the ops that M and the similarity change: the loss (where
 #    Liger and CCE compete) and the head (the 1x1-conv replacement);
 # 3. the sweeps over N and P, forward+backward only and without torch.compile, whose fresh
@@ -132,7 +142,18 @@ def main(argv=None) -> int:
                       help="where the PNGs go; default: next to the file, in a folder named after it")
     plot.add_argument("--pass", dest="passes", nargs="+", default=list(roofline.PASSES), choices=roofline.PASSES)
 
+    comp = sub.add_parser("compile", help="compile every kernel for a GPU target without a GPU; "
+                          "write PTX, cubin and a table of registers, spills, tensor cores, loads, atomics")
+    compile_gate.add_arguments(comp)
+    docs = sub.add_parser("compile-docs", help="regenerate docs/kernels.md: the compile tables at voc and ade, "
+                          "bf16, NCHW and NHWC, for sm_90")
+    docs.add_argument("--path", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "kernels.md")
+
     args = parser.parse_args(argv)
+    if args.command == "compile":
+        return compile_gate.run(args)
+    if args.command == "compile-docs":
+        return compile_gate.write_docs(args.path)
     if args.command == "plot":
         _report(args.results, args.out_dir, args.passes)
         return 0

@@ -36,7 +36,7 @@ from .shapes import Shape
 PROVIDERS = ("triton", "reference", "compile", "sdpa", "liger", "cce")
 IGNORE_INDEX = 255
 IGNORE_FRAC = 0.2  # fraction of ignored pixels in the targets, as in the tests
-SCALE = 10.0  # head logit scale (SPEC default)
+SCALE = 10.0  # head logit scale (the default of MultiPrototypeClassifier)
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Bytes and FLOPs models of each op, the devices' peak numbers, and the roofline fraction.
 
-The models count the *minimal* work of the op as the fused kernels do it (SPEC §4): every
+The models count the *minimal* work of the op as the fused kernels do it (docs/math.md): every
 ``N``-sized tensor crosses HBM once per pass, nothing ``N x P`` is stored, the backward
 recomputes the similarities. Every provider is charged the same model, so achieved GB/s,
 TFLOP/s and the roofline fraction are *effective* rates that compare providers fairly (a
@@ -49,7 +49,7 @@ def _contrastive(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
 
 
 def _attention(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
-    """Attention in the fast form (SPEC §2): per pixel two GEMMs against ``h P`` rows of width
+    """Attention in the fast form (docs/math.md): per pixel two GEMMs against ``h P`` rows of width
     ``C`` (``4 N h P C``), plus the prototype side (``k``, ``v`` projections and the folded
     ``K~``, ``V~``: ``8 P C h d``). The backward is 2.5x the per-pixel forward, as in flash
     attention (recompute scores, ``dA = dO V~^T``, ``dx``, ``dK~``, ``dV~``), and twice the

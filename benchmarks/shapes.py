@@ -1,8 +1,8 @@
-"""The problem sizes: SPEC §6's headline shapes, sweeps over N (pixels) and P (prototypes),
+"""The problem sizes: the headline shapes (docs/benchmarks.md), sweeps over N (pixels) and P (prototypes),
 the M = 1 dot-product variants that outside fused cross-entropy kernels can run, and tiny
 shapes for the CPU smoke test.
 
-Every shape carries bf16 features and fp32 prototypes (SPEC §6).
+Every shape carries bf16 features and fp32 prototypes.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _short(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}[dtype]
 
 
-# SPEC §6: name, B, H, W, C, K, M.
+# name, B, H, W, C, K, M
 _HEADLINE: Tuple[Tuple[str, int, int, int, int, int, int], ...] = (
     ("voc", 16, 129, 129, 256, 21, 10),
     ("cityscapes", 8, 201, 201, 256, 19, 10),

@@ -24,6 +24,7 @@ from torch_ppl import reference
 pytestmark = requires_triton
 if HAS_TRITON:
     from torch_ppl.kernels import contrastive as kc
+    from torch_ppl.kernels._common import as_blc
 
 IGNORE = 255
 # fp32: the kernel sums in a different order (tiles) and scales by 1/||x|| * 1/tau instead of
@@ -311,7 +312,7 @@ def test_strided_features_are_not_copied(memory_format):
     """The kernel takes the (B, L, C) strides: NCHW (channel stride H*W) and channels_last
     features reach it as views, and dx comes back in the features' own layout."""
     x = torch.randn(2, 6, 3, 5, device=DEVICE).contiguous(memory_format=memory_format)
-    rows = kc._as_blc(x.movedim(1, -1))
+    rows = as_blc(x.movedim(1, -1))
     assert rows.data_ptr() == x.data_ptr() and rows.shape == (2, 15, 6)
     xr = x.detach().requires_grad_()
     loss = PF.contrastive_loss(xr, random_labels((2, 3, 5), 2), torch.randn(2, 2, 6, device=DEVICE),

@@ -18,15 +18,6 @@ from . import reference
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "TORCH_PPL_BACKEND"
 
-# op name -> (module under torch_ppl.kernels, function name); the reference function has the
-# op's name in torch_ppl.reference and the same signature.
-_KERNELS = {
-    "prototype_logits": ("similarity", "prototype_logits"),
-    "contrastive_loss": ("contrastive", "contrastive_loss"),
-    "prototype_attention": ("attention", "prototype_attention"),
-}
-
-
 _TRITON_IMPORTS: Optional[bool] = None  # found out on first use, then a constant of the process
 
 
@@ -46,6 +37,12 @@ def triton_available() -> bool:
 def interpret_mode() -> bool:
     """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Set by torch_ppl.kernels._common.compile_for: the launchers tile for a named GPU and CPU
+# tensors are accepted for backend="triton", because a stand-in Triton driver compiles each
+# kernel for that GPU and launches nothing (python -m benchmarks compile).
+COMPILE_TARGET = None
 
 
 def check_backend(backend: object, name: str = "backend") -> str:
@@ -78,7 +75,7 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
         if not triton_available():
             raise RuntimeError(f"{where}backend='triton' needs the triton package, which does not import here")
         devices = {t.device.type for t in tensors if t is not None}
-        if devices - {"cuda"} and not interpret_mode():
+        if devices - {"cuda"} and not interpret_mode() and COMPILE_TARGET is None:
             raise ValueError(
                 f"{where}backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
                 f"on the CPU interpreter); got tensors on {sorted(devices)}. Use backend='reference' on CPU."
@@ -87,30 +84,18 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The function computing ``op`` for a resolved backend."""
+    """The function computing ``op`` (``prototype_logits``, ``contrastive_loss`` or
+    ``prototype_attention``) for a resolved backend; both have the same signature."""
     if backend == "reference":
         return getattr(reference, op)
-    module_name, fn_name = _KERNELS[op]
-    name = f"torch_ppl.kernels.{module_name}"
-    try:
-        module = _import_kernel_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != name:
-            raise
-        raise NotImplementedError(f"{op}: no Triton kernel for this op yet; use backend='reference'") from None
-    return getattr(module, fn_name)
-
-
-def _import_kernel_module(module_name: str):
-    # Static import statements, not importlib.import_module: torch.compile traces an import
-    # statement but graph-breaks on importlib (fullgraph=True would fail on the functional API).
-    if module_name == "similarity":
-        import torch_ppl.kernels.similarity as module
-    elif module_name == "contrastive":
-        import torch_ppl.kernels.contrastive as module
-    elif module_name == "attention":
-        import torch_ppl.kernels.attention as module
+    # Plain import statements, not importlib or sys.modules: torch.compile traces an import
+    # statement, while the other two made fullgraph=True fail on the functional API.
+    if op == "prototype_logits":
+        from .kernels import similarity as module
+    elif op == "contrastive_loss":
+        from .kernels import contrastive as module
+    elif op == "prototype_attention":
+        from .kernels import attention as module
     else:
-        name = f"torch_ppl.kernels.{module_name}"
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    return module
+        raise ValueError(f"unknown op {op!r}")
+    return getattr(module, op)

@@ -1,4 +1,4 @@
-"""Fused feature-to-prototype attention (the pull, SPEC §2) on the *fast form*.
+"""Fused feature-to-prototype attention (the pull, docs/math.md) on the *fast form*.
 
 Only ``x`` has ``N`` rows; everything derived from the prototypes is tiny. With ``h`` heads of
 ``d`` channels, ``W_q = q_weight.view(h, d, C)``, ``W_o = out_weight.view(C, h, d)``::
@@ -17,13 +17,13 @@ Only ``x`` has ``N`` rows; everything derived from the prototypes is tiny. With 
 gradients back to ``q/k/v/out`` weights, biases and the prototypes. The Triton kernels stream
 tiles of pixels against them; no ``N x h*P`` and no ``N x h*d`` tensor ever exists:
 
-* ``_attn_fwd_kernel`` (one program per ``BLOCK_N`` pixels): for each head an online softmax
+* ``_attention_fwd_kernel`` (one program per ``BLOCK_N`` pixels): for each head an online softmax
   over tiles of ``BLOCK_P`` prototypes (running max, rescaled sum and accumulator), then the
   residual. It saves only the per-pixel, per-head log-sum-exp ``lse`` (``N x h`` float32).
-* ``_attn_bwd_dx_kernel`` (one program per ``BLOCK_N`` pixels): recomputes ``a`` from ``lse``
+* ``_attention_bwd_dx_kernel`` (one program per ``BLOCK_N`` pixels): recomputes ``a`` from ``lse``
   and yields ``dx``, the per-pixel per-head ``delta = sum_p a * da`` needed by the next kernel,
   and per-tile partial sums for ``dgamma`` and ``d(out_bias)``.
-* ``_attn_bwd_dproto_kernel`` (one program per (head, prototype tile, pixel split)): loops over
+* ``_attention_bwd_dproto_kernel`` (one program per (head, prototype tile, pixel split)): loops over
   the pixel tiles of its split, recomputes ``a`` and ``ds``, and accumulates ``dKt``, ``dc``,
   ``dVt`` on chip. Splits are combined by a fixed-order sum of per-split partials when
   ``torch.are_deterministic_algorithms_enabled()``, by ``tl.atomic_add`` otherwise.
@@ -44,24 +44,36 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_dtypes
+from ._common import as_blc, check_dtypes, num_sms, on_gpu
 
 __all__ = ["prototype_attention", "prototype_side"]
 
 # ============================================================================ Triton kernels
 @triton.jit
-def _row_offsets(offs_n, offs_c, L, stride_b, stride_l, stride_c):
-    """Element offsets of rows ``n = b * L + l`` of a ``(B, L, C)`` strided tensor, 64-bit
-    (``N * C`` may pass 2**31)."""
-    n64 = offs_n.to(tl.int64)
-    row = (n64 // L) * stride_b + (n64 % L) * stride_l
+def _tile_rows(tile, L, BLOCK_N: tl.constexpr):
+    """Pixel tile ``tile`` of ``B * cdiv(L, BLOCK_N)``: its image ``b``, its pixels ``offs_l``
+    in that image, which of them exist, and their flat indices ``n = b * L + l`` (int64) into
+    the dense per-pixel arrays (labels, ``lse``, ``delta``). A tile never straddles two images,
+    so the pixel stride, specialised to 1 for NCHW, stays visible to the compiler."""
+    tiles_per_image = tl.cdiv(L, BLOCK_N)
+    b = (tile // tiles_per_image).to(tl.int64)
+    offs_l = (tile % tiles_per_image) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_l < L
+    return b, offs_l, mask_n, b * L + offs_l.to(tl.int64)
+
+
+@triton.jit
+def _row_offsets(b, offs_l, offs_c, stride_b, stride_l, stride_c):
+    """Element offsets of pixels ``offs_l`` of image ``b`` in a ``(B, L, C)`` strided tensor,
+    64-bit (``N * C`` may pass 2**31)."""
+    row = b * stride_b + offs_l.to(tl.int64) * stride_l
     return row[:, None] + offs_c[None, :].to(tl.int64) * stride_c
 
 
 @triton.jit
-def _load_rows(ptr, offs_n, offs_c, L, C, stride_b, stride_l, stride_c, mask_n):
+def _load_rows(ptr, b, offs_l, offs_c, C, stride_b, stride_l, stride_c, mask_n):
     """A ``(BLOCK_N, BLOCK_C)`` tile of a ``(B, L, C)`` strided tensor in float32, zero outside."""
-    ptrs = ptr + _row_offsets(offs_n, offs_c, L, stride_b, stride_l, stride_c)
+    ptrs = ptr + _row_offsets(b, offs_l, offs_c, stride_b, stride_l, stride_c)
     mask = mask_n[:, None] & (offs_c[None, :] < C)
     return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
 
@@ -86,24 +98,23 @@ def _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
 
 
 @triton.jit
-def _attn_fwd_kernel(
+def _attention_fwd_kernel(
     x_ptr, kt_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
-    N, L, C, P, M, H,
+    L, C, P, M, H,
     sx_b, sx_l, sx_c, so_b, so_l, so_c,
     HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
     offs_pt = tl.arange(0, BLOCK_P)
-    mask_n = offs_n < N
     mask_c = offs_c < C
 
-    x = _load_rows(x_ptr, offs_n, offs_c, L, C, sx_b, sx_l, sx_c, mask_n)
+    x = _load_rows(x_ptr, b, offs_l, offs_c, C, sx_b, sx_l, sx_c, mask_n)
     lab = tl.full((BLOCK_N,), -1, tl.int64)
     if HAS_EXCLUDE:
-        lab = tl.load(lab_ptr + offs_n.to(tl.int64), mask=mask_n, other=-1)
+        lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
 
     o = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for head in range(H):
@@ -133,22 +144,22 @@ def _attn_fwd_kernel(
         # the backward's exp(s - lse) exactly 0 for it
         o += tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
-        tl.store(lse_ptr + offs_n.to(tl.int64) * H + head, lse, mask=mask_n)
+        tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n)
 
     if HAS_BO:
         o += tl.load(bo_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     if HAS_GAMMA:
         o = o * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     out = x + o
-    out_offs = _row_offsets(offs_n, offs_c, L, so_b, so_l, so_c)
+    out_offs = _row_offsets(b, offs_l, offs_c, so_b, so_l, so_c)
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
 
 
 @triton.jit
-def _attn_bwd_dx_kernel(
+def _attention_bwd_dx_kernel(
     x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr,
     dx_ptr, delta_ptr, gread_ptr, gsum_ptr,
-    N, L, C, P, M, H,
+    L, C, P, M, H,
     sx_b, sx_l, sx_c, sg_b, sg_l, sg_c, sd_b, sd_l, sd_c,
     HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_GREAD: tl.constexpr, NEED_GSUM: tl.constexpr,
@@ -166,15 +177,13 @@ def _attn_bwd_dx_kernel(
     #                  read[n] = sum_i sum_p a[n,i,p] Vt[i,p]        (partials per tile: gread, gsum)
     #   d(b_o)       = gamma * sum_n g[n]
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
     offs_c = tl.arange(0, BLOCK_C)
     offs_pt = tl.arange(0, BLOCK_P)
-    mask_n = offs_n < N
     mask_c = offs_c < C
-    n64 = offs_n.to(tl.int64)
 
-    x = _load_rows(x_ptr, offs_n, offs_c, L, C, sx_b, sx_l, sx_c, mask_n)
-    g = _load_rows(g_ptr, offs_n, offs_c, L, C, sg_b, sg_l, sg_c, mask_n)
+    x = _load_rows(x_ptr, b, offs_l, offs_c, C, sx_b, sx_l, sx_c, mask_n)
+    g = _load_rows(g_ptr, b, offs_l, offs_c, C, sg_b, sg_l, sg_c, mask_n)
     do = g
     if HAS_GAMMA:
         do = g * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -211,7 +220,7 @@ def _attn_bwd_dx_kernel(
 
     mask = mask_n[:, None] & mask_c[None, :]
     if NEED_DX:
-        dx_offs = _row_offsets(offs_n, offs_c, L, sd_b, sd_l, sd_c)
+        dx_offs = _row_offsets(b, offs_l, offs_c, sd_b, sd_l, sd_c)
         tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     # per-tile partials over pixels (rows past N were loaded as 0), summed in fixed order by the host
     if NEED_GREAD:
@@ -221,10 +230,10 @@ def _attn_bwd_dx_kernel(
 
 
 @triton.jit
-def _attn_bwd_dproto_kernel(
+def _attention_bwd_dproto_kernel(
     x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr, delta_ptr,
     dkt_ptr, dc_ptr, dvt_ptr,
-    N, L, C, P, M, H, TILES_PER_HEAD, NUM_N_TILES, SPLITS,
+    L, C, P, M, H, TILES_PER_HEAD, NUM_N_TILES, SPLITS,
     sx_b, sx_l, sx_c, sg_b, sg_l, sg_c,
     HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
@@ -253,11 +262,9 @@ def _attn_bwd_dproto_kernel(
     dvt = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     dc = tl.zeros((BLOCK_P,), tl.float32)
     for t in range(split, NUM_N_TILES, SPLITS):
-        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        n64 = offs_n.to(tl.int64)
-        x = _load_rows(x_ptr, offs_n, offs_c, L, C, sx_b, sx_l, sx_c, mask_n)
-        do = _load_rows(g_ptr, offs_n, offs_c, L, C, sg_b, sg_l, sg_c, mask_n) * gamma[None, :]
+        b, offs_l, mask_n, n64 = _tile_rows(t, L, BLOCK_N)
+        x = _load_rows(x_ptr, b, offs_l, offs_c, C, sx_b, sx_l, sx_c, mask_n)
+        do = _load_rows(g_ptr, b, offs_l, offs_c, C, sg_b, sg_l, sg_c, mask_n) * gamma[None, :]
         lab = tl.full((BLOCK_N,), -1, tl.int64)
         if HAS_EXCLUDE:
             lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
@@ -283,21 +290,13 @@ def _attn_bwd_dproto_kernel(
         if HAS_C:
             tl.store(dc_ptr + split.to(tl.int64) * H * P + rows, dc, mask=mask_p)
     else:
-        tl.atomic_add(dkt_ptr + offs, dkt, mask=mask)
-        tl.atomic_add(dvt_ptr + offs, dvt, mask=mask)
+        tl.atomic_add(dkt_ptr + offs, dkt, mask=mask, sem="relaxed")  # only the sums matter
+        tl.atomic_add(dvt_ptr + offs, dvt, mask=mask, sem="relaxed")
         if HAS_C:
-            tl.atomic_add(dc_ptr + rows, dc, mask=mask_p)
+            tl.atomic_add(dc_ptr + rows, dc, mask=mask_p, sem="relaxed")
 
 
 # ============================================================================ launch helpers
-def _as_blc(x: Tensor) -> Tensor:
-    """``(..., C)`` rows as a ``(B, L, C)`` tensor, a view whenever the strides allow it (both
-    the channels-last view of a contiguous NCHW tensor and a channels_last tensor do)."""
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.flatten(1, -2)
-
-
 def _blocks(device: torch.device, num_protos: int, channels: int) -> Tuple[int, int, int]:
     """``(BLOCK_N, BLOCK_P, BLOCK_C)``, each at least 16 (``tl.dot``'s minimum). The whole
     channel axis of a tile stays on chip (``BLOCK_C = next_power_of_2(C)``). On the CPU
@@ -306,7 +305,7 @@ def _blocks(device: torch.device, num_protos: int, channels: int) -> Tuple[int, 
     tiles shrink as ``C`` grows to bound the on-chip ``BLOCK_P x BLOCK_C`` float32 tiles and
     accumulators; this choice has NOT been tuned or validated on hardware yet."""
     block_c = max(16, triton.next_power_of_2(channels))
-    if device.type != "cuda":
+    if not on_gpu(device):
         return 16, 16, block_c
     if block_c <= 128:
         block_n, block_p = 64, 64
@@ -332,18 +331,19 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _launch_options(device: torch.device, num_stages: int) -> dict:
-    """GPU launch options. Software-pipelining depth bounds shared memory: with these stages
-    every kernel compiled for sm_90 (Triton 3.9, ahead of time, bf16/fp16/fp32 features, the
-    block sizes of ``_blocks``) needs at most 160 KiB, within an H100's (and an A100's) limit;
-    Triton's default of 3 stages asked for up to 264 KiB (backward, fp16)."""
-    return {"num_stages": num_stages} if device.type == "cuda" else {}
+    """GPU launch options. Software-pipelining depth bounds shared memory (Triton's default of
+    3 stages asked for up to 264 KiB in the fp16 backward). Eight warps: with four, the
+    full-channel fp32 tiles spilled in every kernel at C = 256 (80 to 5600 bytes of stack per
+    thread on sm_90); with eight the forward does not spill at all. ``python -m benchmarks
+    compile`` shows what each choice compiles to."""
+    return {"num_stages": num_stages, "num_warps": 8} if on_gpu(device) else {}
 
 
 def _num_splits(device: torch.device, num_p_programs: int, num_n_tiles: int) -> int:
     """Pixel splits of the prototype-gradient kernel: enough programs to fill the GPU."""
-    if device.type != "cuda":
+    if not on_gpu(device):
         return min(2, num_n_tiles)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = num_sms(device)
     return max(1, min(num_n_tiles, triton.cdiv(2 * sms, num_p_programs)))
 
 
@@ -355,7 +355,7 @@ def _dense(*tensors: Optional[Tensor]):
 
 # ============================================================================ torch.library ops
 @torch.library.custom_op("torch_ppl::prototype_attention_fwd", mutates_args=())
-def _attention_fwd(
+def _fwd_op(
     x: Tensor, kt: Tensor, c: Optional[Tensor], vt: Tensor, out_bias: Optional[Tensor],
     gamma: Optional[Tensor], exclude: Optional[Tensor], num_heads: int, protos_per_class: int,
 ) -> Tuple[Tensor, Tensor]:
@@ -370,12 +370,9 @@ def _attention_fwd(
     if n == 0:
         return out, lse
     block_n, block_p, block_c = _blocks(x.device, num_protos, channels)
-    dummy = kt
-    _attn_fwd_kernel[(triton.cdiv(n, block_n),)](
-        x, kt, c if c is not None else dummy, vt,
-        out_bias if out_bias is not None else dummy, gamma if gamma is not None else dummy,
-        exclude if exclude is not None else dummy, out, lse,
-        n, length, channels, num_protos, protos_per_class, num_heads,
+    _attention_fwd_kernel[(batch * triton.cdiv(length, block_n),)](
+        x, kt, c, vt, out_bias, gamma, exclude, out, lse,
+        length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *out.stride(),
         HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
         HAS_EXCLUDE=exclude is not None,
@@ -385,14 +382,14 @@ def _attention_fwd(
     return out, lse
 
 
-@_attention_fwd.register_fake
-def _attention_fwd_fake(x, kt, c, vt, out_bias, gamma, exclude, num_heads, protos_per_class):
+@_fwd_op.register_fake
+def _fwd_fake(x, kt, c, vt, out_bias, gamma, exclude, num_heads, protos_per_class):
     n = x.shape[0] * x.shape[1]
     return torch.empty_like(x), x.new_empty((n, num_heads), dtype=torch.float32)
 
 
 @torch.library.custom_op("torch_ppl::prototype_attention_bwd", mutates_args=())
-def _attention_bwd(
+def _bwd_op(
     grad: Tensor, x: Tensor, kt: Tensor, c: Optional[Tensor], vt: Tensor, gamma: Optional[Tensor],
     exclude: Optional[Tensor], lse: Tensor, num_heads: int, protos_per_class: int,
     need_dx: bool, need_gread: bool, need_gsum: bool, need_dproto: bool, deterministic: bool,
@@ -408,7 +405,7 @@ def _attention_bwd(
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
     block_n, block_p, block_c = _blocks(dev, num_protos, channels)
-    num_n_tiles = triton.cdiv(n, block_n)
+    num_n_tiles = batch * triton.cdiv(length, block_n)  # tiles never straddle two images
     dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
 
     def empty() -> Tensor:  # a fresh one each time: outputs of a custom op may not alias
@@ -423,16 +420,12 @@ def _attention_bwd(
     delta = torch.empty((n, num_heads), **f32)
     gread = torch.empty((num_n_tiles, channels), **f32) if need_gread else empty()
     gsum = torch.empty((num_n_tiles, channels), **f32) if need_gsum else empty()
-    dummy = kt
     common = dict(HAS_C=c is not None, HAS_GAMMA=gamma is not None, HAS_EXCLUDE=exclude is not None,
                   BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype))
-    c_arg = c if c is not None else dummy
-    gamma_arg = gamma if gamma is not None else dummy
-    lab_arg = exclude if exclude is not None else dummy
-    _attn_bwd_dx_kernel[(num_n_tiles,)](
-        x, grad, kt, c_arg, vt, gamma_arg, lab_arg, lse,
-        dx if need_dx else dummy, delta, gread if need_gread else dummy, gsum if need_gsum else dummy,
-        n, length, channels, num_protos, protos_per_class, num_heads,
+    _attention_bwd_dx_kernel[(num_n_tiles,)](
+        x, grad, kt, c, vt, gamma, exclude, lse,
+        dx if need_dx else None, delta, gread if need_gread else None, gsum if need_gsum else None,
+        length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
         NEED_DX=need_dx, NEED_GREAD=need_gread, NEED_GSUM=need_gsum, **common,
         **_launch_options(dev, num_stages=1),
@@ -442,6 +435,13 @@ def _attention_bwd(
     if not need_dproto:
         return dx, empty(), empty(), empty(), gread, gsum
 
+    if on_gpu(dev) and block_c >= 256:
+        # The prototype-gradient program holds two BLOCK_P x C float32 accumulators besides its
+        # x and dout tiles: 16 x 16 tiles spill least at C = 256 and 512 (sm_90, 8 warps:
+        # 248 bytes of stack at voc, against 4 KB with 32 x 32; docs/kernels.md).
+        block_n, block_p = 16, 16
+        common.update(BLOCK_N=block_n, BLOCK_P=block_p)
+        num_n_tiles = batch * triton.cdiv(length, block_n)
     tiles_per_head = triton.cdiv(num_protos, block_p)
     num_p_programs = num_heads * tiles_per_head
     splits = _num_splits(dev, num_p_programs, num_n_tiles)
@@ -453,9 +453,9 @@ def _attention_bwd(
         dkt = torch.zeros((rows_hp, channels), **f32)
         dvt = torch.zeros((rows_hp, channels), **f32)
         dc = torch.zeros((rows_hp,), **f32)
-    _attn_bwd_dproto_kernel[(num_p_programs, splits)](
-        x, grad, kt, c_arg, vt, gamma_arg, lab_arg, lse, delta, dkt, dc, dvt,
-        n, length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
+    _attention_bwd_dproto_kernel[(num_p_programs, splits)](
+        x, grad, kt, c, vt, gamma, exclude, lse, delta, dkt, dc, dvt,
+        length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
         *x.stride(), *grad.stride(),
         DETERMINISTIC=deterministic, **common, **_launch_options(dev, num_stages=2),
     )
@@ -467,8 +467,8 @@ def _attention_bwd(
     return dx, dkt, dc, dvt, gread, gsum
 
 
-@_attention_bwd.register_fake
-def _attention_bwd_fake(grad, x, kt, c, vt, gamma, exclude, lse, num_heads, protos_per_class,
+@_bwd_op.register_fake
+def _bwd_fake(grad, x, kt, c, vt, gamma, exclude, lse, num_heads, protos_per_class,
                         need_dx, need_gread, need_gsum, need_dproto, deterministic):
     channels = x.shape[-1]
     f32 = dict(device=x.device, dtype=torch.float32)
@@ -486,7 +486,7 @@ def _attention_bwd_fake(grad, x, kt, c, vt, gamma, exclude, lse, num_heads, prot
     )
 
 
-def _fwd_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     x, kt, c, vt, out_bias, gamma, exclude, num_heads, protos_per_class = inputs
     _, lse = output
     ctx.save_for_backward(x, kt, c, vt, out_bias, gamma, exclude, lse)
@@ -495,16 +495,16 @@ def _fwd_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse)
 
 
-def _fwd_backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_lse):
     x, kt, c, vt, out_bias, gamma, exclude, lse = ctx.saved_tensors
-    need_x, need_kt, need_c, need_vt, need_bo, need_gamma = ctx.needs_input_grad[:6]
+    need_dx, need_kt, need_c, need_vt, need_bo, need_gamma = ctx.needs_input_grad[:6]
     need_dproto = need_kt or need_c or need_vt
     need_gsum = need_bo or (need_gamma and out_bias is not None)
-    if grad_out is None or not (need_x or need_dproto or need_gsum or need_gamma):
+    if grad_out is None or not (need_dx or need_dproto or need_gsum or need_gamma):
         return (None,) * 9
     dx, dkt, dc, dvt, gread, gsum = torch.ops.torch_ppl.prototype_attention_bwd(
         grad_out, x, kt, c, vt, gamma, exclude, lse, ctx.num_heads, ctx.protos_per_class,
-        need_x, need_gamma, need_gsum, need_dproto, torch.are_deterministic_algorithms_enabled(),
+        need_dx, need_gamma, need_gsum, need_dproto, torch.are_deterministic_algorithms_enabled(),
     )
     d_bo = d_gamma = None
     if need_bo:
@@ -513,7 +513,7 @@ def _fwd_backward(ctx, grad_out, grad_lse):
         d_gamma = gread + gsum * out_bias.float() if out_bias is not None else gread
         d_gamma = d_gamma.to(gamma.dtype)
     return (
-        dx if need_x else None,
+        dx if need_dx else None,
         dkt if need_kt else None,
         dc if need_c else None,
         dvt if need_vt else None,
@@ -521,7 +521,7 @@ def _fwd_backward(ctx, grad_out, grad_lse):
     )
 
 
-_attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ============================================================================ public function
@@ -595,7 +595,7 @@ def prototype_attention(
                          f"and divide P={prototypes.shape[0]}")
     kt, c, vt = prototype_side(prototypes, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
                                out_weight, num_heads)
-    x3 = _as_blc(x)
+    x3 = as_blc(x)
     if exclude is not None:
         exclude = exclude.reshape(-1).to(torch.int64)
     out, _ = torch.ops.torch_ppl.prototype_attention_fwd(

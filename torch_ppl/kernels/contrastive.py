@@ -28,7 +28,6 @@ PyTorch outside the op, so autograd carries ``dW_hat`` back through it.
 """
 from __future__ import annotations
 
-import os
 from typing import Tuple
 
 import torch
@@ -37,40 +36,27 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import reference
-from . import check_dtypes
+from ._common import EPS, EPS_C, as_blc, check_dtypes, dot_operand, next_pow2, num_sms, on_gpu, upcast_dot
 
 __all__ = ["contrastive_loss"]
 
-EPS = reference.EPS  # as F.normalize
 # Running maxima start here instead of at -inf: exp(NEG - NEG) = 1 keeps a tile with no
 # positive prototype NaN-free, while masked entries (-inf) still contribute exp(-inf) = 0.
 # Any finite z is far above it (cosine: |z| <= 1 / tau).
-NEG = -1.0e30
+NEG = tl.constexpr(-1.0e30)  # a constexpr: a plain float global fails the GPU compiler
 
 # Tests set this to force small tiles so that every multi-tile path runs on tiny shapes.
 _FORCE_BLOCKS = None  # Optional[Tuple[int, int, int]]: (BLOCK_N, BLOCK_P, BLOCK_C)
 # Deterministic dW: at most this many programs (each owning a P x C fp32 partial) per launch.
-_DETERMINISTIC_PROGRAMS = {"cuda": 128, "cpu": 4}
+# Two per SM on a GPU (a persistent grid), a few on the interpreter.
+_DETERMINISTIC_PROGRAMS_PER_SM = 2
 
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _operand(t, DOT_DTYPE: tl.constexpr, EMULATE_DOT: tl.constexpr):
-    """A GEMM operand rounded to ``DOT_DTYPE``. Triton's CPU interpreter multiplies bfloat16
-    operands as raw uint16 bits, so under it (``EMULATE_DOT``) the rounded operand goes back to
-    fp32: products of 16-bit values are exact in fp32, so this is the GPU's 16-bit-in,
-    fp32-accumulate GEMM up to summation order."""
-    t = t.to(DOT_DTYPE)
-    if EMULATE_DOT:
-        t = t.to(tl.float32)
-    return t
-
-
-@triton.jit
 def _z_tile(
-    x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-    COSINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr,
+    x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
+    COSINE: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One ``(BLOCK_N, BLOCK_P)`` tile of ``z = s / tau`` and the rows' ``1 / max(||x||, eps)``.
@@ -92,12 +78,12 @@ def _z_tile(
         if COSINE:
             xf = x.to(tl.float32)
             sumsq += tl.sum(xf * xf, axis=1)
-        acc = tl.dot(_operand(x, DOT_DTYPE, EMULATE_DOT), tl.trans(_operand(w, DOT_DTYPE, EMULATE_DOT)), acc,
+        acc = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(dot_operand(w, DOT_DTYPE, UPCAST_DOT)), acc,
                      input_precision=INPUT_PRECISION)
     if COSINE:
         norm = tl.sqrt(sumsq)
-        rnorm = 1.0 / tl.maximum(norm, eps)
-        clamped = norm <= eps
+        rnorm = 1.0 / tl.maximum(norm, EPS_C)
+        clamped = norm <= EPS_C
     else:
         rnorm = tl.full((BLOCK_N,), 1.0, tl.float32)
         clamped = tl.full((BLOCK_N,), 0, tl.int1)
@@ -109,10 +95,10 @@ def _z_tile(
 @triton.jit
 def _contrastive_fwd_kernel(
     x_ptr, w_ptr, y_ptr, loss_ptr, lse_ptr, pos_ptr, best_ptr,
-    L, C, P, M, ignore_index, inv_tau, eps,
+    L, C, P, M, ignore_index, inv_tau,
     stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    EMULATE_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_lblocks = tl.cdiv(L, BLOCK_N)
@@ -134,8 +120,8 @@ def _contrastive_fwd_kernel(
         offs_p = p0 + tl.arange(0, BLOCK_P)
         p_in = offs_p < P
         z, acc, rnorm, clamped = _z_tile(
-            x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-            COSINE, DOT_DTYPE, INPUT_PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
+            x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
+            COSINE, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
         # online logsumexp over all prototypes (masked columns are -inf: exp(-inf) = 0)
         m_new = tl.maximum(m_all, tl.max(z, axis=1))
         l_all = l_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
@@ -173,11 +159,11 @@ def _contrastive_fwd_kernel(
 @triton.jit
 def _contrastive_bwd_kernel(
     g_ptr, x_ptr, w_ptr, y_ptr, lse_ptr, pos_ptr, best_ptr, dx_ptr, dw_ptr,
-    B, L, C, P, M, ignore_index, inv_tau, eps,
+    B, L, C, P, M, ignore_index, inv_tau,
     stride_gb, stride_gl, stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     stride_dxb, stride_dxl, stride_dxc, stride_dwg,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, EMULATE_DOT: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -218,8 +204,8 @@ def _contrastive_bwd_kernel(
             offs_p = p0 + tl.arange(0, BLOCK_P)
             p_in = offs_p < P
             z, acc, rnorm, clamped = _z_tile(
-                x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau, eps,
-                COSINE, DOT_DTYPE, INPUT_PRECISION, EMULATE_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
+                x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
+                COSINE, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
             prob = tl.exp(z - lse[:, None])  # softmax over all P (masked columns: exp(-inf) = 0)
             if NEAREST:
                 q = tl.where(offs_p[None, :] == best[:, None], 1.0, 0.0)
@@ -242,9 +228,9 @@ def _contrastive_bwd_kernel(
                             mask=p_in[:, None] & c_in[None, :], other=0.0)
                 x = tl.load(x_rows[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
                             mask=valid[:, None] & c_in[None, :], other=0.0)
-                if COMPUTE_DX:
+                if NEED_DX:
                     # this tile's share of dx: row_scale * (dz @ W_hat) - proj * x
-                    dx_tile = tl.dot(_operand(dz, DOT_DTYPE, EMULATE_DOT), _operand(w, DOT_DTYPE, EMULATE_DOT),
+                    dx_tile = tl.dot(dot_operand(dz, DOT_DTYPE, UPCAST_DOT), dot_operand(w, DOT_DTYPE, UPCAST_DOT),
                                      input_precision=INPUT_PRECISION)
                     dx_tile = dx_tile * row_scale[:, None]
                     if COSINE:
@@ -254,10 +240,10 @@ def _contrastive_bwd_kernel(
                     dx_mask = row_in[:, None] & c_in[None, :]
                     # this program owns these rows: a plain read-modify-write, no atomics
                     tl.store(dx_ptrs, tl.load(dx_ptrs, mask=dx_mask, other=0.0) + dx_tile, mask=dx_mask)
-                if COMPUTE_DW:
+                if NEED_DW:
                     # dW_hat[p, c] += sum_n dz[n, p] * (row_scale[n] * x[n, c])
-                    xs = _operand(x.to(tl.float32) * row_scale[:, None], DW_DOT_DTYPE, EMULATE_DOT)
-                    dw_tile = tl.dot(tl.trans(_operand(dz, DW_DOT_DTYPE, EMULATE_DOT)), xs,
+                    xs = dot_operand(x.to(tl.float32) * row_scale[:, None], DW_DOT_DTYPE, UPCAST_DOT)
+                    dw_tile = tl.dot(tl.trans(dot_operand(dz, DW_DOT_DTYPE, UPCAST_DOT)), xs,
                                      input_precision=INPUT_PRECISION)
                     dw_mask = p_in[:, None] & c_in[None, :]
                     dw_off = offs_p[:, None].to(tl.int64) * C + offs_c[None, :].to(tl.int64)
@@ -265,7 +251,8 @@ def _contrastive_bwd_kernel(
                         dw_ptrs = dw_ptr + pid.to(tl.int64) * stride_dwg + dw_off
                         tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw_tile, mask=dw_mask)
                     else:
-                        tl.atomic_add(dw_ptr + dw_off, dw_tile, mask=dw_mask)
+                        # relaxed: only the sum matters, not its order against other memory
+                        tl.atomic_add(dw_ptr + dw_off, dw_tile, mask=dw_mask, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- host side
@@ -281,25 +268,21 @@ def _dot_dtypes(x_dtype: torch.dtype):
     return dot, dw_dot
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _blocks(device: torch.device, L: int, P: int, C: int) -> Tuple[int, int, int]:
     if _FORCE_BLOCKS is not None:
         return _FORCE_BLOCKS
-    if device.type == "cuda":
+    if on_gpu(device):
         cap_n, cap_p, cap_c = 64, 64, 64
     else:  # the interpreter: few, large tiles (each tile op is one numpy call)
         cap_n, cap_p, cap_c = 128, 128, 128
-    block_n = max(16, min(cap_n, triton.next_power_of_2(max(L, 1))))
-    block_p = max(16, min(cap_p, triton.next_power_of_2(P)))
-    block_c = max(16, min(cap_c, triton.next_power_of_2(C)))
+    block_n = min(cap_n, next_pow2(L))
+    block_p = min(cap_p, next_pow2(P))
+    block_c = min(cap_c, next_pow2(C))
     return block_n, block_p, block_c
 
 
 @torch.library.custom_op("torch_ppl::contrastive_loss_fwd", mutates_args=())
-def contrastive_loss_fwd(
+def _fwd_op(
     x: Tensor, w_hat: Tensor, target: Tensor, num_per_class: int, inv_temperature: float,
     cosine: bool, nearest: bool, ignore_index: int,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -325,20 +308,20 @@ def contrastive_loss_fwd(
     grid = (B * triton.cdiv(L, block_n),)
     _contrastive_fwd_kernel[grid](
         x, w_hat, target, loss, lse, pos, best,
-        L, C, P, num_per_class, ignore_index, inv_temperature, EPS,
+        L, C, P, num_per_class, ignore_index, inv_temperature,
         x.stride(0), x.stride(1), x.stride(2), w_hat.stride(0), w_hat.stride(1),
         target.stride(0), target.stride(1),
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
-        EMULATE_DOT=_interpreting(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
+        UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
     )
     return loss, lse, pos, best
 
 
 @torch.library.custom_op("torch_ppl::contrastive_loss_bwd", mutates_args=())
-def contrastive_loss_bwd(
+def _bwd_op(
     grad: Tensor, x: Tensor, w_hat: Tensor, target: Tensor, lse: Tensor, pos: Tensor, best: Tensor,
     num_per_class: int, inv_temperature: float, cosine: bool, nearest: bool, ignore_index: int,
-    deterministic: bool, needs_dx: bool, needs_dw: bool,
+    deterministic: bool, need_dx: bool, need_dw: bool,
 ) -> Tuple[Tensor, Tensor]:
     """``(dx, dw_hat)``: ``dx`` like ``x`` (its dtype and strides), ``dw_hat`` ``(P, C)`` float32.
     A gradient that is not needed comes back as zeros without being computed."""
@@ -347,41 +330,41 @@ def contrastive_loss_bwd(
     # fp32 features: accumulate straight into dx. 16-bit: an fp32 accumulator, cast at the end.
     dx_acc = torch.zeros_like(x, dtype=torch.float32)
     dw = torch.zeros((P, C), device=x.device, dtype=torch.float32)
-    if B * L == 0 or not (needs_dx or needs_dw):
+    if B * L == 0 or not (need_dx or need_dw):
         return dx_acc.to(x.dtype), dw
     block_n, block_p, block_c = _blocks(x.device, L, P, C)
     dot, dw_dot = _dot_dtypes(x.dtype)
     num_tiles = B * triton.cdiv(L, block_n)
-    if deterministic and needs_dw:
-        programs = min(num_tiles, _DETERMINISTIC_PROGRAMS.get(x.device.type, 128))
+    if deterministic and need_dw:
+        programs = min(num_tiles, _DETERMINISTIC_PROGRAMS_PER_SM * num_sms(x.device))
         dw_out = torch.zeros((programs, P, C), device=x.device, dtype=torch.float32)
     else:
         programs = num_tiles
         dw_out = dw
     _contrastive_bwd_kernel[(programs,)](
         grad, x, w_hat, target, lse, pos, best, dx_acc, dw_out,
-        B, L, C, P, num_per_class, ignore_index, inv_temperature, EPS,
+        B, L, C, P, num_per_class, ignore_index, inv_temperature,
         grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
         w_hat.stride(0), w_hat.stride(1), target.stride(0), target.stride(1),
         dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2), P * C,
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, DW_DOT_DTYPE=dw_dot, INPUT_PRECISION="ieee",
-        EMULATE_DOT=_interpreting(), COMPUTE_DX=needs_dx, COMPUTE_DW=needs_dw, DETERMINISTIC=deterministic and needs_dw,
+        UPCAST_DOT=upcast_dot(), NEED_DX=need_dx, NEED_DW=need_dw, DETERMINISTIC=deterministic and need_dw,
         BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
     )
-    if deterministic and needs_dw:
+    if deterministic and need_dw:
         dw = dw_out.sum(0)  # partials added in a fixed order
     return dx_acc.to(x.dtype), dw
 
 
-@contrastive_loss_fwd.register_fake
-def _(x, w_hat, target, num_per_class, inv_temperature, cosine, nearest, ignore_index):
+@_fwd_op.register_fake
+def _fwd_fake(x, w_hat, target, num_per_class, inv_temperature, cosine, nearest, ignore_index):
     loss = x.new_empty(x.shape[:2], dtype=torch.float32)
     return loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss, dtype=torch.int32)
 
 
-@contrastive_loss_bwd.register_fake
-def _(grad, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
-      ignore_index, deterministic, needs_dx, needs_dw):
+@_bwd_op.register_fake
+def _bwd_fake(grad, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
+      ignore_index, deterministic, need_dx, need_dw):
     return torch.empty_like(x), w_hat.new_empty(w_hat.shape, dtype=torch.float32)
 
 
@@ -396,28 +379,18 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss, *_stat_grads):
     x, w_hat, target, lse, pos, best = ctx.saved_tensors
     num_per_class, inv_temperature, cosine, nearest, ignore_index = ctx.options
-    needs_dx, needs_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dx, dw = torch.ops.torch_ppl.contrastive_loss_bwd(
         grad_loss, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
-        ignore_index, torch.are_deterministic_algorithms_enabled(), needs_dx, needs_dw,
+        ignore_index, torch.are_deterministic_algorithms_enabled(), need_dx, need_dw,
     )
-    return (dx if needs_dx else None, dw if needs_dw else None, None, None, None, None, None, None)
+    return (dx if need_dx else None, dw if need_dw else None, None, None, None, None, None, None)
 
 
-torch.library.register_autograd("torch_ppl::contrastive_loss_fwd", _backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- public function
-def _as_blc(x: Tensor) -> Tensor:
-    """``(..., C)`` rows as a ``(B, L, C)`` view where possible: ``(B, H, W, C)`` flattens its
-    pixel axes without a copy for both NCHW-moved and channels_last features."""
-    if x.dim() == 1:
-        return x.reshape(1, 1, -1)
-    if x.dim() == 2:
-        return x.unsqueeze(0)
-    return x.flatten(1, -2)
-
-
 def contrastive_loss(
     x: Tensor,
     prototypes: Tensor,
@@ -453,7 +426,7 @@ def contrastive_loss(
         # The P x C prototype side in plain torch: autograd takes dW_hat back through it.
         w = prototypes.reshape(K * M, C).float()
         w_hat = F.normalize(w, p=2.0, dim=-1, eps=EPS) if cosine else w
-        x3 = _as_blc(x)
+        x3 = as_blc(x)
         loss, _, _, _ = torch.ops.torch_ppl.contrastive_loss_fwd(
             x3, w_hat, target.reshape(x3.shape[:2]), M, 1.0 / float(temperature), cosine,
             positives == "nearest", int(ignore_index),

@@ -7,18 +7,19 @@
 
 Layout of the work (one file, Liger-Kernel style):
 
-* ``_fwd_kernel``: one program per block of ``BLOCK_N`` pixels. It loads the pixel rows once
-  (all ``C`` channels, any strides), computes their norms from that same load, then walks over
+* ``_logits_fwd_kernel``: one program per block of ``BLOCK_N`` pixels. It loads the pixel rows once
+  (all ``C`` channels, ``(B, L, C)`` strides), computes their norms from that same load, then walks over
   *class tiles* of ``BLOCK_K`` classes x ``BLOCK_M >= M`` prototypes each, so that the ``M``
   prototypes of a class always sit in one tile and are pooled on chip. It writes the ``(N, K)``
   logits and, for ``pooling="max"``, the winning prototype index (int8 when ``M <= 127``).
   Nothing of size ``N x P`` is ever written.
-* ``_bwd_dx_kernel``: same walk; recomputes the similarity tile, turns the incoming
+* ``_logits_bwd_dx_kernel``: same walk; recomputes the similarity tile, turns the incoming
   ``dlogits`` into ``ds`` (pooling backward), accumulates ``du = ds @ Ŵ`` and finishes with the
   normalisation backward. Also yields per-program partial sums for ``dscale``.
-* ``_bwd_dw_kernel``: one program per (class tile, pixel split); recomputes ``ds`` for the
+* ``_logits_bwd_dw_kernel``: one program per (class tile, pixel split); recomputes ``ds`` for the
   pixels of its split and accumulates ``dŴ_tile += dsᵀ @ x̂``. Deterministic mode: each split
-  writes its own partial and they are summed in a fixed order; otherwise ``tl.atomic_add``.
+  writes its own partial and they are summed in a fixed order; otherwise a relaxed
+  ``tl.atomic_add`` per program.
 
 The prototypes are normalised (cosine) outside the kernels by plain PyTorch: they are ``P x C``
 (tiny), and autograd then carries ``dŴ`` back through ``F.normalize`` to ``W``.
@@ -29,7 +30,6 @@ Host side: ``torch.library.custom_op`` ops ``torch_ppl::prototype_logits_fwd`` a
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional, Tuple, Union
 
 import torch
@@ -38,37 +38,37 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_dtypes
+from ._common import EPS, EPS_C, as_blc, check_dtypes, new_rows, num_sms, on_gpu, upcast_dot
 
-EPS = 1e-12  # as F.normalize and torch_ppl.reference
 
 _POOL_CODE = {"max": 0, "logsumexp": 1, "mean": 2}
 
 
 # ============================================================================ Triton kernels
-# Pixel tensors (x, logits, dlogits, dx) are addressed as (B, H, W, channels) with four strides;
-# pixel l of image b is (l // WIDTH, l % WIDTH), L = H * WIDTH. Offsets are int64.
+# Pixel tensors (x, logits, dlogits, dx) are addressed as (B, L, channels) with three strides
+# (torch_ppl.kernels._common.as_blc): the pixel stride of NCHW features is 1, which Triton
+# specialises, so loads run along pixels there and along channels for channels_last. Offsets
+# are int64.
 @triton.jit
-def _pixel_offsets(b, rows, WIDTH, stride_b, stride_h, stride_w):
-    rows = rows.to(tl.int64)
-    return b.to(tl.int64) * stride_b + (rows // WIDTH) * stride_h + (rows % WIDTH) * stride_w
+def _pixel_offsets(b, rows, stride_b, stride_l):
+    return b.to(tl.int64) * stride_b + rows.to(tl.int64) * stride_l
 
 
 @triton.jit
-def _load_rows(X, b, l0, L, WIDTH, C, stride_b, stride_h, stride_w, stride_c,
+def _load_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
                BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, COSINE: tl.constexpr):
     """Rows ``l0 .. l0+BLOCK_N`` of batch ``b`` (all channels, native dtype) and, for cosine,
     ``inv = 1 / max(|x|, eps)`` computed in fp32 from the same load."""
     rows = l0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_C)
     mask = (rows < L)[:, None] & (cols < C)[None, :]
-    ptrs = (X + _pixel_offsets(b, rows, WIDTH, stride_b, stride_h, stride_w)[:, None]
+    ptrs = (X + _pixel_offsets(b, rows, stride_b, stride_l)[:, None]
             + cols.to(tl.int64)[None, :] * stride_c)
     x = tl.load(ptrs, mask=mask, other=0.0)
     if COSINE:
         xf = x.to(tl.float32)
         norm = tl.sqrt(tl.sum(xf * xf, axis=1))
-        inv = 1.0 / tl.maximum(norm, 1e-12)
+        inv = 1.0 / tl.maximum(norm, EPS_C)
     else:
         norm = tl.full((BLOCK_N,), 1.0, tl.float32)
         inv = tl.full((BLOCK_N,), 1.0, tl.float32)
@@ -90,16 +90,16 @@ def _load_tile(W, k0, K, M, C, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLO
 
 @triton.jit
 def _similarity(x, w, inv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """``s[n, k, m]`` for one class tile, fp32, shaped ``(BLOCK_N, BLOCK_K, BLOCK_M)``.
 
     The dot runs on the raw rows ``x`` (exact in their dtype) and the norm is applied after:
     ``<x / |x|, Ŵ> = <x, Ŵ> / |x|``. ``w`` is the prototype tile already in ``x``'s dtype (the
     host casts the tiny ``Ŵ`` once): low precision -> tensor cores with fp32 accumulation;
     fp32 -> an fp32 dot (``PRECISION``).
-    ``UPCAST`` (CPU interpreter only, whose bf16 ``tl.dot`` returns garbage in Triton 3.9): the
+    ``UPCAST_DOT`` (CPU interpreter only, whose bf16 ``tl.dot`` returns garbage in Triton 3.9): the
     same rounded operands, multiplied in fp32, which is what the tensor cores compute."""
-    if UPCAST:
+    if UPCAST_DOT:
         s = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee", out_dtype=tl.float32)
     else:
         s = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
@@ -108,20 +108,20 @@ def _similarity(x, w, inv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M
 
 
 @triton.jit
-def _fwd_kernel(
+def _logits_fwd_kernel(
     X, WD, SCALE, BIAS, OUT, ARGMAX,
-    L, WIDTH, C, K, M,
-    stride_xb, stride_xh, stride_xw, stride_xc,
-    stride_ob, stride_oh, stride_ow, stride_ok,
+    L, C, K, M,
+    stride_xb, stride_xl, stride_xc,
+    stride_ob, stride_ol, stride_ok,
     COSINE: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
     l0 = (pid % num_blocks) * BLOCK_N
-    x, norm, inv = _load_rows(X, b, l0, L, WIDTH, C, stride_xb, stride_xh, stride_xw, stride_xc,
+    x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc,
                               BLOCK_N, BLOCK_C, COSINE)
     scale = tl.load(SCALE).to(tl.float32)
 
@@ -130,11 +130,11 @@ def _fwd_kernel(
     m_ok = (m_idx < M)[None, None, :]
     for k0 in range(0, K, BLOCK_K):
         wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
+        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST_DOT)
         if POOL == 0:
             # max over m, the first maximal index on ties (tl.argmax breaks ties to the left).
             # NaN ranks above everything, as in torch.argmax, so a NaN feature makes a NaN
-            # logit (SPEC §5) whatever the hardware max does with NaN.
+            # logit whatever the hardware max does with NaN (non-finite features never give a finite loss).
             key = tl.where(m_ok, tl.where(s != s, float("inf"), s), float("-inf"))
             winner = tl.argmax(key, axis=2)
             pooled = tl.sum(tl.where(m_idx[None, None, :] == winner[:, :, None], s, 0.0), axis=2)
@@ -149,7 +149,7 @@ def _fwd_kernel(
         if HAS_BIAS:
             logits += tl.load(BIAS + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
         mask = (rows < L)[:, None] & (ks < K)[None, :]
-        out_ptrs = (OUT + _pixel_offsets(b, rows, WIDTH, stride_ob, stride_oh, stride_ow)[:, None]
+        out_ptrs = (OUT + _pixel_offsets(b, rows, stride_ob, stride_ol)[:, None]
                     + ks.to(tl.int64)[None, :] * stride_ok)
         tl.store(out_ptrs, logits, mask=mask)
         if POOL == 0:
@@ -159,8 +159,8 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
-                   stride_gb, stride_gh, stride_gw, stride_gk,
+def _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
+                   stride_gb, stride_gl, stride_gk,
                    POOL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """From the recomputed tile ``s`` (BLOCK_N, BLOCK_K, BLOCK_M) and ``g = dlogits``:
     ``ds[n,k,m] = scale * g[n,k] * dpool/ds[n,k,m]`` (flattened to (BLOCK_N, BLOCK_K*BLOCK_M))
@@ -171,7 +171,7 @@ def _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
     rows = l0 + tl.arange(0, BLOCK_N)
     ks = k0 + tl.arange(0, BLOCK_K)
     mask = (rows < L)[:, None] & (ks < K)[None, :]
-    g_ptrs = (G + _pixel_offsets(b, rows, WIDTH, stride_gb, stride_gh, stride_gw)[:, None]
+    g_ptrs = (G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None]
               + ks.to(tl.int64)[None, :] * stride_gk)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
     m_idx = tl.arange(0, BLOCK_M)
@@ -195,22 +195,22 @@ def _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
 
 
 @triton.jit
-def _bwd_dx_kernel(
+def _logits_bwd_dx_kernel(
     X, W, WD, SCALE, G, ARGMAX, DX, DSCALE,
-    L, WIDTH, C, K, M,
-    stride_xb, stride_xh, stride_xw, stride_xc,
-    stride_gb, stride_gh, stride_gw, stride_gk,
-    stride_db, stride_dh, stride_dw, stride_dc,
+    L, C, K, M,
+    stride_xb, stride_xl, stride_xc,
+    stride_gb, stride_gl, stride_gk,
+    stride_db, stride_dl, stride_dc,
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
-    STORE_DX: tl.constexpr, STORE_DSCALE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
     l0 = (pid % num_blocks) * BLOCK_N
-    x, norm, inv = _load_rows(X, b, l0, L, WIDTH, C, stride_xb, stride_xh, stride_xw, stride_xc,
+    x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc,
                               BLOCK_N, BLOCK_C, COSINE)
     scale = tl.load(SCALE).to(tl.float32)
 
@@ -218,15 +218,15 @@ def _bwd_dx_kernel(
     gp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
+        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST_DOT)
         w = _load_tile(W, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        ds, gp_tile = _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
-                                     stride_gb, stride_gh, stride_gw, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
+        ds, gp_tile = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
+                                     stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
         gp += gp_tile
         # s = u Ŵᵀ  =>  du += ds Ŵ   (fp32 operands: ds may be tiny, keep fp32 range)
         du += tl.dot(ds, w, input_precision=GRAD_PRECISION, out_dtype=tl.float32)
 
-    if STORE_DX:
+    if NEED_DX:
         if COSINE:
             # u = x / max(|x|, eps):
             #   |x| > eps:  dx = (du - u <u, du>) / |x|
@@ -234,29 +234,29 @@ def _bwd_dx_kernel(
             xf = x.to(tl.float32)
             u = xf * inv[:, None]
             radial = tl.sum(u * du, axis=1)
-            dx = tl.where((norm > 1e-12)[:, None], (du - u * radial[:, None]), du) * inv[:, None]
+            dx = tl.where((norm > EPS_C)[:, None], (du - u * radial[:, None]), du) * inv[:, None]
         else:
             dx = du
         rows = l0 + tl.arange(0, BLOCK_N)
         cols = tl.arange(0, BLOCK_C)
         mask = (rows < L)[:, None] & (cols < C)[None, :]
-        ptrs = (DX + _pixel_offsets(b, rows, WIDTH, stride_db, stride_dh, stride_dw)[:, None]
+        ptrs = (DX + _pixel_offsets(b, rows, stride_db, stride_dl)[:, None]
                 + cols.to(tl.int64)[None, :] * stride_dc)
         tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=mask)
-    if STORE_DSCALE:
+    if NEED_DSCALE:
         # dscale = sum_{n,k} g[n,k] * pooled[n,k]; one partial per program, summed on the host
         # side in a fixed order.
         tl.store(DSCALE + pid, tl.sum(gp, axis=0))
 
 
 @triton.jit
-def _bwd_dw_kernel(
+def _logits_bwd_dw_kernel(
     X, WD, SCALE, G, ARGMAX, DW,
-    B, L, WIDTH, C, K, M,
-    stride_xb, stride_xh, stride_xw, stride_xc,
-    stride_gb, stride_gh, stride_gw, stride_gk,
+    B, L, C, K, M,
+    stride_xb, stride_xl, stride_xc,
+    stride_gb, stride_gl, stride_gk,
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -272,11 +272,11 @@ def _bwd_dw_kernel(
     for blk in range(split, B * num_blocks, num_splits):
         b = blk // num_blocks
         l0 = (blk % num_blocks) * BLOCK_N
-        x, norm, inv = _load_rows(X, b, l0, L, WIDTH, C, stride_xb, stride_xh, stride_xw, stride_xc,
+        x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc,
                                   BLOCK_N, BLOCK_C, COSINE)
-        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST)
-        ds, gp = _pool_backward(s, G, ARGMAX, b, l0, k0, L, WIDTH, K, M, scale,
-                                stride_gb, stride_gh, stride_gw, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
+        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST_DOT)
+        ds, gp = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
+                                stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
         # s = u Ŵᵀ  =>  dŴ += dsᵀ u   (u = x * inv; padded rows have ds = 0)
         u = x.to(tl.float32) * inv[:, None]
         dw += tl.dot(tl.trans(ds), u, input_precision=GRAD_PRECISION, out_dtype=tl.float32)
@@ -291,65 +291,32 @@ def _bwd_dw_kernel(
         # DW is (num_splits, K*M, C): this program owns its slice, summed later in fixed order.
         tl.store(DW + split.to(tl.int64) * K * M * C + offs, dw, mask=mask)
     else:
-        tl.atomic_add(DW + offs, dw, mask=mask)
+        tl.atomic_add(DW + offs, dw, mask=mask, sem="relaxed")  # only the sum matters
 
 
 # ============================================================================ host helpers
-def _as_bhwc(t: Tensor) -> Tensor:
-    """``(..., C)`` -> ``(B, H, W, C)`` *view* (the kernels take all four strides, so any strided
-    4-D input, e.g. a crop of NCHW seen channel-last, needs no copy): ``(N, C)`` is
-    ``(1, 1, N, C)``, ``(B, L, C)`` is ``(B, 1, L, C)``. Only inputs with more than three
-    leading dimensions are reshaped (which may copy)."""
-    if t.dim() == 1:
-        return t[None, None, None]
-    if t.dim() == 2:
-        return t[None, None]
-    if t.dim() == 3:
-        return t[:, None]
-    if t.dim() == 4:
-        return t
-    return t.reshape(t.shape[0], 1, -1, t.shape[-1])
-
-
-def _new_rows(like: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
-    """A new ``(..., channels)`` tensor laid out like ``like``: for 4-D rows whose channel axis
-    is not the fastest (a view of NCHW) it is a ``(..., channels)`` view of a contiguous
-    ``(B, channels, H, W)`` buffer, so that moving the channel axis back is free."""
-    if like.dim() == 4 and like.stride(-1) != 1:
-        b, h, w, _ = like.shape
-        return like.new_empty((b, channels, h, w), dtype=dtype).movedim(1, -1)
-    return like.new_empty((*like.shape[:-1], channels), dtype=dtype)
-
-
 def _argmax_dtype(m: int) -> torch.dtype:
     return torch.int8 if m <= 127 else (torch.int16 if m <= 32767 else torch.int32)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 class _Config:
     """Block sizes. On the CPU interpreter small tiles keep the (numpy) work and the number of
     launched programs modest. On the GPU the tiles are sized so that a row block (all ``C``
-    channels) and a class tile fit on chip; these sizes are *untuned*: no GPU was available
-    when this was written. They were only checked by compiling the kernels offline for sm_90
-    (Triton 3.9): shared memory stays under the H100 limit with ``num_stages=2``; the backward
-    kernels still spill a few hundred bytes of registers at the voc/ade shapes (see
-    docs/kernel-similarity.md)."""
+    channels) and a class tile fit on chip. These sizes have not been tuned on a GPU; what the
+    compiler makes of them for sm_80 and sm_90 (registers, spills, shared memory, tensor
+    cores) is in docs/kernels.md, from ``python -m benchmarks compile``."""
 
     def __init__(self, device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype):
         self.block_c = max(16, triton.next_power_of_2(c))
         self.block_m = triton.next_power_of_2(m)
-        on_gpu = device.type == "cuda"
+        gpu = on_gpu(device)
         # class tile of BLOCK_K * BLOCK_M >= 16 columns (tl.dot needs >= 16)
-        target_p = 64 if on_gpu else 16
+        target_p = 64 if gpu else 16
         target_p = max(target_p, self.block_m)
         self.block_k = max(1, min(triton.next_power_of_2(k), target_p // self.block_m))
         while self.block_k * self.block_m < 16:
             self.block_k *= 2
-        if on_gpu:
+        if gpu:
             self.block_n = 64 if self.block_c <= 256 else (32 if self.block_c <= 512 else 16)
             self.num_warps = 4 if self.block_c <= 256 else 8
             self.num_stages = 2
@@ -373,7 +340,7 @@ class _Config:
         # gradient GEMMs run on fp32 operands (ds can be far below fp16's range): TF32 for
         # low-precision inputs, exact fp32 when the inputs are fp32.
         self.grad_precision = "ieee" if x_dtype == torch.float32 else "tf32"
-        self.upcast = x_dtype != torch.float32 and not on_gpu
+        self.upcast = x_dtype != torch.float32 and upcast_dot()
 
 
 # ============================================================================ custom ops
@@ -384,21 +351,20 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
     (an empty tensor otherwise). ``w_hat`` is the ``(K, M, C)`` fp32 prototype tensor, already
     normalised for cosine similarity."""
     k, m, c = w_hat.shape
-    out = _new_rows(x, k, torch.float32)
-    x4, out4 = _as_bhwc(x), _as_bhwc(out)
-    nb, nh, nw, _ = x4.shape
-    nl = nh * nw
+    out = new_rows(x, k, torch.float32)
+    x3, out3 = as_blc(x), as_blc(out)
+    nb, nl, _ = x3.shape
     pool = _POOL_CODE[pooling]
     winners = x.new_empty((nb, nl, k) if pool == 0 else (0,), dtype=_argmax_dtype(m))
     if out.numel() == 0:
         return out, winners
     cfg = _Config(x.device, c, k, m, x.dtype)
     grid = (nb * triton.cdiv(nl, cfg.block_n),)
-    _fwd_kernel[grid](
-        x4, w_hat.to(x.dtype), scale, bias if bias is not None else scale, out4, winners if pool == 0 else scale,
-        nl, nw, c, k, m,
-        *x4.stride(), *out4.stride(),
-        COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST=cfg.upcast,
+    _logits_fwd_kernel[grid](
+        x3, w_hat.to(x.dtype), scale, bias, out3, winners if pool == 0 else None,
+        nl, c, k, m,
+        *x3.stride(), *out3.stride(),
+        COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -406,12 +372,12 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
 
 
 @_fwd_op.register_fake
-def _(x, w_hat, scale, bias, cosine, pooling):
+def _fwd_fake(x, w_hat, scale, bias, cosine, pooling):
     k, m, _ = w_hat.shape
-    out = _new_rows(x, k, torch.float32)
+    out = new_rows(x, k, torch.float32)
     if pooling == "max":
-        nb, nh, nw, _ = _as_bhwc(x).shape
-        winners = x.new_empty((nb, nh * nw, k), dtype=_argmax_dtype(m))
+        nb, nl, _ = as_blc(x).shape
+        winners = x.new_empty((nb, nl, k), dtype=_argmax_dtype(m))
     else:
         winners = x.new_empty((0,), dtype=_argmax_dtype(m))
     return out, winners
@@ -423,15 +389,14 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     """``(dx in x.dtype, dŴ (K, M, C) fp32, dscale 0-d fp32)``. A gradient that is not asked
     for is not computed: dx and dŴ come back as empty ``(0,)`` tensors, dscale as 0."""
     k, m, c = w_hat.shape
-    dx = _new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
+    dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
     dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
     dscale = torch.zeros((), dtype=torch.float32, device=x.device)
-    x4, g4 = _as_bhwc(x), _as_bhwc(grad)
-    dx4 = _as_bhwc(dx) if need_dx else x4  # x4: a dummy pointer, never written
-    nb, nh, nw, _ = x4.shape
-    nl = nh * nw
+    x3, g3 = as_blc(x), as_blc(grad)
+    dx3 = as_blc(dx) if need_dx else None
+    nb, nl, _ = x3.shape
     pool = _POOL_CODE[pooling]
-    winners = winners if pool == 0 else scale  # a dummy pointer, never read
+    winners = winners if pool == 0 else None
     if x.numel() == 0 or k == 0:
         if need_dx:
             dx.zero_()
@@ -439,18 +404,18 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     cfg = _Config(x.device, c, k, m, x.dtype)
     w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
     common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
-                  UPCAST=cfg.upcast,
+                  UPCAST_DOT=cfg.upcast,
                   BLOCK_N=cfg.bwd_block_n, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
                   num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
     n_blocks = nb * triton.cdiv(nl, cfg.bwd_block_n)
 
     if need_dx or need_dscale:
-        partial = torch.empty((n_blocks if need_dscale else 1,), dtype=torch.float32, device=x.device)
-        _bwd_dx_kernel[(n_blocks,)](
-            x4, w_hat, w_dot, scale, g4, winners, dx4, partial,
-            nl, nw, c, k, m,
-            *x4.stride(), *g4.stride(), *dx4.stride(),
-            STORE_DX=need_dx, STORE_DSCALE=need_dscale,
+        partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
+        _logits_bwd_dx_kernel[(n_blocks,)](
+            x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
+            nl, c, k, m,
+            *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)),
+            NEED_DX=need_dx, NEED_DSCALE=need_dscale,
             BLOCK_K=cfg.bwd_block_k, **common,
         )
         if need_dscale:
@@ -458,16 +423,16 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
 
     if need_dw:
         tiles = triton.cdiv(k, cfg.bwd_block_k)
-        if x.device.type == "cuda":
-            splits = max(1, min(n_blocks, triton.cdiv(4 * _num_sms(x.device.index or 0), tiles)))
+        if on_gpu(x.device):
+            splits = max(1, min(n_blocks, triton.cdiv(4 * num_sms(x.device), tiles)))
         else:
             splits = min(n_blocks, 2)
         deterministic = torch.are_deterministic_algorithms_enabled()
         target = w_hat.new_empty((splits, k, m, c)) if deterministic else dw
-        _bwd_dw_kernel[(tiles, splits)](
-            x4, w_dot, scale, g4, winners, target,
-            nb, nl, nw, c, k, m,
-            *x4.stride(), *g4.stride(),
+        _logits_bwd_dw_kernel[(tiles, splits)](
+            x3, w_dot, scale, g3, winners, target,
+            nb, nl, c, k, m,
+            *x3.stride(), *g3.stride(),
             DETERMINISTIC=deterministic,
             BLOCK_K=cfg.bwd_block_k, **common,
         )
@@ -477,8 +442,8 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
 
 
 @_bwd_op.register_fake
-def _(grad, x, w_hat, scale, winners, cosine, pooling, need_dx, need_dw, need_dscale):
-    dx = _new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
+def _bwd_fake(grad, x, w_hat, scale, winners, cosine, pooling, need_dx, need_dw, need_dscale):
+    dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
     dw = torch.empty_like(w_hat) if need_dw else w_hat.new_empty((0,))
     return dx, dw, x.new_empty((), dtype=torch.float32)
 

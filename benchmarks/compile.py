@@ -1,0 +1,437 @@
+"""Compile every kernel for a real GPU target without a GPU, and read what the compiler made.
+
+``python -m benchmarks compile`` runs a forward and a backward of each op through its real
+launchers (the functional API with ``backend="triton"``: the launchers' tile and grid choice for
+that GPU, Triton's argument specialisation, the strides of the real layouts) on CPU tensors of a
+benchmark shape. A stand-in Triton driver reports the target GPU, so each launch compiles the
+kernel for it, with the ``ptxas`` that Triton ships, and launches nothing (Triton's
+``warmup`` path). Each launched kernel's PTX and cubin are written to ``--out`` and read back:
+
+* from ``cuobjdump -res-usage`` (shipped with Triton): registers, stack (local memory per
+  thread: non-zero means spills) and static shared memory;
+* from the SASS (``cuobjdump -sass``): spill stores and loads (``STL``/``LDL``), Hopper
+  ``HGMMA`` (wgmma) and ``HMMA`` (mma.sync) tensor-core instructions, global-load widths
+  (``LDG``), atomics (``ATOMG``/``RED``) and the fences around them (``MEMBAR``);
+* from the Triton metadata: warps, stages and the dynamic shared memory the launch asks for.
+
+Nothing here needs CUDA, a driver or a GPU; it needs Triton's NVIDIA backend (any Linux wheel).
+The command exits with 1 if any kernel fails to compile.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108)}  # H100 SXM, A100 SXM: compute capability, SMs
+DTYPES = ("bf16", "fp16", "fp32")
+LAYOUTS = ("nchw", "nhwc")
+OPS = ("prototype_logits", "contrastive_loss", "prototype_attention")
+
+# One line on the role of each kernel, for the table (docs/kernels.md).
+ROLES = {
+    "_logits_fwd_kernel": "head forward: similarity GEMM, pooled per class, logits (+ max winner)",
+    "_logits_bwd_dx_kernel": "head backward: dx (and dscale partials) from the recomputed similarities",
+    "_logits_bwd_dw_kernel": "head backward: prototype gradient, reduced over pixels",
+    "_contrastive_fwd_kernel": "push forward: similarity GEMM, online logsumexp, per-pixel loss",
+    "_contrastive_bwd_kernel": "push backward: dx and prototype gradient from the saved statistics",
+    "_attention_fwd_kernel": "pull forward: scores, online softmax, read-out and residual",
+    "_attention_bwd_dx_kernel": "pull backward: dx, softmax deltas, dgamma/dbias partials",
+    "_attention_bwd_dproto_kernel": "pull backward: gradients of the prototype-side K~, c, V~",
+}
+
+
+@dataclasses.dataclass
+class Launch:
+    op: str
+    kernel: str
+    grid: Tuple[int, ...]
+    compiled: object = None
+    error: Optional[str] = None
+
+
+# ----------------------------------------------------------------------------- the driver
+def _stand_in_driver(arch: int):
+    """A Triton driver that reports ``arch`` as the current GPU and has no device behind it:
+    Triton specialises and compiles for that target; ``warmup`` launches skip the launch."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+
+    class StandInDriver(DriverBase):
+        def __init__(self) -> None:
+            self.target = GPUTarget("cuda", arch, 32)
+
+        @classmethod
+        def is_active(cls) -> bool:
+            return False
+
+        def map_python_to_cpp_type(self, ty: str) -> str:
+            raise NotImplementedError("the stand-in driver builds no launcher")
+
+        def get_current_target(self):
+            return self.target
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise NotImplementedError("the stand-in driver runs nothing")
+
+        def get_current_device(self) -> int:
+            return 0
+
+        def set_current_device(self, device: int) -> None:
+            pass
+
+        def get_current_stream(self, device: Optional[int] = None) -> int:
+            return 0
+
+    return StandInDriver()
+
+
+def record_launches(arch: int, num_sms: int):
+    """Context manager: inside it the torch_ppl launchers tile for ``arch`` and every
+    ``kernel[grid](...)`` compiles for it and is recorded instead of launched. Yields the list
+    of :class:`Launch`."""
+    import contextlib
+
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from torch_ppl.kernels import _common
+
+    @contextlib.contextmanager
+    def _ctx():
+        launches: List[Launch] = []
+        original = JITFunction.run
+        touched = set()
+
+        def run(self, *args, grid, warmup, **kwargs):
+            if self not in touched:
+                # Triton keys its per-kernel binder and kernel cache by device index (0 here,
+                # whatever the target): start from empty ones so that nothing compiled for
+                # another target is reused, and empty them again on the way out.
+                self.device_caches.clear()
+                touched.add(self)
+            name = self.fn.__name__
+            launch = Launch(op="", kernel=name, grid=tuple(grid) if not callable(grid) else ("?",))
+            launches.append(launch)
+            try:
+                launch.compiled = original(self, *args, grid=grid, warmup=True, **kwargs)
+            except Exception as err:  # a compile error: record it, go on with the rest
+                launch.error = f"{type(err).__name__}: {err}"
+            return launch.compiled
+
+        previous = driver._active  # None until a real driver was needed; reset_active would make one
+        driver.set_active(_stand_in_driver(arch))
+        JITFunction.run = run
+        try:
+            with _common.compile_for(_common.CompileTarget(arch, num_sms)):
+                yield launches
+        finally:
+            JITFunction.run = original
+            driver._active = previous
+            for fn in touched:
+                fn.device_caches.clear()
+
+    return _ctx()
+
+
+# ----------------------------------------------------------------------------- the ops
+def _problem(shape, dtype: str, layout: str):
+    import torch
+
+    from . import providers, shapes
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    if isinstance(shape, str):
+        shape = next(s for s in shapes.headline() if s.name == shape)
+    shape = dataclasses.replace(shape, feature_dtype=dt)
+    problem = providers.make_problem(shape, torch.device("cpu"))
+    if layout == "nhwc":
+        x = problem.x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        problem = dataclasses.replace(problem, x=x)
+    return problem
+
+
+def compile_ops(target: str, shape, dtype: str, layout: str, ops=OPS,
+                deterministic: bool = False) -> List[Launch]:
+    """Forward and backward of each op at ``shape`` (a headline shape's name or a
+    :class:`~benchmarks.shapes.Shape`) through the real launchers, compiled for ``target``; the
+    launches in order, each with its compiled kernel or its error."""
+    import torch
+
+    from . import providers
+
+    arch, sms = TARGETS[target]
+    problem = _problem(shape, dtype, layout)
+    out: List[Launch] = []
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for op in ops:
+            with record_launches(arch, sms) as launches:
+                try:
+                    result = providers.OPS[op](problem, "triton")
+                    grad = torch.ones_like(result) if result.dim() else None
+                    result.backward(grad)
+                except Exception as err:  # a launcher failing after a failed compile
+                    if not any(l.error for l in launches):
+                        launches.append(Launch(op, "(launcher)", (), error=f"{type(err).__name__}: {err}"))
+            for launch in launches:
+                launch.op = op
+            out += launches
+            for leaf in problem.leaves:
+                leaf.grad = None
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    return out
+
+
+# ----------------------------------------------------------------------------- reading the binary
+def _tool(name: str) -> str:
+    """A CUDA binary tool as Triton ships it (``triton/backends/nvidia/bin``)."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if path.is_file():
+        return str(path)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} is neither in {path.parent} nor on PATH")
+    return found
+
+
+_RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+def resource_usage(cubin: Path) -> Dict[str, int]:
+    text = subprocess.run([_tool("cuobjdump"), "-res-usage", str(cubin)], check=True,
+                          capture_output=True, text=True).stdout
+    m = _RES.search(text)
+    if m is None:
+        raise RuntimeError(f"cuobjdump -res-usage printed no resource line for {cubin}:\n{text}")
+    regs, stack, shared, local = map(int, m.groups())
+    return dict(regs=regs, stack=stack, static_shared=shared, local=local)
+
+
+def sass_counts(cubin: Path) -> Dict[str, object]:
+    """Instruction counts read off the SASS."""
+    sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], check=True,
+                          capture_output=True, text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass)
+    count = collections.Counter(o.split(".")[0] for o in ops)
+    loads = collections.Counter()
+    for o in ops:
+        if o.startswith("LDG"):
+            parts = o.split(".")
+            width = next((p for p in parts[1:] if p in ("64", "128", "U8", "S8", "U16", "S16")), "32")
+            loads[{"U8": "8", "S8": "8", "U16": "16", "S16": "16"}.get(width, width)] += 1
+    atomics = count["ATOMG"] + count["REDG"] + count["RED"] + count["ATOM"]
+    # a fence that orders global memory (MEMBAR.*.GPU / .SYS); MEMBAR.*.CTA only orders shared
+    # memory within the block, around the pipeline's barriers
+    fences = sum(1 for o in ops if o.startswith("MEMBAR") and (".GPU" in o or ".SYS" in o))
+    return dict(
+        stl=count["STL"], ldl=count["LDL"], hgmma=count["HGMMA"], hmma=count["HMMA"],
+        ldg=dict(sorted(loads.items(), key=lambda kv: int(kv[0]))), tma=count["UTMALDG"],
+        atomics=atomics, fences=fences, instructions=len(ops),
+    )
+
+
+def ptx_counts(ptx: str) -> Dict[str, int]:
+    return dict(
+        wgmma=len(re.findall(r"^\s*wgmma\.mma_async", ptx, re.M)),
+        mma_sync=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
+        atom_relaxed=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global\S*\.relaxed", ptx, re.M)),
+        atom_acq_rel=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global\S*\.acq_rel", ptx, re.M)),
+    )
+
+
+def analyse(launches: List[Launch], out_dir: Path) -> List[Dict[str, object]]:
+    """Write each kernel's PTX and cubin to ``out_dir`` and read them back into table rows."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    seen = collections.Counter()
+    for launch in launches:
+        row: Dict[str, object] = dict(op=launch.op, kernel=launch.kernel,
+                                      grid="x".join(map(str, launch.grid)))
+        if launch.error is not None:
+            row["error"] = launch.error
+            rows.append(row)
+            continue
+        k = launch.compiled
+        stem = f"{launch.op}.{launch.kernel}"
+        seen[stem] += 1
+        if seen[stem] > 1:
+            stem += f".{seen[stem]}"
+        ptx, cubin = out_dir / f"{stem}.ptx", out_dir / f"{stem}.cubin"
+        ptx.write_text(k.asm["ptx"])
+        cubin.write_bytes(k.asm["cubin"])
+        md = k.metadata
+        row.update(warps=md.num_warps, stages=md.num_stages, shared=md.shared)
+        row.update(resource_usage(cubin))
+        row.update(sass_counts(cubin))
+        row.update(ptx_counts(k.asm["ptx"]))
+        row["files"] = [ptx.name, cubin.name]
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- the table
+def _loads(ldg: Dict[str, int]) -> str:
+    return " ".join(f"{w}b×{n}" for w, n in ldg.items()) or "-"
+
+
+def _tensor_cores(row) -> str:
+    parts = []
+    if row["hgmma"]:
+        parts.append(f"wgmma {row['hgmma']}")
+    if row["hmma"]:
+        parts.append(f"mma.sync {row['hmma']}")
+    return ", ".join(parts) or "-"
+
+
+def _atomics(row) -> str:
+    if not row["atomics"]:
+        return "-"
+    sem = "relaxed" if row["atom_relaxed"] and not row["atom_acq_rel"] else ("acq_rel" if row["atom_acq_rel"] else "?")
+    fenced = f"fenced, {row['fences']} MEMBAR.GPU" if row["fences"] else "unfenced"
+    return f"{row['atomics']} {sem}, {fenced}"
+
+
+def markdown(rows: List[Dict[str, object]], title: str) -> str:
+    head = ("| op | kernel | grid | warps | stages | regs | stack B | STL/LDL | shared B | tensor cores "
+            "| global loads (bits×count) | atomics |")
+    lines = [f"**{title}**", "", head, "|" + " --- |" * 12]
+    for r in rows:
+        if "error" in r:
+            msg = str(r["error"]).splitlines()[0][:120]
+            lines.append(f"| {r['op']} | `{r['kernel']}` | {r['grid']} | **compile error**: {msg} |" + " |" * 8)
+            continue
+        lines.append(
+            f"| {r['op']} | `{r['kernel']}` | {r['grid']} | {r['warps']} | {r['stages']} | {r['regs']} "
+            f"| {r['stack']} | {r['stl']}/{r['ldl']} | {r['shared']} | {_tensor_cores(r)} | {_loads(r['ldg'])} "
+            f"| {_atomics(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args) -> int:
+    import torch
+    import triton
+
+    out_dir: Path = args.out
+    shutil.rmtree(out_dir, ignore_errors=True)
+    out_dir.mkdir(parents=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    start = time.monotonic()
+    launches = compile_ops(args.target, args.shape, args.dtype, args.layout, args.ops, args.deterministic)
+    rows = analyse(launches, out_dir)
+    title = (f"{args.shape}, {args.dtype} features ({args.layout.upper()}), {args.target}, "
+             f"triton {triton.__version__}" + (", deterministic" if args.deterministic else ""))
+    table = markdown(rows, title)
+    (out_dir / "table.md").write_text(table)
+    meta = dict(target=args.target, shape=args.shape, dtype=args.dtype, layout=args.layout,
+                deterministic=args.deterministic, triton=triton.__version__, torch=torch.__version__)
+    (out_dir / "table.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
+    print(table)
+    errors = [r for r in rows if "error" in r]
+    print(f"{len(rows) - len(errors)} kernels compiled, {len(errors)} failed, "
+          f"in {time.monotonic() - start:.0f} s; files in {out_dir}")
+    for r in errors:
+        print(f"\n{r['op']} / {r['kernel']}:\n{r['error']}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+DOC_INTRO = """\
+# What the kernels compile to
+
+**No kernel of this library has run on a GPU yet.** Every kernel is tested for correctness on
+the CPU through Triton's interpreter, and compiled, as below, for real GPUs without one. Until a
+GPU run is published in [benchmarks](benchmarks.md), these tables are the whole truth about the
+GPU path: what the compiler makes of each kernel, not how fast it runs.
+
+The tables are generated, not written: `python -m benchmarks compile-docs` rewrites this page.
+It runs a forward and a backward of each op through its real launchers (the tile and grid choice
+for the GPU, Triton's argument specialisation, the strides of the real layouts) on CPU tensors
+of the shape, with a stand-in Triton driver that compiles for sm_90 (H100) with Triton's own
+`ptxas` and launches nothing. One table per shape and feature layout; bf16 features, fp32
+prototypes; the default, non-deterministic mode. To see one configuration, with the PTX and
+cubin of every kernel:
+
+```bash
+python -m benchmarks compile --target sm_90 --shape ade --dtype bf16 --layout nhwc --out compile-out
+```
+
+CI runs that command for sm_90 and sm_80, NCHW and NHWC, at the voc shape with the newest
+Triton and with Triton 3.8.0, and fails on any compile error.
+
+## The kernels
+
+| kernel | role |
+| --- | --- |
+{roles}
+
+## Reading the columns
+
+- **grid**: programs launched at that shape (an H100 has 132 SMs).
+- **regs**, **stack B**: registers per thread and local memory per thread (`cuobjdump
+  -res-usage`); a non-zero stack means registers spilled. **STL/LDL**: spill stores and loads
+  in the SASS.
+- **shared B**: the shared memory the launch asks for.
+- **tensor cores**: Hopper `wgmma` (SASS `HGMMA`) and `mma.sync` (`HMMA`) instructions. An fp32
+  GEMM (`input_precision="ieee"` or `tf32`) lowers to `mma.sync`; 16-bit operands lower to
+  `wgmma` on sm_90.
+- **global loads**: `LDG` instructions by width. 16-bit loads of the features mean one element
+  per thread: coalesced along pixels for NCHW (the pixel stride is specialised to 1), but not
+  vectorised, because the pixel count of these shapes is odd and the loads are masked.
+- **atomics**: `ATOMG`/`REDG` instructions, their memory order in the PTX, and the
+  `MEMBAR.*.GPU` fences around them. Relaxed atomics compile without fences.
+
+"""
+
+
+def write_docs(path: Path, shapes=("voc", "ade"), layouts=LAYOUTS, target: str = "sm_90") -> int:
+    """Regenerate ``docs/kernels.md``: the tables for ``shapes`` x ``layouts`` at bf16."""
+    import tempfile
+
+    import triton
+
+    roles = "\n".join(f"| `{k}` | {v} |" for k, v in ROLES.items())
+    parts = [DOC_INTRO.replace("{roles}", roles)]
+    failed = 0
+    for shape in shapes:
+        parts.append(f"## {shape}\n")
+        for layout in layouts:
+            launches = compile_ops(target, shape, "bf16", layout)
+            with tempfile.TemporaryDirectory() as tmp:
+                rows = analyse(launches, Path(tmp))
+            failed += sum("error" in r for r in rows)
+            title = f"{shape}, bf16 features ({layout.upper()}), {target}, triton {triton.__version__}"
+            parts.append(markdown(rows, title))
+    path.write_text("\n".join(parts))
+    print(f"wrote {path}" + (f"; {failed} kernels failed to compile" if failed else ""))
+    return 1 if failed else 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default="sm_90", choices=tuple(TARGETS), help="GPU to compile for (default: %(default)s)")
+    p.add_argument("--shape", default="voc", choices=("voc", "cityscapes", "ade", "voc-fullres"),
+                   help="benchmark shape (default: %(default)s)")
+    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="feature dtype (default: %(default)s)")
+    p.add_argument("--layout", default="nchw", choices=LAYOUTS,
+                   help="feature memory layout: nchw (contiguous) or nhwc (channels_last)")
+    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="ops to compile (default: all)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="compile the deterministic-mode kernels (torch.use_deterministic_algorithms)")
+    p.add_argument("--out", type=Path, default=Path("compile-out"),
+                   help="folder for the .ptx, .cubin, table.md and table.json (emptied first)")

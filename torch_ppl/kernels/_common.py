@@ -1,0 +1,147 @@
+"""Conventions shared by the three kernel files (``similarity``, ``contrastive``, ``attention``).
+
+* **Layout.** Every pixel tensor reaches a kernel as a ``(B, L, C)`` view with three strides
+  (:func:`as_blc`): the channel-last view of NCHW features has a pixel stride of 1, a
+  channels_last tensor a channel stride of 1. Triton specialises an integer argument equal to 1
+  into a constant, so the compiler sees which axis is contiguous and lays threads along it.
+  Never address pixels as ``l // W``: that hides the contiguity.
+* **Optional inputs** are passed as ``None`` with a ``HAS_*`` constexpr flag, never as a dummy
+  pointer. Gradients that are not needed are not computed: ``NEED_DX``-style constexpr flags,
+  ``need_dx``-style Python arguments.
+* **Ops** are ``torch.library.custom_op`` named ``torch_ppl::<op>_fwd`` / ``torch_ppl::<op>_bwd``
+  with ``register_fake`` and ``register_autograd`` on the forward, so ``torch.compile`` traces
+  them as single nodes.
+* **Numerics.** fp32 accumulation; 16-bit GEMM operands stay 16-bit (tensor cores). The CPU
+  interpreter cannot multiply 16-bit operands (it treats bfloat16 as raw bits), so under it
+  :func:`dot_operand` rounds to the operand dtype and multiplies in fp32 (``UPCAST_DOT``),
+  which is what the tensor cores compute up to summation order.
+* **Tiling** depends on the GPU (:func:`on_gpu`, :func:`num_sms`). :func:`compile_for` lets the
+  launchers tile for a named GPU while handed CPU tensors, so that ``python -m benchmarks
+  compile`` compiles every kernel exactly as a CUDA user's call would, with no GPU present.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Iterator, NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import _backend
+from ..reference import EPS
+
+__all__ = [
+    "EPS", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "on_gpu", "num_sms",
+    "upcast_dot", "dot_operand", "compile_for", "CompileTarget", "compile_target",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Module globals read inside ``@triton.jit`` code must be ``tl.constexpr``: a plain float global
+# passes the interpreter and fails the real compiler.
+EPS_C = tl.constexpr(EPS)
+
+
+def check_dtypes(op: str, **tensors: Optional[Tensor]) -> None:
+    """``TypeError`` naming the first tensor whose dtype the kernels do not take (float64 mostly),
+    raised before anything launches."""
+    for name, t in tensors.items():
+        if t is not None and t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{op} (triton): {name} has dtype {t.dtype}; the Triton kernels take float32, "
+                f"bfloat16 or float16. Use backend='reference' for {t.dtype}."
+            )
+
+
+interpreting = _backend.interpret_mode  # one definition, shared with the backend choice
+
+
+# ----------------------------------------------------------------------------- layouts
+def as_blc(x: Tensor) -> Tensor:
+    """``(..., C)`` rows as ``(B, L, C)``: ``(C,)`` is ``(1, 1, C)``, ``(N, C)`` is ``(1, N, C)``,
+    ``(B, H, W, C)`` flattens its pixel axes. A view whenever the strides allow it, which both
+    the channel-last view of a contiguous NCHW tensor and a channels_last tensor do (a crop
+    copies)."""
+    if x.dim() == 1:
+        return x.reshape(1, 1, -1)
+    if x.dim() == 2:
+        return x.unsqueeze(0)
+    return x.flatten(1, -2)
+
+
+def new_rows(like: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
+    """A new ``(..., channels)`` tensor laid out like ``like``: for 4-D rows whose channel axis
+    is not the fastest (the channel-last view of NCHW) it is a view of a contiguous
+    ``(B, channels, H, W)`` buffer, so that moving the channel axis back costs nothing."""
+    if like.dim() == 4 and like.stride(-1) != 1:
+        b, h, w, _ = like.shape
+        return like.new_empty((b, channels, h, w), dtype=dtype).permute(0, 2, 3, 1)
+    return like.new_empty((*like.shape[:-1], channels), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- the GPU
+class CompileTarget(NamedTuple):
+    """A GPU the launchers tile for without one being present."""
+
+    arch: int  # compute capability as an int: 80 (A100), 90 (H100)
+    num_sms: int
+
+
+_SMS: Dict[int, int] = {}
+
+
+@contextlib.contextmanager
+def compile_for(target: CompileTarget) -> Iterator[CompileTarget]:
+    """Within this block the launchers choose tiles and grids for ``target`` whatever the
+    device of their tensors, and accept CPU tensors for ``backend="triton"``. It does not stop
+    launches: the caller pairs it with a Triton driver that compiles for ``target`` and
+    launches nothing (``benchmarks/compile.py``)."""
+    previous, _backend.COMPILE_TARGET = _backend.COMPILE_TARGET, target
+    try:
+        yield target
+    finally:
+        _backend.COMPILE_TARGET = previous
+
+
+def compile_target() -> Optional[CompileTarget]:
+    return _backend.COMPILE_TARGET
+
+
+def on_gpu(device: torch.device) -> bool:
+    """Whether launches for ``device`` are tiled for a GPU (a CUDA device, or the target of
+    :func:`compile_for`) rather than for the CPU interpreter."""
+    return device.type == "cuda" or compile_target() is not None
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device``, looked up once per device."""
+    if compile_target() is not None:
+        return compile_target().num_sms
+    if device.type != "cuda":
+        return 2
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def upcast_dot() -> bool:
+    """The ``UPCAST_DOT`` flag of every kernel with a 16-bit ``tl.dot``: on under the interpreter."""
+    return interpreting() and compile_target() is None
+
+
+@triton.jit
+def dot_operand(t, DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``t`` rounded to the GEMM operand dtype ``DTYPE``; back to fp32 under the interpreter
+    (``UPCAST_DOT``), where the products of the rounded values are exact in fp32."""
+    t = t.to(DTYPE)
+    if UPCAST_DOT:
+        t = t.to(tl.float32)
+    return t
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """``triton.next_power_of_2`` with a floor (``tl.dot`` needs every side >= 16)."""
+    return max(minimum, triton.next_power_of_2(max(int(n), 1)))
