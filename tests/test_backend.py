@@ -1,4 +1,4 @@
-"""Backend dispatch (SPEC §4): auto / reference / triton, TORCH_PPL_BACKEND, TRITON_INTERPRET.
+"""Backend dispatch (docs/api.md, Backends): auto / reference / triton, TORCH_PPL_BACKEND, TRITON_INTERPRET.
 
 Nothing here runs a Triton kernel: only the choice is tested.
 """

@@ -10,12 +10,11 @@ pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 pytest.importorskip("tqdm")
 
-from torch_ppl import PushPullLoss  # noqa: E402
 from torch_ppl.demo import __main__ as cli  # noqa: E402
 from torch_ppl.demo.data import IGNORE_INDEX, NUM_CLASSES, DataConfig, load_scans, make_scenes  # noqa: E402
 from torch_ppl.demo.model import VARIANTS  # noqa: E402
 from torch_ppl.demo.train import (  # noqa: E402
-    NoiseMeter, TrainConfig, iou_from_confusion, confusion, masked_ce, mean_iou, strong_view, train_variant,
+    Criterion, NoiseMeter, TrainConfig, iou_from_confusion, confusion, mean_iou, strong_view, train_variant,
 )
 
 TINY_DATA = DataConfig(num_train=64, num_test=16)
@@ -96,18 +95,21 @@ def test_noise_meter_counts_confident_wrong_pixels():
                              "digit_claims": 6 / 12, "noise_rate_claims": 3 / 6}
 
 
-def test_baseline_loss_is_normalised_like_push_pull_loss():
-    """The 1x1-conv variants' ``masked_ce`` and ``PushPullLoss`` without push give the same
-    UniMatch-normalised CE, so the variants differ in their head and terms, not in the reduction."""
+def test_baseline_loss_is_the_library_ce_normalised_the_unimatch_way():
+    """The 1x1-conv variants train with ``PushPullLoss``'s CE term: bilinear resize, then
+    ``sum(w * ce) / #valid``; the variants differ in their head and terms, not in the reduction."""
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, NUM_CLASSES, 6, 6, generator=g)
     target = torch.randint(NUM_CLASSES, (2, 12, 12), generator=g)
     target[0, :3] = IGNORE_INDEX
     weight = (torch.rand(2, 12, 12, generator=g) > 0.5).float()
-    ours = masked_ce(logits, target, weight)
-    lib = PushPullLoss(contrast_weight=0.0)(logits, None, target, None, weight)
-    torch.testing.assert_close(ours, lib)
-    assert ours < masked_ce(logits, target)  # the mask lowers the loss, it does not renormalise it
+    crit = Criterion(VARIANTS["pseudo_label"])
+    assert not VARIANTS["pseudo_label"].prototype_head
+    ours = crit(None, logits, None, target, weight)
+    up = torch.nn.functional.interpolate(logits, size=(12, 12), mode="bilinear", align_corners=False)
+    ce = torch.nn.functional.cross_entropy(up, target, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(ours, (ce * weight).sum() / (target != IGNORE_INDEX).sum())
+    assert ours < crit(None, logits, None, target)  # the mask lowers the loss, it does not renormalise it
 
 
 def test_strong_view_mixes_pseudo_labels_with_their_confidence():
@@ -188,6 +190,8 @@ def test_cli_runs_every_variant_and_writes_results(tmp_path, capsys):
     for name in VARIANTS:
         assert name in table
     assert "test mIoU" in table and "results.json" in table
+    assert "This was --quick, a smoke test" in table and "docs/demo.md" in table  # points to the full run
+    assert "noise % (digits):" in table  # the key under the table
 
 
 def test_worker_processes_train_the_same_runs_as_one_process(tmp_path):
@@ -217,3 +221,24 @@ def test_cli_rejects_bad_arguments():
     assert cli.parse_args(["--variants", "ppl, supervised"]).variants == ["ppl", "supervised"]
     if not torch.cuda.is_available():
         assert cli.main(["--device", "cuda", "--no-progress"]) == 2
+
+
+def test_cli_checks_the_demo_extra_before_any_work(tmp_path, capsys, monkeypatch):
+    """A missing package of the demo extra stops the demo at once, naming the pip command,
+    instead of failing at the figure after the training."""
+    monkeypatch.setattr(cli, "missing_packages", lambda: ["matplotlib"])
+    monkeypatch.setattr(cli, "run", lambda *a, **k: pytest.fail("the demo started without its packages"))
+    assert cli.main(["--quick", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "missing: matplotlib" in err and 'pip install "torch_ppl[demo]"' in err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    assert cli.missing_packages() == []  # here the extra is installed
+
+
+def test_cli_help_is_plain_text_and_quick_says_it_is_a_smoke_test(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "``" not in text and ":mod:" not in text
+    assert "smoke test" in text and 'pip install "torch_ppl[demo]"' in text

@@ -1,4 +1,4 @@
-"""SPEC §5: every public entry point and module constructor rejects bad input with a
+"""Every public entry point and module constructor rejects bad input with a
 ``ValueError`` (shape, dtype, range) or ``TypeError`` (kind) whose message names the argument
 and says what it got; non-finite features give a non-finite loss, never a silent 0."""
 from __future__ import annotations
@@ -79,7 +79,9 @@ CASES = [
     ("logits-pooling", logits_call(pooling="min"), ValueError, "pooling must be one of"),
     ("logits-pooling-type", logits_call(pooling=None), TypeError, "pooling must be a str"),
     ("logits-similarity", logits_call(similarity="euclidean"), ValueError, "similarity must be one of"),
-    ("logits-scale-nan", logits_call(scale=math.nan), ValueError, "scale must be finite"),
+    ("logits-scale-nan", logits_call(scale=math.nan), ValueError, "scale must be a finite number > 0; got nan"),
+    ("logits-scale-0", logits_call(scale=0.0), ValueError, "scale must be a finite number > 0; got 0.0"),
+    ("logits-scale-negative", logits_call(scale=-10.0), ValueError, "scale must be a finite number > 0; got -10.0"),
     ("logits-scale-str", logits_call(scale="10"), TypeError, "scale must be a float"),
     ("logits-scale-tensor", logits_call(scale=torch.ones(2)), ValueError, "scale must be a float or a one-element"),
     ("logits-bias-shape", logits_call(bias=torch.zeros(K + 1)), ValueError, "bias must have shape (K,)"),
@@ -117,7 +119,9 @@ CASES = [
      "exclude values must be in [0, 3)"),
     ("attention-exclude-negative", attention_call(exclude=TARGET - 1), ValueError, "exclude values must be in"),
     ("attention-exclude-float", attention_call(exclude=TARGET.float()), TypeError, "exclude must be an integer"),
-    ("attention-exclude-batch", attention_call(exclude=TARGET[:1]), ValueError, "exclude must have shape"),
+    ("attention-exclude-batch", attention_call(exclude=TARGET[:1]), ValueError,
+     "x and exclude must have the same batch size (first dimension); got x 2, exclude 1"),
+    ("attention-exclude-empty", attention_call(exclude=TARGET[:, :0]), ValueError, "exclude must have H' >= 1"),
     ("attention-ignore-index", attention_call(exclude=TARGET, ignore_index=255.0), TypeError,
      "ignore_index must be an int"),
     ("attention-device", attention_call(gamma=torch.ones(C, device=META)), ValueError, "gamma on meta"),
@@ -136,7 +140,16 @@ CASES = [
     ("contrastive-protos-C", contrastive_call(prototypes=PROTOS[..., :3]), ValueError, "prototypes have C=3"),
     ("contrastive-weight-shape", contrastive_call(weight=WEIGHT[:, :2]), ValueError,
      "weight must have the target's shape"),
-    ("contrastive-weight-negative", contrastive_call(weight=WEIGHT - 0.5), ValueError, "weight must be >= 0"),
+    ("contrastive-weight-negative", contrastive_call(weight=WEIGHT - 0.5), ValueError,
+     "weight must be finite and >= 0 everywhere; found minimum"),
+    ("contrastive-weight-nan", contrastive_call(weight=WEIGHT.masked_fill(TARGET == 1, math.nan)), ValueError,
+     "weight must be finite and >= 0 everywhere; found nan"),
+    ("contrastive-weight-inf", contrastive_call(weight=WEIGHT.masked_fill(TARGET == 1, math.inf)), ValueError,
+     "found inf"),
+    ("contrastive-batch", contrastive_call(target=TARGET[:1], weight=None), ValueError,
+     "features and target must have the same batch size (first dimension); got features 2, target 1"),
+    ("contrastive-target-empty", contrastive_call(target=TARGET[:, :, :0], weight=None), ValueError,
+     "target must have H' >= 1 and W' >= 1"),
     ("contrastive-weight-int", contrastive_call(weight=torch.ones(B, H, W, dtype=torch.long)), TypeError,
      "weight must be a floating"),
     ("contrastive-temperature-0", contrastive_call(temperature=0.0), ValueError, "temperature must be a finite"),
@@ -154,9 +167,20 @@ CASES = [
     ("push-pull-logits-none", push_pull_call(logits=None), TypeError, "logits must be a torch.Tensor"),
     ("push-pull-logits-int", push_pull_call(logits=LOGITS.long()), TypeError, "logits must be a floating"),
     ("push-pull-logits-3d", push_pull_call(logits=LOGITS[0]), ValueError, "logits must have shape"),
-    ("push-pull-logits-batch", push_pull_call(logits=LOGITS[:1]), ValueError, "logits batch size 1"),
+    ("push-pull-logits-batch", push_pull_call(logits=LOGITS[:1]), ValueError,
+     "logits must have the batch size (first dimension) of features and target, 2; logits has 1"),
+    ("push-pull-features-batch", push_pull_call(features=torch.randn(3, C, H, W)), ValueError,
+     "features must have the batch size (first dimension) of logits and target, 2; features has 3"),
+    ("push-pull-target-batch", push_pull_call(target=TARGET[:1], weight=None), ValueError,
+     "target must have the batch size (first dimension) of logits and features, 2; target has 1"),
+    ("push-pull-ce-only-batch", push_pull_call(features=None, prototypes=None, contrast_weight=0.0,
+                                               target=TARGET[:1], weight=None), ValueError,
+     "logits and target must have the same batch size (first dimension); got logits 2, target 1"),
     ("push-pull-logits-2d-N", push_pull_call(logits=torch.randn(5, K), features=X[:, :, 0, 0], target=TARGET[:, 0, 0],
-                                             weight=None), ValueError, "logits must have shape (N, K) with N=2"),
+                                             weight=None), ValueError,
+     "logits must have the batch size (first dimension) of features and target, 2; logits has 5"),
+    ("push-pull-target-empty", push_pull_call(target=TARGET[:, :0], weight=None), ValueError,
+     "target must have H' >= 1 and W' >= 1"),
     ("push-pull-mixed-dims", push_pull_call(logits=torch.randn(B, K), features=X, weight=None), ValueError,
      "logits and features must both be 4-D or both 2-D"),
     ("push-pull-features-none", push_pull_call(features=None), TypeError, "features must be a torch.Tensor"),
@@ -166,9 +190,15 @@ CASES = [
     ("push-pull-protos-C", push_pull_call(prototypes=PROTOS[..., :3]), ValueError, "prototypes have C=3"),
     ("push-pull-target-range", push_pull_call(target=TARGET + 1), ValueError, "target values must be in [0, 3)"),
     ("push-pull-target-float", push_pull_call(target=TARGET.double()), TypeError, "target must be an integer"),
-    ("push-pull-weight-negative", push_pull_call(weight=-WEIGHT), ValueError, "weight must be >= 0"),
+    ("push-pull-weight-negative", push_pull_call(weight=-WEIGHT), ValueError, "weight must be finite and >= 0"),
+    ("push-pull-weight-nan", push_pull_call(weight=torch.full_like(WEIGHT, math.nan)), ValueError,
+     "weight must be finite and >= 0 everywhere; found nan"),
     ("push-pull-weight-shape", push_pull_call(weight=WEIGHT[0]), ValueError, "weight must have the target's shape"),
-    ("push-pull-ce-weight", push_pull_call(ce_weight=math.nan), ValueError, "ce_weight must be finite"),
+    ("push-pull-ce-weight", push_pull_call(ce_weight=math.nan), ValueError, "ce_weight must be a finite number >= 0"),
+    ("push-pull-ce-weight-negative", push_pull_call(ce_weight=-0.5), ValueError,
+     "ce_weight must be a finite number >= 0; got -0.5"),
+    ("push-pull-contrast-weight-negative", push_pull_call(contrast_weight=-1), ValueError,
+     "contrast_weight must be a finite number >= 0; got -1"),
     ("push-pull-contrast-weight", push_pull_call(contrast_weight="1"), TypeError, "contrast_weight must be a float"),
     ("push-pull-temperature", push_pull_call(temperature=0), ValueError, "temperature must be a finite"),
     ("push-pull-positives", push_pull_call(positives=1), TypeError, "positives must be a str"),
@@ -184,7 +214,11 @@ CASES = [
     ("head-similarity", lambda: MultiPrototypeClassifier(C, K, similarity="l2"), ValueError,
      "similarity must be one of"),
     ("head-pooling", lambda: MultiPrototypeClassifier(C, K, pooling="softmax"), ValueError, "pooling must be one of"),
-    ("head-scale", lambda: MultiPrototypeClassifier(C, K, scale=math.inf), ValueError, "scale must be finite"),
+    ("head-scale", lambda: MultiPrototypeClassifier(C, K, scale=math.inf), ValueError, "scale must be a finite number > 0"),
+    ("head-scale-0", lambda: MultiPrototypeClassifier(C, K, scale=0.0), ValueError,
+     "scale must be a finite number > 0; got 0.0"),
+    ("head-scale-negative", lambda: MultiPrototypeClassifier(C, K, scale=-10.0, learnable_scale=True), ValueError,
+     "scale must be a finite number > 0; got -10.0"),
     ("head-scale-type", lambda: MultiPrototypeClassifier(C, K, scale=None), TypeError, "scale must be a float"),
     ("head-kernel-even", lambda: MultiPrototypeClassifier(C, K, kernel_size=2), ValueError,
      "kernel_size must be odd"),
@@ -193,7 +227,11 @@ CASES = [
     ("head-forward-C", lambda: MultiPrototypeClassifier(C + 1, K, backend=REF)(X), ValueError,
      "prototypes have C=5 channels but the features have C=4"),
     ("head-forward-3x3-2d", lambda: MultiPrototypeClassifier(C, K, kernel_size=3)(X[:, :, 0, 0]), ValueError,
-     "kernel_size=3 needs x of shape (B, C, H, W)"),
+     "x must have shape (B, C, H, W) for kernel_size=3"),
+    ("head-embed-list", lambda: MultiPrototypeClassifier(C, K, kernel_size=3).embed(X.tolist()), TypeError,
+     "x must be a torch.Tensor; got list"),
+    ("head-embed-int", lambda: MultiPrototypeClassifier(C, K, kernel_size=3).embed(X.long()), TypeError,
+     "x must be a floating-point tensor"),
     ("head-forward-3x3-C", lambda: MultiPrototypeClassifier(C + 1, K, kernel_size=3)(X), ValueError,
      "x must have C=5 channels"),
     ("from-conv-stride", lambda: MultiPrototypeClassifier.from_conv(nn.Conv2d(C, K, 1, stride=2)), ValueError,
@@ -225,7 +263,11 @@ CASES = [
     ("loss-temperature", lambda: PushPullLoss(temperature=0.0), ValueError, "temperature must be a finite"),
     ("loss-temperature-type", lambda: PushPullLoss(temperature=None), TypeError, "temperature must be a float"),
     ("loss-contrast-weight", lambda: PushPullLoss(contrast_weight=math.inf), ValueError,
-     "contrast_weight must be finite"),
+     "contrast_weight must be a finite number >= 0"),
+    ("loss-contrast-weight-negative", lambda: PushPullLoss(contrast_weight=-1), ValueError,
+     "contrast_weight must be a finite number >= 0; got -1"),
+    ("loss-ce-weight-negative", lambda: PushPullLoss(ce_weight=-1.0), ValueError,
+     "ce_weight must be a finite number >= 0; got -1.0"),
     ("loss-ce-weight", lambda: PushPullLoss(ce_weight=True), TypeError, "ce_weight must be a float"),
     ("loss-positives", lambda: PushPullLoss(positives="any"), ValueError, "positives must be one of"),
     ("loss-similarity", lambda: PushPullLoss(similarity="dot-product"), ValueError, "similarity must be one of"),
@@ -301,3 +343,98 @@ def test_detect_anomaly_flags_non_finite_features():
     # the forward traceback it prints points into the contrastive loss
     traces = [str(w.message) for w in caught if "Error detected in" in str(w.message)]
     assert traces and "contrastive_loss" in traces[0], traces
+
+
+# ----------------------------------------------------------------------------- value checks
+BAD_TARGET = TARGET.masked_fill(TARGET == 1, 7)
+
+
+def _loss(logits, features, target, prototypes, weight):
+    return PF.push_pull_loss(logits, features, target, prototypes, weight, backend=REF)
+
+
+@pytest.mark.parametrize("bad", ["target", "weight"])
+def test_value_checks_raise_the_same_error_compiled_and_eager(bad):
+    """A label out of range (or a NaN weight) is a ValueError under torch.compile too, with the
+    eager message, not a crash inside the generated code. The shapes are the README's (33x33
+    features, 129x129 labels): there inductor's own bounds check used to end the process."""
+    import torch._inductor.config as inductor_config
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, C, 33, 33, generator=g)
+    logits = torch.randn(2, K, 33, 33, generator=g)
+    target = torch.randint(0, K, (2, 129, 129), generator=g)
+    weight = torch.rand(2, 129, 129, generator=g)
+    if bad == "target":
+        target[1, 100, 7] = 7
+        text = "push_pull_loss: target values must be in [0, 3) or ignore_index=255; found [7]"
+    else:
+        weight[0, 3, 5] = math.nan
+        text = "push_pull_loss: weight must be finite and >= 0 everywhere; found nan"
+    with pytest.raises(ValueError) as eager:
+        _loss(logits, x, target, PROTOS, weight)
+    assert str(eager.value) == text
+    torch._dynamo.reset()
+    with inductor_config.patch({"compile_threads": 1, "cpp.vec_isa_ok": False}):
+        compiled = torch.compile(_loss, backend="inductor", fullgraph=True)
+        if bad == "target":
+            good = target.clamp(max=K - 1)
+            torch.testing.assert_close(compiled(logits, x, good, PROTOS, weight),
+                                       _loss(logits, x, good, PROTOS, weight))
+        with pytest.raises(ValueError) as info:
+            compiled(logits, x, target, PROTOS, weight)
+    assert str(info.value) == text
+
+
+def test_value_checks_can_be_turned_off():
+    import torch_ppl
+    from torch_ppl import _checks
+
+    assert torch_ppl.value_checks_enabled()
+    negative = WEIGHT - 0.5
+    with pytest.raises(ValueError, match="weight must be finite and >= 0"):
+        PF.contrastive_loss(X, TARGET, PROTOS, negative, backend=REF)
+    previous = torch_ppl.set_value_checks(False)
+    try:
+        assert previous is True and not torch_ppl.value_checks_enabled()
+        loss = PF.contrastive_loss(X, TARGET, PROTOS, negative, backend=REF)  # not checked: computed
+        assert torch.isfinite(loss)
+        out_of_range = TARGET.masked_fill(TARGET == 1, 7)
+        assert _checks.labels("f", "target", out_of_range, X, K, 255) is out_of_range
+        # shape checks still run
+        with pytest.raises(ValueError, match="weight must have the target's shape"):
+            PF.contrastive_loss(X, TARGET, PROTOS, negative[:1], backend=REF)
+    finally:
+        torch_ppl.set_value_checks(previous)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        torch_ppl.set_value_checks(0)
+
+
+def test_value_checks_env_var_at_import():
+    import subprocess
+    import sys
+
+    code = "import torch_ppl; print(torch_ppl.value_checks_enabled())"
+    env = {**__import__("os").environ, "TORCH_PPL_VALUE_CHECKS": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_value_check_on_a_non_cpu_device_does_not_read_the_data(monkeypatch):
+    """Off the CPU the check is queued on the device (torch._assert_async): no host sync."""
+    from torch_ppl import _checks
+
+    calls = []
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg: calls.append((cond.shape, msg)))
+
+    class FakeDevice:
+        type = "cuda"
+
+    class Labels(torch.Tensor):  # a CPU tensor that reports a CUDA device to the check
+        @property
+        def device(self):
+            return FakeDevice()
+
+    y = BAD_TARGET.as_subclass(Labels)
+    _checks._check_values_impl(y, _checks._LABELS, K, 255, "f: target")  # no ValueError: nothing read
+    assert calls == [(torch.Size([]), "torch_ppl: f: target: bad values (see the torch_ppl value checks)")]

@@ -224,3 +224,13 @@ def test_modules_follow_dtype_and_memory_format():
     out = attn(x, head.prototypes)
     assert out.dtype == torch.float64 and out.is_contiguous(memory_format=torch.channels_last)
     assert head(_x(7, 4)).shape == (7, 3) and attn(_x(7, 4), head.prototypes).shape == (7, 4)
+
+
+@pytest.mark.parametrize("cls", [MultiPrototypeClassifier, PPLAttention, PushPullLoss])
+def test_init_and_forward_have_their_own_docstrings(cls):
+    """help(cls) shows what the constructor checks and what forward takes, not nn.Module's
+    generic "Should be overridden by all subclasses"."""
+    for name in ("__init__", "forward"):
+        doc = cls.__dict__[name].__doc__
+        assert doc and "Should be overridden" not in doc and "Initialize internal Module state" not in doc, name
+    assert "Raises:" in cls.__init__.__doc__ and "Returns:" in cls.forward.__doc__

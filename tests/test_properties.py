@@ -3,7 +3,7 @@
 Each test states a fact that a wrong implementation would break: a flipped sign, a missing
 normalisation, a wrong reduction denominator, gradient leaking to ignored pixels. Where the
 fact is an identity with an independent computation (``F.cross_entropy``, ``nn.Conv2d``,
-``F.scaled_dot_product_attention``, the spec's fast form), that computation is written here
+``F.scaled_dot_product_attention``, the fast form of docs/math.md), that computation is written here
 with plain PyTorch and never with :mod:`torch_ppl.reference`.
 
 Hypothesis draws the sizes and a seed; tensors come from a seeded ``torch.Generator``.
@@ -73,7 +73,7 @@ def cosine(x, protos):
 
 
 def per_pixel_contrastive(x, protos, target, tau, positives):
-    """The SPEC §3 formulas written out independently, ``(B, H, W)``, 0 at ignored pixels."""
+    """The formulas of docs/math.md (the push) written out independently, ``(B, H, W)``, 0 at ignored pixels."""
     z = cosine(x, protos) / tau
     valid = target != IGNORE
     y = target.clamp_max(protos.shape[0] - 1) * valid
@@ -344,7 +344,7 @@ def test_zero_v_proj_makes_attention_the_identity(p, bias):
 @given(problems(min_k=2), st.integers(1, 3), st.integers(1, 3), st.booleans(), st.booleans())
 def test_attention_matches_sdpa_and_fast_form(p, heads, head_dim, bias, use_exclude):
     """The module equals ``F.scaled_dot_product_attention`` on the projected q, k, v (with a
-    boolean mask for ``exclude``), and the SPEC §2 fast form (docs/math.md) gives the same."""
+    boolean mask for ``exclude``), and the fast form (docs/math.md) gives the same."""
     b, c, h, w = p.x.shape
     attn = _attention(c, heads, head_dim, bias=bias, layer_scale=0.5, seed=int(p.target.sum()))
     exclude = p.target if use_exclude else None

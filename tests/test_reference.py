@@ -228,3 +228,17 @@ def test_attention_module_gradcheck_exclude_at_label_resolution():
     x, protos = _randn(1, 4, 2, 2, g=g), _randn(3, 2, 4, g=g)
     exclude = _labels((1, 4, 4), 3, g)
     assert gradcheck(lambda x, w: attn(x, w, exclude=exclude), (x, protos))
+
+
+def test_a_term_at_weight_zero_is_still_reported():
+    """With its input given, a term is computed at weight 0 (for return_terms) and multiplied
+    out of the total; with the input None it is skipped and reported as 0."""
+    g = torch.Generator().manual_seed(3)
+    x, protos = torch.randn(2, 4, 3, 3, generator=g), torch.randn(3, 2, 4, generator=g)
+    logits, target = torch.randn(2, 3, 3, 3, generator=g), torch.randint(0, 3, (2, 6, 6), generator=g)
+    terms = PF.push_pull_loss(logits, x, target, protos, ce_weight=0.0, return_terms=True, backend="reference")
+    assert terms.ce > 0
+    torch.testing.assert_close(terms.total, terms.contrastive)
+    skipped = PF.push_pull_loss(None, x, target, protos, ce_weight=0.0, return_terms=True, backend="reference")
+    assert skipped.ce == 0
+    torch.testing.assert_close(skipped.total, terms.total)

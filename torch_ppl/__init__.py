@@ -7,8 +7,10 @@ The public API:
 * :class:`PPLAttention`: the pull, feature-to-prototype attention ``x -> x + attend(x, W)``.
 * :class:`PushPullLoss`: the push, cross-entropy plus a multi-prototype contrastive loss.
 * :mod:`torch_ppl.functional`: the same as functions, each with ``backend=``.
+* :func:`set_value_checks`: turn the checks that read the data (label range, weights) off.
 """
 from . import functional
+from ._checks import set_value_checks, value_checks_enabled
 from ._version import __version__
 from .attention import PPLAttention
 from .functional import LossTerms
@@ -21,5 +23,7 @@ __all__ = [
     "PushPullLoss",
     "LossTerms",
     "functional",
+    "set_value_checks",
+    "value_checks_enabled",
     "__version__",
 ]

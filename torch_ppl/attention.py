@@ -51,6 +51,16 @@ class PPLAttention(nn.Module):
         ignore_index: int = 255,
         backend: str = "auto",
     ) -> None:
+        """Check the options and create the four projections ``q_proj``, ``k_proj``,
+        ``v_proj`` (``C -> h*d``) and ``out_proj`` (``h*d -> C``), ``nn.Linear`` with their
+        default initialisation, and ``gamma`` when ``layer_scale`` is given. The arguments
+        are described on the class.
+
+        Raises:
+            TypeError: an argument of the wrong kind (e.g. ``head_dim=1.5``).
+            ValueError: a value out of range (e.g. ``channels`` not divisible by
+                ``num_heads`` when ``head_dim`` is not given).
+        """
         super().__init__()
         fn = type(self).__name__
         self.channels = _checks.positive_int(fn, "channels", channels)
@@ -76,8 +86,24 @@ class PPLAttention(nn.Module):
             self.gamma = nn.Parameter(torch.full((channels,), init))
 
     def forward(self, x: Tensor, prototypes: Tensor, exclude: Optional[Tensor] = None) -> Tensor:
-        """``x``: ``(B, C, H, W)`` or ``(N, C)``; ``prototypes``: ``(K, M, C)`` or ``(P, C)``;
-        ``exclude``: optional label map. Returns ``x``'s shape."""
+        """Pull every pixel feature towards what it reads from the prototypes.
+
+        Args:
+            x: features ``(B, C, H, W)`` (any strides) or ``(N, C)``.
+            prototypes: the head's ``prototypes``, ``(K, M, C)``, or ``(P, C)``.
+            exclude: optional label map ``(B, H', W')`` (``(N,)`` for 2-D ``x``), resized to
+                ``x``'s resolution with ``mode="nearest"``: each pixel then does not attend to
+                its own class's prototypes; ``ignore_index`` pixels attend to all. Needs
+                ``(K, M, C)`` prototypes.
+
+        Returns:
+            ``x + gamma * out_proj(attention)``, with ``x``'s shape, dtype and memory format.
+
+        Raises:
+            TypeError: an argument of the wrong kind.
+            ValueError: shapes that do not fit (e.g. prototypes with another ``C``), or
+                ``exclude`` values outside ``[0, K)`` and not ``ignore_index``.
+        """
         if self.detach_prototypes and isinstance(prototypes, Tensor):
             prototypes = prototypes.detach()
         return PF.prototype_attention(

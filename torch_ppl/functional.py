@@ -1,9 +1,10 @@
-"""Functional forms of the PPL ops (SPEC §1-§3), each with ``backend=``.
+"""Functional forms of the PPL ops, each with ``backend=``.
 
-Every function checks its inputs (SPEC §5), moves the channel axis last (a view, no copy:
-``(B, C, H, W)`` becomes ``(B, H, W, C)`` rows), resizes labels to the features' resolution
-where the spec says so, and hands the rows to :mod:`torch_ppl.reference` or to the fused
-kernels in :mod:`torch_ppl.kernels`, chosen by :mod:`torch_ppl._backend`.
+Every function checks its inputs (``ValueError`` / ``TypeError`` naming the argument, see
+``docs/api.md``), moves the channel axis last (a view, no copy: ``(B, C, H, W)`` becomes
+``(B, H, W, C)`` rows), resizes labels to the features' resolution where ``docs/math.md``
+says so, and hands the rows to :mod:`torch_ppl.reference` or to the fused kernels in
+:mod:`torch_ppl.kernels`, chosen by :mod:`torch_ppl._backend`.
 """
 from __future__ import annotations
 
@@ -59,12 +60,21 @@ def _resize_nearest(t: Optional[Tensor], size) -> Optional[Tensor]:
     return resized.to(t.dtype)
 
 
+def _label_map(y: object, x: Tensor) -> Optional[Tensor]:
+    """``y`` when it has the rank of a label map for ``x`` (3 for 4-D ``x``, 1 for 2-D), else
+    ``None``: the batch sizes are compared only then, a wrong rank is reported by
+    :func:`torch_ppl._checks.labels`."""
+    return y if isinstance(y, Tensor) and y.dim() == (3 if x.dim() == 4 else 1) else None
+
+
 def _scale(fn: str, scale: Union[float, Tensor]) -> Union[float, Tensor]:
     if isinstance(scale, Tensor):
         if scale.numel() != 1 or not scale.is_floating_point():
             raise ValueError(f"{fn}: scale must be a float or a one-element floating tensor; got {tuple(scale.shape)} {scale.dtype}")
+        # A tensor scale (a learnable one) is not range-checked: that would read it back from
+        # the device on every call. The constructor checks the initial value.
         return scale.reshape(())
-    return _checks.finite_float(fn, "scale", scale)
+    return _checks.positive_float(fn, "scale", scale)
 
 
 # ----------------------------------------------------------------------------- the head
@@ -113,7 +123,7 @@ def prototype_logits(
         prototypes: ``(K, M, C)``.
         similarity: ``"cosine"`` or ``"dot"``.
         pooling: ``"max"``, ``"logsumexp"`` or ``"mean"`` over the ``M`` prototypes of a class.
-        scale: float or one-element tensor (may require grad).
+        scale: a float ``> 0``, or a one-element tensor (may require grad; not range-checked).
         bias: ``(K,)`` or ``None``.
 
     Returns:
@@ -209,6 +219,7 @@ def prototype_attention(
                 f"{fn}: exclude= needs prototypes shaped (K, M, C) to know each prototype's class; "
                 f"got {tuple(prototypes.shape)}"
             )
+        _checks.same_batch(fn, x=x, exclude=_label_map(exclude, x))
         exclude = _checks.labels(fn, "exclude", exclude, x, prototypes.shape[0], ignore)
         protos_per_class = prototypes.shape[1]
     tensors = dict(x=x, prototypes=prototypes, q_weight=q_weight, k_weight=k_weight, v_weight=v_weight,
@@ -272,7 +283,7 @@ def contrastive_loss(
         target: ``(B, H', W')`` (``(N,)`` for 2-D features) int64 in ``[0, K)`` or
             ``ignore_index``; resized to ``(H, W)`` with ``mode="nearest"``.
         prototypes: ``(K, M, C)``.
-        weight: optional per-pixel weight shaped like ``target``, ``>= 0``.
+        weight: optional per-pixel weight shaped like ``target``, finite and ``>= 0``.
         temperature: ``tau`` in ``z = s / tau``.
         positives: ``"all"`` (logsumexp over the class's prototypes) or ``"nearest"``.
         reduction: ``"mean"`` (``sum(w l) / max(#valid, 1)``), ``"sum"`` or ``"none"``.
@@ -284,6 +295,7 @@ def contrastive_loss(
     features = _checks.features(fn, features)
     prototypes = _checks.prototypes(fn, prototypes, features.shape[1])
     _check_loss_options(fn, temperature, positives, similarity, ignore_index, reduction)
+    _checks.same_batch(fn, features=features, target=_label_map(target, features))
     target = _checks.labels(fn, "target", target, features, prototypes.shape[0], ignore_index)
     weight = _checks.weight(fn, weight, target)
     _checks.same_device(fn, features=features, prototypes=prototypes, target=target, weight=weight)
@@ -291,6 +303,47 @@ def contrastive_loss(
     return _contrastive(features, target, prototypes, weight, temperature=temperature, positives=positives,
                         similarity=similarity, ignore_index=ignore_index, reduction=reduction,
                         backend=backend, fn=fn)
+
+
+def _check_push_pull(fn, logits, features, target, prototypes, weight, *, temperature, contrast_weight,
+                     ce_weight, positives, similarity, ignore_index, reduction, backend):
+    """Every check of :func:`push_pull_loss`, in the order a user would want to hear about
+    them. Returns ``(logits, features, target, prototypes, weight, ce_weight, contrast_weight,
+    use_ce, use_contrast)``; the tensors are the checked ones (under ``torch.compile`` the value
+    checks tie ``target`` and ``weight`` to the check, see :mod:`torch_ppl._checks`)."""
+    _check_loss_options(fn, temperature, positives, similarity, ignore_index, reduction)
+    ce_weight = _checks.non_negative_float(fn, "ce_weight", ce_weight)
+    contrast_weight = _checks.non_negative_float(fn, "contrast_weight", contrast_weight)
+    _backend.check_backend(backend)
+    use_ce, use_contrast = ce_weight != 0.0 or logits is not None, contrast_weight != 0.0 or features is not None
+    if use_ce:
+        logits = _checks.floating(fn, "logits", logits, (2, 4), "(B, K, h, w) or (N, K)")
+    if use_contrast:
+        features = _checks.features(fn, features)
+        prototypes = _checks.prototypes(fn, prototypes, features.shape[1])
+    if not (use_ce or use_contrast):
+        raise ValueError(f"{fn}: logits and features are both None; give at least one")
+    num_classes = prototypes.shape[0] if use_contrast else logits.shape[1]
+    if use_ce and logits.shape[1] != num_classes:
+        raise ValueError(
+            f"{fn}: logits have K={logits.shape[1]} classes but prototypes have K={num_classes}; "
+            f"got logits {tuple(logits.shape)}, prototypes {tuple(prototypes.shape)}"
+        )
+    if use_ce and use_contrast and logits.dim() != features.dim():
+        raise ValueError(f"{fn}: logits and features must both be 4-D or both 2-D; got {tuple(logits.shape)} and {tuple(features.shape)}")
+    like = features if use_contrast else logits
+    _checks.same_batch(fn, logits=logits if use_ce else None, features=features if use_contrast else None,
+                       target=_label_map(target, like))
+    target = _checks.labels(fn, "target", target, like, num_classes, ignore_index)
+    weight = _checks.weight(fn, weight, target)
+    _checks.same_device(fn, logits=logits, features=features, target=target, prototypes=prototypes, weight=weight)
+    if reduction == "none" and use_ce and use_contrast and features.dim() == 4 and features.shape[2:] != target.shape[1:]:
+        raise ValueError(
+            f"{fn}: reduction='none' adds per-pixel maps, so features must be at the target's resolution "
+            f"{tuple(target.shape[1:])}; got features {tuple(features.shape)}. Use 'mean' or 'sum', or call "
+            f"contrastive_loss(..., reduction='none') for the contrastive map at the features' resolution."
+        )
+    return logits, features, target, prototypes, weight, ce_weight, contrast_weight, use_ce, use_contrast
 
 
 def push_pull_loss(
@@ -315,55 +368,39 @@ def push_pull_loss(
     Args:
         logits: ``(B, K, h, w)`` or ``(N, K)``; resized to the target's resolution with
             ``mode="bilinear", align_corners=False`` when it differs. May be ``None`` when
-            ``ce_weight == 0``.
+            ``ce_weight == 0``. When given, the CE term is computed even with ``ce_weight == 0``
+            so that ``return_terms=True`` can report it (pass ``None`` to skip that work).
         features: ``(B, C, H, W)`` or ``(N, C)``; the contrastive term is computed at this
             resolution (target and weight resized with ``mode="nearest"``). May be ``None``
             (with ``prototypes``) when ``contrast_weight == 0``.
         target: ``(B, H', W')`` or ``(N,)`` int64 in ``[0, K)`` or ``ignore_index``.
         prototypes: ``(K, M, C)``.
-        weight: optional per-pixel weight shaped like ``target``, ``>= 0`` (e.g. a
+        weight: optional per-pixel weight shaped like ``target``, finite and ``>= 0`` (e.g. a
             pseudo-label confidence mask). Both terms use the UniMatch reduction.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``. With ``"none"`` both terms must be
-            per-pixel at the target's resolution (or have weight 0).
+        temperature: ``tau`` of the contrastive term, ``> 0``.
+        contrast_weight: weight of the contrastive term, finite and ``>= 0``.
+        ce_weight: weight of the CE term, finite and ``>= 0``.
+        positives: ``"all"`` or ``"nearest"``.
+        similarity: ``"cosine"`` or ``"dot"``, for the contrastive term.
+        ignore_index: label of pixels left out of both terms.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``. ``"none"`` returns one per-pixel map at
+            the target's resolution, so when both terms are used the features must be at the
+            target's resolution too; with coarser features (the usual 1/4-resolution decoder
+            output against full-size labels) it raises ``ValueError``. For the two maps at
+            their own resolutions call ``contrastive_loss(..., reduction="none")`` and
+            ``push_pull_loss(logits, None, target, None, contrast_weight=0, reduction="none")``.
+        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
         return_terms: also return the two reduced terms, as :class:`LossTerms`.
 
     Returns:
         The float32 total, or ``LossTerms(total, ce, contrastive)``.
     """
     fn = "push_pull_loss"
-    _check_loss_options(fn, temperature, positives, similarity, ignore_index, reduction)
-    ce_weight = _checks.finite_float(fn, "ce_weight", ce_weight)
-    contrast_weight = _checks.finite_float(fn, "contrast_weight", contrast_weight)
-    _backend.check_backend(backend)
-    use_ce, use_contrast = ce_weight != 0.0 or logits is not None, contrast_weight != 0.0 or features is not None
-    if use_ce:
-        logits = _checks.floating(fn, "logits", logits, (2, 4), "(B, K, h, w) or (N, K)")
-    if use_contrast:
-        features = _checks.features(fn, features)
-        prototypes = _checks.prototypes(fn, prototypes, features.shape[1])
-    if not (use_ce or use_contrast):
-        raise ValueError(f"{fn}: logits and features are both None; give at least one")
-    num_classes = prototypes.shape[0] if use_contrast else logits.shape[1]
-    if use_ce and logits.shape[1] != num_classes:
-        raise ValueError(
-            f"{fn}: logits have K={logits.shape[1]} classes but prototypes have K={num_classes}; "
-            f"got logits {tuple(logits.shape)}, prototypes {tuple(prototypes.shape)}"
-        )
-    like = features if use_contrast else logits
-    target = _checks.labels(fn, "target", target, like, num_classes, ignore_index)
-    if use_ce and use_contrast and logits.dim() != features.dim():
-        raise ValueError(f"{fn}: logits and features must both be 4-D or both 2-D; got {tuple(logits.shape)} and {tuple(features.shape)}")
-    if use_ce and logits.dim() == 2 and logits.shape[0] != target.shape[0]:
-        raise ValueError(f"{fn}: logits must have shape (N, K) with N={target.shape[0]}; got {tuple(logits.shape)}")
-    if use_ce and logits.dim() == 4 and logits.shape[0] != target.shape[0]:
-        raise ValueError(f"{fn}: logits batch size {logits.shape[0]} differs from target's {target.shape[0]}")
-    weight = _checks.weight(fn, weight, target)
-    _checks.same_device(fn, logits=logits, features=features, target=target, prototypes=prototypes, weight=weight)
-    if reduction == "none" and use_ce and use_contrast and features.dim() == 4 and features.shape[2:] != target.shape[1:]:
-        raise ValueError(
-            f"{fn}: reduction='none' adds per-pixel maps, so features must be at the target's resolution "
-            f"{tuple(target.shape[1:])}; got features {tuple(features.shape)}. Use 'mean' or 'sum'."
-        )
+    (logits, features, target, prototypes, weight, ce_weight, contrast_weight, use_ce,
+     use_contrast) = _check_push_pull(
+        fn, logits, features, target, prototypes, weight, temperature=temperature,
+        contrast_weight=contrast_weight, ce_weight=ce_weight, positives=positives, similarity=similarity,
+        ignore_index=ignore_index, reduction=reduction, backend=backend)
 
     valid = target != ignore_index
     zero = torch.zeros(target.shape if reduction == "none" else (), device=target.device)

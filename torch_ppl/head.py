@@ -27,8 +27,9 @@ class MultiPrototypeClassifier(nn.Module):
         num_prototypes: ``M`` prototypes per class.
         similarity: ``"cosine"`` or ``"dot"``.
         pooling: ``"max"`` (gradient to the winning prototype only), ``"logsumexp"`` or ``"mean"``.
-        scale: the logit scale (an inverse temperature; ignored in spirit for ``"dot"``,
-            where 1.0 is the natural choice).
+        scale: the logit scale, a finite number ``> 0`` (an inverse temperature; for
+            ``"dot"`` 1.0 is the natural choice). A learnable scale is checked here, not while
+            it trains.
         learnable_scale: make ``scale`` a parameter.
         bias: add a learnable per-class bias.
         kernel_size: odd ``k``; ``k > 1`` compares each pixel's ``k x k`` neighbourhood
@@ -61,6 +62,13 @@ class MultiPrototypeClassifier(nn.Module):
         kernel_size: int = 1,
         backend: str = "auto",
     ) -> None:
+        """Check the options and create ``prototypes`` (and ``bias``), initialised by
+        :meth:`reset_parameters`. The arguments are described on the class.
+
+        Raises:
+            TypeError: an argument of the wrong kind (e.g. ``num_classes=2.0``).
+            ValueError: a value out of range (e.g. ``scale <= 0``, an even ``kernel_size``).
+        """
         super().__init__()
         fn = type(self).__name__
         self.in_channels = _checks.positive_int(fn, "in_channels", in_channels)
@@ -72,7 +80,7 @@ class MultiPrototypeClassifier(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f"{fn}: kernel_size must be odd (padding kernel_size // 2 keeps H, W); got {kernel_size}")
         self.backend = _backend.check_backend(backend)
-        init_scale = _checks.finite_float(fn, "scale", scale)
+        init_scale = _checks.positive_float(fn, "scale", scale)
         dim = in_channels * kernel_size * kernel_size
         self.prototypes = nn.Parameter(torch.empty(num_classes, num_prototypes, dim))
         self.bias = nn.Parameter(torch.empty(num_classes)) if bias else None
@@ -109,9 +117,7 @@ class MultiPrototypeClassifier(nn.Module):
         if self.kernel_size == 1:
             return x
         fn = type(self).__name__
-        if not isinstance(x, Tensor) or x.dim() != 4:
-            raise ValueError(f"{fn}: kernel_size={self.kernel_size} needs x of shape (B, C, H, W); got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        x = _checks.floating(fn, "x", x, (4,), f"(B, C, H, W) for kernel_size={self.kernel_size}")
         if x.shape[1] != self.in_channels:
             raise ValueError(f"{fn}: x must have C={self.in_channels} channels; got shape {tuple(x.shape)}")
         b, _, h, w = x.shape
@@ -119,7 +125,20 @@ class MultiPrototypeClassifier(nn.Module):
         return cols.view(b, self.feature_dim, h, w)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, C, H, W) -> (B, K, H, W)`` or ``(N, C) -> (N, K)`` float32 logits."""
+        """Class logits ``scale * pool_m s[n, k, m] (+ bias[k])``.
+
+        Args:
+            x: features ``(B, C, H, W)`` (any strides, channels_last included) or ``(N, C)``
+                (``kernel_size=1`` only).
+
+        Returns:
+            ``(B, K, H, W)`` or ``(N, K)`` logits, float32 (float64 for float64 input), also
+            under autocast; at ``x``'s resolution (the head never upsamples).
+
+        Raises:
+            TypeError: ``x`` is not a floating-point tensor.
+            ValueError: ``x`` has the wrong shape or a channel count other than ``in_channels``.
+        """
         return PF.prototype_logits(
             self.embed(x), self.prototypes, similarity=self.similarity, pooling=self.pooling,
             scale=self.scale, bias=self.bias, backend=self.backend,

@@ -16,14 +16,17 @@ class PushPullLoss(nn.Module):
     call, so one optimizer, one checkpoint and one DDP wrapper cover everything.
 
     Args:
-        temperature: ``tau`` of the contrastive term, ``z = s / tau``.
-        contrast_weight: the weight of the contrastive term.
-        ce_weight: the weight of the cross-entropy term.
+        temperature: ``tau`` of the contrastive term, ``z = s / tau``; ``> 0``.
+        contrast_weight: the weight of the contrastive term, finite and ``>= 0``.
+        ce_weight: the weight of the cross-entropy term, finite and ``>= 0``.
         positives: ``"all"`` (logsumexp over the ``M`` prototypes of the label's class) or
             ``"nearest"`` (the closest one).
         similarity: ``"cosine"`` or ``"dot"`` (for the contrastive term).
         ignore_index: label of pixels left out of both terms.
         reduction: ``"mean"`` (``sum(w l) / max(#valid, 1)``), ``"sum"`` or ``"none"``.
+            ``"none"`` returns one per-pixel map at the target's resolution: with both terms
+            on, the features must then be at the target's resolution too (coarser features,
+            as in the usage example, raise ``ValueError``; see :meth:`forward`).
         backend: ``"auto"``, ``"reference"`` or ``"triton"``.
 
     Call:
@@ -51,11 +54,18 @@ class PushPullLoss(nn.Module):
         reduction: str = "mean",
         backend: str = "auto",
     ) -> None:
+        """Check and store the options (described on the class); the loss has no parameters.
+
+        Raises:
+            TypeError: an option of the wrong kind (e.g. ``temperature=None``).
+            ValueError: a value out of range (e.g. ``temperature <= 0``, a negative or
+                non-finite ``ce_weight`` / ``contrast_weight``, an unknown ``reduction``).
+        """
         super().__init__()
         fn = type(self).__name__
         self.temperature = _checks.positive_float(fn, "temperature", temperature)
-        self.contrast_weight = _checks.finite_float(fn, "contrast_weight", contrast_weight)
-        self.ce_weight = _checks.finite_float(fn, "ce_weight", ce_weight)
+        self.contrast_weight = _checks.non_negative_float(fn, "contrast_weight", contrast_weight)
+        self.ce_weight = _checks.non_negative_float(fn, "ce_weight", ce_weight)
         self.positives = _checks.choice(fn, "positives", positives, _checks.POSITIVES)
         self.similarity = _checks.choice(fn, "similarity", similarity, _checks.SIMILARITIES)
         self.ignore_index = _checks.ignore_index(fn, ignore_index)
@@ -72,6 +82,37 @@ class PushPullLoss(nn.Module):
         *,
         return_terms: bool = False,
     ) -> Union[Tensor, PF.LossTerms]:
+        """``ce_weight * CE + contrast_weight * contrastive`` for one batch.
+
+        Args:
+            logits: ``(B, K, h, w)`` or ``(N, K)``, bilinearly resized to the target's
+                resolution; ``None`` when ``ce_weight == 0`` (when given, the CE term is
+                computed even at weight 0, so that ``return_terms`` can report it).
+            features: ``(B, C, H, W)`` or ``(N, C)``, the features the prototypes are compared
+                with (the head's input, or :meth:`MultiPrototypeClassifier.embed` of it); the
+                contrastive term is computed at their resolution, the target and weight
+                nearest-resized to it. ``None`` when ``contrast_weight == 0``.
+            target: ``(B, H', W')`` or ``(N,)`` integer labels in ``[0, K)`` or ``ignore_index``.
+            prototypes: the head's ``prototypes`` ``(K, M, C)``; ``None`` with ``features``.
+            weight: optional per-pixel weight shaped like ``target``, finite and ``>= 0`` (a
+                pseudo-label confidence mask lowers the loss, it does not renormalise it).
+            return_terms: also return the two reduced terms.
+
+        Returns:
+            A float32 scalar (``"mean"``, ``"sum"``), a per-pixel map shaped like ``target``
+            with 0 at ignored pixels (``"none"``), or
+            :class:`~torch_ppl.functional.LossTerms` ``(total, ce, contrastive)`` with
+            ``return_terms=True``.
+
+        Raises:
+            TypeError: a tensor of the wrong kind (e.g. float labels).
+            ValueError: shapes that disagree (the message names the argument), labels out
+                of range, a negative or non-finite ``weight``, or ``reduction="none"`` with
+                features coarser than the target while both terms are on. For the two
+                per-pixel maps at their own resolutions, call
+                :func:`~torch_ppl.functional.contrastive_loss` with ``reduction="none"`` and
+                this loss with ``contrast_weight=0``.
+        """
         return PF.push_pull_loss(
             logits, features, target, prototypes, weight,
             temperature=self.temperature, contrast_weight=self.contrast_weight, ce_weight=self.ce_weight,

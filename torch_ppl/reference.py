@@ -10,7 +10,7 @@ Numerics: everything is computed in float32 (float64 when an input is float64) w
 switched off, as segmentation code expects of cosine logits and losses. Gradients come back in
 each input's own dtype. This path may materialise the ``N x P`` similarity tensor.
 
-Notation (SPEC): ``K`` classes, ``M`` prototypes per class, ``P = K * M``, ``C`` channels.
+Notation (``docs/math.md``): ``K`` classes, ``M`` prototypes per class, ``P = K * M``, ``C`` channels.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
 def _autocast_off(fn):
     """Run ``fn`` with autocast disabled on the first tensor argument's device.
 
-    Under autocast the einsums below would run in bf16/fp16; the spec wants fp32 logits and
-    losses, so the reference opts out and casts explicitly instead.
+    Under autocast the einsums below would run in bf16/fp16; logits and losses are
+    fp32 (``docs/math.md``), so the reference opts out and casts explicitly instead.
     """
 
     @functools.wraps(fn)
@@ -74,7 +74,7 @@ def pool(s: Tensor, pooling: str) -> Tensor:
     """Pool ``(..., K, M)`` similarities over the ``M`` prototypes of each class -> ``(..., K)``.
 
     ``"max"`` sends the gradient to the winning prototype only; ``argmax`` returns the first
-    maximal index, so ties go to the lowest index as the spec asks.
+    maximal index, so ties go to the lowest index (``docs/math.md``).
     """
     if pooling == "max":
         winner = s.argmax(dim=-1, keepdim=True)

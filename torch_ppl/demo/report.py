@@ -77,14 +77,23 @@ def _fmt(stat: Dict[str, Optional[float]], digits: int = 3, percent: bool = Fals
     return text + (f" ± {scale * std:.{digits}f}" if std is not None else "")
 
 
+TABLE_KEY = """\
+noise %: share of the confident pseudo-labels that are wrong; noise % (digits): the same over
+pixels whose true class is a digit ("-" when no run of the variant claimed any digit pixel:
+every confident digit pixel was then called background, 100 % by construction); coverage %:
+share of unlabelled pixels confident enough to be used; digit claims %: share of unlabelled
+pixels confidently pseudo-labelled as a digit. All over the whole run."""
+
+
 def format_table(summary: Dict[str, dict]) -> str:
-    """A plain-text table, one row per variant."""
+    """A plain-text table, one row per variant (:data:`TABLE_KEY` explains the columns)."""
     head = ("variant", "seeds", "test mIoU", "noise %", "noise % (digits)", "coverage %", "digit claims %",
             "s / run")
     rows = [head]
     for name, s in summary.items():
+        claimed = bool(s["digit_claims"]["mean"])  # None or 0: no digit pixel was ever claimed
         rows.append((name, str(len(s["seeds"])), _fmt(s["test_miou"]), _fmt(s["noise_rate"], 2, True),
-                     _fmt(s["noise_rate_fg"], 1, True), _fmt(s["coverage"], 1, True),
+                     _fmt(s["noise_rate_fg"], 1, True) if claimed else "-", _fmt(s["coverage"], 1, True),
                      _fmt(s["digit_claims"], 2, True),
                      f"{s['wall_s']['mean']:.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -103,8 +112,10 @@ def _class_colors():
 
 def make_figure(path: Path, runs: List[RunResult], scenes: DigitScenes, samples: int = 3) -> None:
     """Top: curves (mean over seeds, band = min..max) of test mIoU, noise rate and digit-pixel
-    noise rate. Bottom: the first test scenes, their truth and each variant's prediction
-    (lowest seed)."""
+    noise rate, the variants' legend to their right. The digit-pixel noise rate is drawn only
+    where some digit pixel was claimed (before that it is 1 by construction: every confident
+    digit pixel is called background); a panel with nothing to draw says so. Bottom: the first
+    test scenes, their truth and each variant's prediction (lowest seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -120,23 +131,37 @@ def make_figure(path: Path, runs: List[RunResult], scenes: DigitScenes, samples:
     axes = top.subplots(1, 3)
     panels = (("test_miou", "test mIoU (first test scenes)"),
               ("noise_rate", "pseudo-label noise rate\n(wrong share of confident pixels)"),
-              ("noise_rate_fg", "noise rate on digit pixels"))
+              ("noise_rate_fg", "noise rate on digit pixels\n(once some digit pixel is claimed)"))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def value(h: dict, key: str) -> float:
+        if h[key] is None or (key == "noise_rate_fg" and not h.get("digit_claims")):
+            return math.nan
+        return h[key]
+
     for ax, (key, title) in zip(axes, panels):
+        drawn = False
         for i, name in enumerate(names):
             curves = [r.history for r in runs if r.variant == name]
             steps = [h["step"] for h in curves[0]]
-            values = [[h[key] if h[key] is not None else math.nan for h in c] for c in curves]
+            values = [[value(h, key) for h in c] for c in curves]
+            drawn = drawn or any(not math.isnan(v) for c in values for v in c)
             by_step = list(zip(*values))
             mean = [statistics.fmean(v) if not any(map(math.isnan, v)) else math.nan for v in by_step]
             ax.plot(steps, mean, color=colors[i % len(colors)], label=name, lw=1.6)
             if len(curves) > 1:
                 ax.fill_between(steps, [min(v) for v in by_step], [max(v) for v in by_step],
                                 color=colors[i % len(colors)], alpha=0.15, lw=0)
+        if not drawn:
+            ax.text(0.5, 0.5, "nothing to draw yet:\nno run has claimed a digit pixel\n(a longer run fills this panel)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=9, color="0.35")
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    top.legend(handles, labels, loc="outside right upper", fontsize=8, title="variant")
 
     cmap = _class_colors()
     grid = bottom.subplots(samples, cols, squeeze=False)

@@ -10,8 +10,8 @@ One step of a semi-supervised variant::
     loss = loss_l + lambda_u * loss_u
 
 ``crit`` divides by the number of pixels, not by the number of confident ones (UniMatch's
-normalisation): for the prototype heads that is built into ``PushPullLoss``, for the 1x1 conv
-baseline :func:`masked_ce` does it by hand. The unlabelled split's true labels are read only to
+normalisation), which is what ``PushPullLoss`` does: every variant trains with it, the 1x1-conv
+baselines with its CE term alone (``contrast_weight=0``). The unlabelled split's true labels are read only to
 count how many confident pseudo-labels are wrong (the noise rate); no gradient sees them.
 """
 from __future__ import annotations
@@ -74,29 +74,17 @@ class RunResult:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "samples"}
 
 
-def masked_ce(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None) -> Tensor:
-    """Plain cross-entropy with the UniMatch normalisation ``sum(w * ce) / #valid``, logits
-    bilinearly resized to the target: what a 1x1-conv model trains with."""
-    logits = F.interpolate(logits.float(), size=target.shape[-2:], mode="bilinear", align_corners=False)
-    per_pixel = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
-    if weight is not None:
-        per_pixel = per_pixel * weight
-    return per_pixel.sum() / (target != IGNORE_INDEX).sum().clamp(min=1)
-
-
 class Criterion:
-    """The loss of a variant: ``masked_ce`` for the 1x1 conv, ``PushPullLoss`` for the prototype
-    head (with ``contrast_weight=0`` when the variant has no push)."""
+    """The loss of a variant: ``PushPullLoss``, with ``contrast_weight=0`` (its CE term alone:
+    cross-entropy after a bilinear resize, UniMatch-normalised) when the variant has no push,
+    as for the 1x1-conv baselines."""
 
     def __init__(self, variant: Variant) -> None:
         self.variant = variant
-        self.push_pull = (PushPullLoss(contrast_weight=1.0 if variant.push else 0.0, ignore_index=IGNORE_INDEX)
-                          if variant.prototype_head else None)
+        self.push_pull = PushPullLoss(contrast_weight=1.0 if variant.push else 0.0, ignore_index=IGNORE_INDEX)
 
     def __call__(self, model: SegNet, logits: Tensor, features: Tensor, target: Tensor,
                  weight: Optional[Tensor] = None) -> Tensor:
-        if self.push_pull is None:
-            return masked_ce(logits, target, weight)
         if self.variant.push:
             return self.push_pull(logits, features, target, model.prototypes, weight)
         return self.push_pull(logits, None, target, None, weight)
