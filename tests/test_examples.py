@@ -125,6 +125,31 @@ def test_unimatch_confidence_mask_and_lambda():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
+# ----------------------------------------------------------------------------- lightning_semi.py
+def test_lightning_example_trains_a_few_steps_on_cpu(monkeypatch, capsys):
+    pytest.importorskip("lightning")
+    out = _run_script("lightning_semi", ["--steps", "3", "--threshold", "0.3"], monkeypatch, capsys)
+    losses = [float(ln.split("loss ")[1]) for ln in out.splitlines() if ln.startswith("step ")]
+    assert len(losses) == 3 and all(0 < v < float("inf") for v in losses), out
+
+
+def test_lightning_step_uses_the_confidence_mask():
+    pytest.importorskip("lightning")
+    ex = _load("lightning_semi")
+    batch = [t[:2] for t in ex.RandomSemiSupervised(length=2, size=8).__dict__.values()]
+    losses = {}
+    for threshold in (1.01, 0.0):  # nothing confident / everything confident
+        torch.manual_seed(0)
+        model = ex.PPLSegmenter(channels=8, num_prototypes=2, threshold=threshold)
+        model.log_dict = lambda *args, **kwargs: None  # outside a Trainer
+        losses[threshold] = model.training_step(batch, 0)
+    torch.manual_seed(0)
+    model = ex.PPLSegmenter(channels=8, num_prototypes=2)
+    supervised = model(batch[0], batch[1]).loss
+    torch.testing.assert_close(losses[1.01], supervised, rtol=0, atol=0)
+    assert losses[0.0] > supervised
+
+
 def test_examples_use_the_public_api_only():
     for path in EXAMPLES.glob("*.py"):
         text = path.read_text()
