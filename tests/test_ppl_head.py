@@ -70,6 +70,22 @@ def test_loss_after_a_forward_without_target_equals_the_loss_inside():
         head.loss(logits, y)  # eval mode keeps nothing
 
 
+def test_deepcopy_and_pickle_after_a_training_forward():
+    """An EMA teacher is often a deepcopy taken mid-training; the kept features (part of an
+    autograd graph) are not copied."""
+    import copy
+    import pickle
+
+    head = PPLHead(C, K, M)
+    x, y, _ = _inputs()
+    logits = head(x)  # training mode: keeps its features
+    for clone in (copy.deepcopy(head), pickle.loads(pickle.dumps(head))):
+        with pytest.raises(RuntimeError, match="no features kept"):
+            clone.loss(logits, y)
+        torch.testing.assert_close(clone(x), logits)
+    assert torch.isfinite(head.loss(logits, y))  # the original still has them
+
+
 @pytest.mark.parametrize("pull", [False, True])
 def test_from_conv_starts_as_the_conv(pull):
     conv = nn.Conv2d(C, K, 3, padding=1)

@@ -117,6 +117,11 @@ class PPLHead(nn.Module):
         self.criterion = criterion
         self._features: Optional[Tensor] = None
 
+    def __getstate__(self) -> dict:
+        # Kept features are part of an autograd graph: copy.deepcopy (an EMA teacher) and
+        # pickling would fail on them, and they belong to one step anyway.
+        return {**self.__dict__, "_features": None}
+
     @property
     def prototypes(self) -> nn.Parameter:
         """The classifier's prototypes, ``(K, M, C*k*k)``."""
