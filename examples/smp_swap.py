@@ -1,88 +1,93 @@
-"""Swap the classifier of a segmentation_models_pytorch model for PPL.
+"""Swap the classifier of a segmentation_models_pytorch model for PPL; train, save, compile, export.
 
 smp's models end in ``model.segmentation_head``, an ``nn.Sequential`` of
 ``(Conv2d, upsampling, activation)``; ``model.segmentation_head[0]`` is the classifier conv:
 1x1 for DeepLabV3+ (followed by a 4x bilinear upsampling), 3x3 for Unet. The swap replaces
-that conv with :class:`PPLHead` below (the pull, then the multi-prototype head) and adds the
-push to the loss. In your training script it is these lines::
+that conv with :class:`torch_ppl.PPLHead` (the pull, the multi-prototype head and the push in
+one module). smp's forward cannot pass labels to its head, so the loss comes from
+``head.loss``, which uses the features the head kept in training mode. In your training
+script it is these lines::
 
-    head = model.segmentation_head[0] = PPLHead(model.segmentation_head[0], num_prototypes=4)
-    crit = PushPullLoss(ignore_index=255)
+    conv = model.segmentation_head[0]
+    head = model.segmentation_head[0] = PPLHead(conv.in_channels, conv.out_channels, num_prototypes=4,
+                                                kernel_size=conv.kernel_size[0])
     ...
-    logits = model(images)                                   # unchanged
-    loss = crit(logits, head.pop_features(), labels, head.prototypes)
+    logits = model(images)                                   # smp's forward, unchanged
+    loss = head.loss(logits, labels)
 
-``python examples/smp_swap.py`` builds ``smp.DeepLabV3Plus`` and ``smp.Unet`` (random weights,
+(``PPLHead.from_conv(conv, ...)`` instead starts from a trained conv's weights.)
+
+``python examples/smp_swap.py`` builds ``smp.DeepLabV3Plus`` and ``smp.Unet`` (resnet18,
 ``encoder_weights=None``) when segmentation_models_pytorch imports, and otherwise two tiny
 stand-ins with the same attribute structure (``encoder``, ``decoder``, ``segmentation_head``
-with the conv at index 0). CI runs the stand-ins only: smp's own models are untested here,
-because smp needs torchvision, which does not import beside this machine's torch build.
+with the conv at index 0). Each is trained for a few steps, its ``state_dict`` is saved and
+loaded into a fresh model, and it is exported with ``torch.export`` (``--compile`` also runs a
+``torch.compile``d training step). The project's CI runs the stand-ins: smp needs
+torchvision, and PyPI's torchvision wheels link against the CUDA build of torch, so they do
+not import beside the CPU-only torch that CI installs.
 """
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import io
 
 import torch
 from torch import Tensor, nn
 
-from torch_ppl import MultiPrototypeClassifier, PPLAttention, PushPullLoss
-from torch_ppl import functional as PF
-
-
-class PPLHead(nn.Module):
-    """Drop-in for an smp classifier conv: ``x -> pull(embed(x), W) -> logits``.
-
-    A ``k x k`` conv (smp's Unet uses 3x3) becomes a ``kernel_size=k`` head, whose prototypes
-    live in the space of ``k x k`` neighbourhoods (``C*k*k`` channels); the pull and the
-    contrastive loss then work on those neighbourhood features, ``head.embed(x)``.
-
-    In training mode the features the logits were computed from are kept for the loss;
-    :meth:`pop_features` hands them over (and drops the reference). In eval mode nothing is kept.
-    """
-
-    def __init__(self, conv: nn.Conv2d, num_prototypes: int = 4, num_heads: int = 1, **head_kwargs) -> None:
-        super().__init__()
-        self.classifier = MultiPrototypeClassifier(
-            conv.in_channels, conv.out_channels, num_prototypes, kernel_size=conv.kernel_size[0], **head_kwargs
-        ).to(conv.weight.device)
-        self.pull = PPLAttention(self.classifier.feature_dim, num_heads).to(conv.weight.device)
-        self._features: Optional[Tensor] = None
-
-    @property
-    def prototypes(self) -> nn.Parameter:
-        return self.classifier.prototypes
-
-    def forward(self, x: Tensor) -> Tensor:
-        c = self.classifier
-        f = self.pull(c.embed(x), c.prototypes)
-        self._features = f if self.training else None
-        # f is already in the prototype space (c.embed applied), so it is scored directly.
-        return PF.prototype_logits(f, c.prototypes, similarity=c.similarity, pooling=c.pooling,
-                                   scale=c.scale, bias=c.bias, backend=c.backend)
-
-    def pop_features(self) -> Tensor:
-        if self._features is None:
-            raise RuntimeError("PPLHead.pop_features: no features kept; call the model in train mode first")
-        f, self._features = self._features, None
-        return f
+from torch_ppl import PPLHead
 
 
 def swap_classifier(model: nn.Module, num_prototypes: int = 4, num_heads: int = 1) -> PPLHead:
-    """Replace ``model.segmentation_head[0]`` (the classifier conv) by a :class:`PPLHead`."""
-    head = model.segmentation_head[0] = PPLHead(model.segmentation_head[0], num_prototypes, num_heads)
+    """Replace ``model.segmentation_head[0]`` (the classifier conv) by a :class:`PPLHead` of the
+    same input channels, classes and kernel size (a ``k x k`` conv gives a head comparing
+    ``k x k`` neighbourhoods, ``C*k*k`` values, in which the pull and the loss then work)."""
+    conv = model.segmentation_head[0]
+    head = PPLHead(conv.in_channels, conv.out_channels, num_prototypes, num_heads=num_heads,
+                   kernel_size=conv.kernel_size[0]).to(conv.weight.device)
+    model.segmentation_head[0] = head
     return head
 
 
-def train_step(model: nn.Module, head: PPLHead, crit: PushPullLoss, optimizer: torch.optim.Optimizer,
+def train_step(model: nn.Module, head: PPLHead, optimizer: torch.optim.Optimizer,
                images: Tensor, labels: Tensor) -> float:
-    """One supervised step: the model's own forward, then CE + contrastive on the kept features."""
+    """One supervised step: the model's own forward, then CE + contrastive from the head."""
     model.train()
     logits = model(images)
-    loss = crit(logits, head.pop_features(), labels, head.prototypes)
+    loss = head.loss(logits, labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    return loss.item()
+
+
+def state_dict_round_trip(model: nn.Module, fresh: nn.Module, images: Tensor) -> float:
+    """Save ``model``'s ``state_dict``, load it into ``fresh`` (same architecture, already
+    swapped); the largest logit difference in eval mode (0 when the round trip is exact)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        return (model(images) - fresh(images)).abs().max().item()
+
+
+def export(model: nn.Module, images: Tensor) -> float:
+    """``torch.export`` the model in eval mode (dynamic batch); the largest difference of the
+    exported program from eager."""
+    model.eval()
+    program = torch.export.export(model, (images,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    with torch.no_grad():
+        return (program.module()(images) - model(images)).abs().max().item()
+
+
+def compiled_train_step(model: nn.Module, head: PPLHead, images: Tensor, labels: Tensor,
+                        backend: str = "inductor") -> float:
+    """Forward and loss through ``torch.compile``, then backward; returns the loss."""
+    model.train()
+    step = torch.compile(lambda images, labels: head.loss(model(images), labels), backend=backend)
+    loss = step(images, labels)
+    loss.backward()
     return loss.item()
 
 
@@ -142,40 +147,53 @@ class StandInSegmentationModel(nn.Module):
         return self.segmentation_head(self.decoder(*self.encoder(x)))
 
 
-def build_models(classes: int):
-    """Real smp models when the package imports, else the stand-ins."""
-    try:
-        import segmentation_models_pytorch as smp
-    except Exception:  # ImportError, or torchvision failing to import beside this torch
-        return {kind: StandInSegmentationModel(kind, classes) for kind in ("deeplabv3plus", "unet")}, "stand-in"
-    return {  # untested here: smp does not import on this project's CI machine
-        "deeplabv3plus": smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=classes),
-        "unet": smp.Unet("resnet18", encoder_weights=None, classes=classes),
-    }, "smp"
+def build_models(classes: int, source: str = "auto"):
+    """``{"deeplabv3plus": model, "unet": model}`` and where they came from: real smp models
+    (``source="smp"``, or ``"auto"`` when the package imports), else the stand-ins."""
+    if source in ("auto", "smp"):
+        try:
+            import segmentation_models_pytorch as smp
+        except Exception:  # ImportError, or torchvision failing to import beside this torch
+            if source == "smp":
+                raise
+        else:
+            return {
+                "deeplabv3plus": smp.DeepLabV3Plus("resnet18", encoder_weights=None, classes=classes),
+                "unet": smp.Unet("resnet18", encoder_weights=None, classes=classes),
+            }, "smp"
+    return {kind: StandInSegmentationModel(kind, classes) for kind in ("deeplabv3plus", "unet")}, "stand-in"
 
 
-def main(steps: int = 3, classes: int = 3, size: int = 32, seed: int = 0) -> dict:
+def main(steps: int = 3, classes: int = 3, size: int = 32, seed: int = 0, compile: bool = False,
+         source: str = "auto") -> dict:
     torch.manual_seed(seed)
-    models, source = build_models(classes)
+    models, source = build_models(classes, source)
+    fresh_models, _ = build_models(classes, source)
     losses = {}
     for kind, model in models.items():
         head = swap_classifier(model, num_prototypes=4)
-        crit = PushPullLoss(ignore_index=255)
+        swap_classifier(fresh_models[kind], num_prototypes=4)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         images = torch.randn(2, 3, size, size)
         labels = torch.randint(0, classes, (2, size, size))
         labels[:, : size // 4] = 255
-        losses[kind] = [train_step(model, head, crit, optimizer, images, labels) for _ in range(steps)]
-        model.eval()
+        losses[kind] = [train_step(model, head, optimizer, images, labels) for _ in range(steps)]
+        if compile:
+            compiled_train_step(model, head, images, labels)
+        reloaded = state_dict_round_trip(model, fresh_models[kind], images)
+        exported = export(model, images)
         with torch.no_grad():
             logits = model(images)
         print(f"{source} {kind}: classifier {type(model.segmentation_head[0]).__name__}, "
-              f"logits {tuple(logits.shape)}, losses " + " ".join(f"{v:.4f}" for v in losses[kind]))
+              f"logits {tuple(logits.shape)}, losses " + " ".join(f"{v:.4f}" for v in losses[kind])
+              + f", state_dict round trip {reloaded:.1e}, torch.export {exported:.1e}")
     return losses
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also run one torch.compile'd training step")
+    parser.add_argument("--source", choices=("auto", "smp", "stand-in"), default="auto")
     args = parser.parse_args()
-    main(steps=args.steps)
+    main(steps=args.steps, compile=args.compile, source=args.source)

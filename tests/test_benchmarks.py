@@ -256,7 +256,7 @@ def test_roofline_models_and_peaks():
     assert r["bound"] == "compute" and r["roofline_fraction"] == pytest.approx(0.5)
 
 
-def test_headline_shapes_are_the_spec_table():
+def test_headline_shapes_are_the_documented_table():
     table = {s.name: (s.B, s.H, s.W, s.C, s.K, s.M) for s in shapes.headline()}
     assert table == {"voc": (16, 129, 129, 256, 21, 10), "cityscapes": (8, 201, 201, 256, 19, 10),
                      "ade": (16, 128, 128, 512, 150, 10), "voc-fullres": (16, 513, 513, 256, 21, 10)}

@@ -250,6 +250,7 @@ def test_no_valid_pixel_gives_zero_and_zero_grads(positives):
     assert total.item() == 0.0
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("similarity", ["cosine", "dot"])

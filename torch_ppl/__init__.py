@@ -6,6 +6,8 @@ The public API:
   ``K x M`` prototypes (a drop-in for the 1x1 conv classifier).
 * :class:`PPLAttention`: the pull, feature-to-prototype attention ``x -> x + attend(x, W)``.
 * :class:`PushPullLoss`: the push, cross-entropy plus a multi-prototype contrastive loss.
+* :class:`PPLHead`: the three in one module, a drop-in for a model's final classifier:
+  ``head(x) -> logits``, ``head(x, target) -> (logits, features, loss)``.
 * :mod:`torch_ppl.functional`: the same as functions, each with ``backend=``.
 * :func:`set_value_checks`: turn the checks that read the data (label range, weights) off.
 """
@@ -16,11 +18,14 @@ from .attention import PPLAttention
 from .functional import LossTerms
 from .head import MultiPrototypeClassifier
 from .loss import PushPullLoss
+from .ppl_head import PPLHead, PPLHeadOutput
 
 __all__ = [
     "MultiPrototypeClassifier",
     "PPLAttention",
     "PushPullLoss",
+    "PPLHead",
+    "PPLHeadOutput",
     "LossTerms",
     "functional",
     "set_value_checks",

@@ -5,12 +5,18 @@
 reference otherwise. The environment variable ``TORCH_PPL_BACKEND`` overrides ``"auto"``.
 With ``TRITON_INTERPRET=1`` the Triton path also accepts CPU tensors (this is how CI tests
 the kernels without a GPU).
+
+While torch is exporting or tracing a graph for deployment (``torch.export``, both ONNX
+exporters, ``torch.jit.trace``/``script``), every backend resolves to the reference: the
+exported graph then holds plain ATen ops that any runtime executes, never a ``torch_ppl::``
+custom op (see :func:`exporting`).
 """
 from __future__ import annotations
 
 import os
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor
 
 from . import reference
@@ -45,6 +51,17 @@ def interpret_mode() -> bool:
 COMPILE_TARGET = None
 
 
+def exporting() -> bool:
+    """Whether torch is capturing a graph to run elsewhere: ``torch.export`` (and the ONNX
+    exporter built on it, ``dynamo=True``), ``torch.jit.trace`` (and the legacy ONNX exporter,
+    which traces) or ``torch.jit.script``. ``torch.compile`` is not exporting: it keeps the
+    fused ops."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7
+    return bool(is_exporting is not None and is_exporting())
+
+
 def check_backend(backend: object, name: str = "backend") -> str:
     if not isinstance(backend, str):
         raise TypeError(f"{name} must be a str, one of {BACKENDS}; got {type(backend).__name__}")
@@ -56,11 +73,18 @@ def check_backend(backend: object, name: str = "backend") -> str:
 def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
     """Turn ``"auto"`` into a concrete backend and check that the choice can run.
 
+    While :func:`exporting`, every backend (``"triton"`` included) resolves to
+    ``"reference"``.
+
     Raises:
         ValueError: unknown backend, or ``"triton"`` for tensors it cannot run on.
         RuntimeError: ``"triton"`` asked for but Triton does not import.
     """
     check_backend(backend)
+    if exporting():
+        # The fused ops compute what the reference computes; an exported graph must run on
+        # runtimes that know only ATen/ONNX ops, so it records the reference's ops instead.
+        return "reference"
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()
         if env and env != "auto":
@@ -73,7 +97,10 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
     if backend == "triton":
         where = f"{op}: " if op else ""
         if not triton_available():
-            raise RuntimeError(f"{where}backend='triton' needs the triton package, which does not import here")
+            raise RuntimeError(
+                f"{where}backend='triton' needs the triton package, which does not import here: "
+                f"pip install \"torch_ppl[triton]\" (CUDA builds of torch bring their own), or use "
+                f"backend='reference'")
         devices = {t.device.type for t in tensors if t is not None}
         if devices - {"cuda"} and not interpret_mode() and COMPILE_TARGET is None:
             raise ValueError(

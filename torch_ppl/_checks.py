@@ -29,6 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from . import _backend
+
 SIMILARITIES = ("cosine", "dot")
 POOLINGS = ("max", "logsumexp", "mean")
 POSITIVES = ("all", "nearest")
@@ -65,9 +67,7 @@ def _compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _exporting() -> bool:
-    exporting = getattr(torch.compiler, "is_exporting", None)
-    return bool(exporting is not None and exporting()) or torch.jit.is_tracing()
+_exporting = _backend.exporting  # one definition: export and tracing also pick the reference
 
 
 # kinds of value check; the op takes the kind as an int so that one schema serves all

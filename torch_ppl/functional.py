@@ -8,6 +8,8 @@ says so, and hands the rows to :mod:`torch_ppl.reference` or to the fused kernel
 """
 from __future__ import annotations
 
+import functools
+import warnings
 from typing import NamedTuple, Optional, Union
 
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks, reference
+from ._distributed import reject_dtensors
 
 __all__ = [
     "prototype_similarity",
@@ -35,10 +38,30 @@ class LossTerms(NamedTuple):
     contrastive: Tensor
 
 
+def _quiet_when_tracing(fn):
+    """Under ``torch.jit.trace`` (and the legacy ONNX exporter, which traces), sizes are 0-d
+    tensors, so every input check (``x.shape[1] != C``) and ``math.sqrt(head_dim)`` warns
+    ``TracerWarning``. They only compare the example's shapes, or read weight shapes, which are
+    constants of the model, so the trace is right and the warnings are noise: silenced while
+    tracing, and only inside torch_ppl's own functions."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # ----------------------------------------------------------------------------- layout helpers
 def _rows(x: Tensor) -> Tensor:
     """``(B, C, H, W) -> (B, H, W, C)`` view, ``(N, C)`` unchanged."""
-    return x.movedim(1, -1) if x.dim() == 4 else x
+    # permute with non-negative dims (not movedim(1, -1)): the legacy ONNX exporter writes
+    # negative dims into the Transpose's perm, which onnxruntime rejects.
+    return x.permute(0, 2, 3, 1) if x.dim() == 4 else x
 
 
 def _unrows(out: Tensor, like: Tensor) -> Tensor:
@@ -46,7 +69,7 @@ def _unrows(out: Tensor, like: Tensor) -> Tensor:
     format (channels_last in, channels_last out; contiguous otherwise)."""
     if like.dim() != 4:
         return out
-    out = out.movedim(-1, 1)
+    out = out.permute(0, 3, 1, 2)
     channels_last = like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
     return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
@@ -78,6 +101,7 @@ def _scale(fn: str, scale: Union[float, Tensor]) -> Union[float, Tensor]:
 
 
 # ----------------------------------------------------------------------------- the head
+@_quiet_when_tracing
 def prototype_similarity(
     x: Tensor, prototypes: Tensor, *, similarity: str = "cosine", backend: str = "auto"
 ) -> Tensor:
@@ -94,6 +118,7 @@ def prototype_similarity(
     computes it with the reference (``backend`` is still checked).
     """
     fn = "prototype_similarity"
+    reject_dtensors(fn, x=x, prototypes=prototypes)
     x = _checks.features(fn, x, "x")
     prototypes = _checks.prototypes(fn, prototypes, x.shape[1])
     _checks.choice(fn, "similarity", similarity, _checks.SIMILARITIES)
@@ -106,6 +131,7 @@ def prototype_similarity(
     return s.permute(0, 3, 4, 1, 2) if x.dim() == 4 else s
 
 
+@_quiet_when_tracing
 def prototype_logits(
     x: Tensor,
     prototypes: Tensor,
@@ -131,6 +157,7 @@ def prototype_logits(
         under autocast.
     """
     fn = "prototype_logits"
+    reject_dtensors(fn, x=x, prototypes=prototypes, scale=scale, bias=bias)
     x = _checks.features(fn, x, "x")
     prototypes = _checks.prototypes(fn, prototypes, x.shape[1])
     _checks.choice(fn, "similarity", similarity, _checks.SIMILARITIES)
@@ -148,6 +175,7 @@ def prototype_logits(
 
 
 # ----------------------------------------------------------------------------- the pull
+@_quiet_when_tracing
 def prototype_attention(
     x: Tensor,
     prototypes: Tensor,
@@ -189,6 +217,9 @@ def prototype_attention(
         Same shape, dtype and memory format as ``x``.
     """
     fn = "prototype_attention"
+    reject_dtensors(fn, x=x, prototypes=prototypes, q_weight=q_weight, k_weight=k_weight, v_weight=v_weight,
+                    out_weight=out_weight, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, out_bias=out_bias,
+                    gamma=gamma, exclude=exclude)
     x = _checks.features(fn, x, "x")
     channels = x.shape[1]
     prototypes = _checks.prototypes(fn, prototypes, channels, allow_flat=True)
@@ -263,6 +294,7 @@ def _contrastive(features, target, prototypes, weight, *, temperature, positives
     return reference.reduce_loss(per_pixel, target != ignore_index, weight, reduction)
 
 
+@_quiet_when_tracing
 def contrastive_loss(
     features: Tensor,
     target: Tensor,
@@ -292,6 +324,7 @@ def contrastive_loss(
         A float32 scalar, or ``(B, H, W)`` / ``(N,)`` per-pixel losses for ``"none"``.
     """
     fn = "contrastive_loss"
+    reject_dtensors(fn, features=features, target=target, prototypes=prototypes, weight=weight)
     features = _checks.features(fn, features)
     prototypes = _checks.prototypes(fn, prototypes, features.shape[1])
     _check_loss_options(fn, temperature, positives, similarity, ignore_index, reduction)
@@ -346,6 +379,7 @@ def _check_push_pull(fn, logits, features, target, prototypes, weight, *, temper
     return logits, features, target, prototypes, weight, ce_weight, contrast_weight, use_ce, use_contrast
 
 
+@_quiet_when_tracing
 def push_pull_loss(
     logits: Optional[Tensor],
     features: Optional[Tensor],
@@ -396,6 +430,7 @@ def push_pull_loss(
         The float32 total, or ``LossTerms(total, ce, contrastive)``.
     """
     fn = "push_pull_loss"
+    reject_dtensors(fn, logits=logits, features=features, target=target, prototypes=prototypes, weight=weight)
     (logits, features, target, prototypes, weight, ce_weight, contrast_weight, use_ce,
      use_contrast) = _check_push_pull(
         fn, logits, features, target, prototypes, weight, temperature=temperature,

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from . import _backend, _checks
 from . import functional as PF
+from .functional import _quiet_when_tracing
 
 
 class MultiPrototypeClassifier(nn.Module):
@@ -110,6 +111,7 @@ class MultiPrototypeClassifier(nn.Module):
         """Channels of the prototype space, ``C * k * k``."""
         return self.prototypes.shape[-1]
 
+    @_quiet_when_tracing
     def embed(self, x: Tensor) -> Tensor:
         """The features the prototypes are compared with: ``x`` itself for ``kernel_size=1``,
         else the zero-padded ``k x k`` neighbourhoods ``(B, C*k*k, H, W)``, in ``Conv2d``'s
