@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import as_blc, check_dtypes, dot_operand, num_sms, on_gpu, upcast_dot
+from ._common import as_blc, check_dtypes, num_sms, on_gpu
 
 __all__ = ["prototype_attention", "prototype_side"]
 
@@ -81,16 +81,14 @@ def _load_rows(ptr, b, offs_l, offs_c, C, stride_b, stride_l, stride_c, mask_n):
 
 @triton.jit
 def _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
-            HAS_C: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr,
-            UPCAST_DOT: tl.constexpr):
+            HAS_C: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DOT_PREC: tl.constexpr):
     """Scores ``s = x Kt_tile^T + c`` of one head's prototype tile, the validity mask of each
     (pixel, prototype) pair, and the loaded ``Kt`` tile."""
     mask_p = offs_p < P
     rows = (head * P + offs_p).to(tl.int64)
     kt = tl.load(kt_ptr + rows[:, None] * C + offs_c[None, :],
                  mask=mask_p[:, None] & (offs_c[None, :] < C), other=0.0)
-    s = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(dot_operand(kt, DOT_DTYPE, UPCAST_DOT)),
-               input_precision=DOT_PREC)
+    s = tl.dot(x.to(tl.float32), tl.trans(kt), input_precision=DOT_PREC)
     if HAS_C:
         s += tl.load(c_ptr + rows, mask=mask_p, other=0.0)[None, :]
     valid = mask_p[None, :]
@@ -107,7 +105,7 @@ def _attention_fwd_kernel(
     sx_b, sx_l, sx_c, so_b, so_l, so_c,
     HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
@@ -130,7 +128,7 @@ def _attention_fwd_kernel(
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + offs_pt
             s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
-                                   HAS_C, HAS_EXCLUDE, DOT_DTYPE, DOT_PREC, UPCAST_DOT)
+                                   HAS_C, HAS_EXCLUDE, DOT_PREC)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
@@ -141,8 +139,7 @@ def _attention_fwd_kernel(
             vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :],
                          mask=(offs_p < P)[:, None] & mask_c[None, :], other=0.0)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(dot_operand(p, DOT_DTYPE, UPCAST_DOT),
-                                                dot_operand(vt, DOT_DTYPE, UPCAST_DOT), input_precision=DOT_PREC)
+            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PREC)
             m_i = m_new
         seen = l_i > 0.0
         # a pixel that sees no prototype (K = 1 with exclude=) reads nothing; lse = +inf makes
@@ -169,8 +166,7 @@ def _attention_bwd_dx_kernel(
     HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_GREAD: tl.constexpr, NEED_GSUM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # Gradients, with g = d(loss)/d(out) and do = gamma * g (the gradient reaching o):
     #   da[n,i,p]    = do[n] . Vt[i,p]
@@ -208,22 +204,19 @@ def _attention_bwd_dx_kernel(
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + offs_pt
             s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
-                                   HAS_C, HAS_EXCLUDE, DOT_DTYPE, DOT_PREC, UPCAST_DOT)
+                                   HAS_C, HAS_EXCLUDE, DOT_PREC)
             a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
             rows = (head * P + offs_p).to(tl.int64)
             vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :],
                          mask=(offs_p < P)[:, None] & mask_c[None, :], other=0.0)
-            vt_g = dot_operand(vt, GRAD_DTYPE, UPCAST_DOT)
-            da = tl.dot(dot_operand(do, GRAD_DTYPE, UPCAST_DOT), tl.trans(vt_g), input_precision=GRAD_PREC)
+            da = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
             ada = a * da
             delta += tl.sum(ada, 1)
-            a_g = dot_operand(a, GRAD_DTYPE, UPCAST_DOT)
             if NEED_DX:
-                kt_g = dot_operand(kt, GRAD_DTYPE, UPCAST_DOT)
-                ada_kt += tl.dot(dot_operand(ada, GRAD_DTYPE, UPCAST_DOT), kt_g, input_precision=GRAD_PREC)
-                a_kt += tl.dot(a_g, kt_g, input_precision=GRAD_PREC)
+                ada_kt += tl.dot(ada, kt, input_precision=DOT_PREC)
+                a_kt += tl.dot(a, kt, input_precision=DOT_PREC)
             if NEED_GREAD:
-                read += tl.dot(a_g, vt_g, input_precision=GRAD_PREC)
+                read += tl.dot(a, vt, input_precision=DOT_PREC)
         if NEED_DX:
             dx += ada_kt - delta[:, None] * a_kt
         tl.store(delta_ptr + n64 * H + head, delta, mask=mask_n)
@@ -248,8 +241,7 @@ def _attention_bwd_dproto_kernel(
     HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PREC: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):
     # Gradients of the prototype-side tensors, reductions over pixels:
     #   dKt[i,p] = sum_n ds[n,i,p] x[n]
@@ -269,7 +261,6 @@ def _attention_bwd_dproto_kernel(
         gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
     rows = (head * P + offs_p).to(tl.int64)
     vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :], mask=mask_p[:, None] & mask_c[None, :], other=0.0)
-    vt_g = dot_operand(vt, GRAD_DTYPE, UPCAST_DOT)
 
     dkt = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     dvt = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
@@ -278,21 +269,19 @@ def _attention_bwd_dproto_kernel(
         b, offs_l, mask_n, n64 = _tile_rows(t, L, BLOCK_N)
         x = _load_rows(x_ptr, b, offs_l, offs_c, C, sx_b, sx_l, sx_c, mask_n)
         do = _load_rows(g_ptr, b, offs_l, offs_c, C, sg_b, sg_l, sg_c, mask_n).to(tl.float32) * gamma[None, :]
-        do_g = dot_operand(do, GRAD_DTYPE, UPCAST_DOT)
         lab = tl.full((BLOCK_N,), -1, tl.int64)
         if HAS_EXCLUDE:
             lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
         lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
         delta = tl.load(delta_ptr + n64 * H + head, mask=mask_n, other=0.0)
         s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
-                               HAS_C, HAS_EXCLUDE, DOT_DTYPE, DOT_PREC, UPCAST_DOT)
+                               HAS_C, HAS_EXCLUDE, DOT_PREC)
         # rows past N: lse = +inf gives a = 0, so they add nothing
         a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        da = tl.dot(do_g, tl.trans(vt_g), input_precision=GRAD_PREC)
+        da = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
         ds = a * (da - delta[:, None])
-        dkt += tl.dot(tl.trans(dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)), dot_operand(x, GRAD_DTYPE, UPCAST_DOT),
-                      input_precision=GRAD_PREC)
-        dvt += tl.dot(tl.trans(dot_operand(a, GRAD_DTYPE, UPCAST_DOT)), do_g, input_precision=GRAD_PREC)
+        dkt += tl.dot(tl.trans(ds), x.to(tl.float32), input_precision=DOT_PREC)
+        dvt += tl.dot(tl.trans(a), do, input_precision=DOT_PREC)
         dc += tl.sum(ds, 0)
 
     mask = mask_p[:, None] & mask_c[None, :]
@@ -332,29 +321,19 @@ def _blocks(device: torch.device, num_protos: int, channels: int) -> Tuple[int, 
     return block_n, block_p, block_c
 
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision. Every GEMM here takes fp32 operands (16-bit ``x`` is exact in
+    them; ``Kt``/``Vt`` are fp32): exact IEEE products for float32 features, TF32 for bfloat16
+    (a 10-bit mantissa, finer than bf16's 7) and 3xTF32 for float16 (plain TF32 would be as
+    coarse as float16 itself).
 
-
-def _gemm_options(dtype: torch.dtype, backward: bool) -> dict:
-    """GEMM operand dtypes and precisions for features of ``dtype`` (fp32 accumulation always).
-
-    * The forward's GEMMs (scores ``x Kt^T`` and the read-out ``a Vt``) take 16-bit operands for
-      16-bit features: ``x`` as given, ``Kt``/``Vt`` rounded once on the host, the
-      probabilities rounded per tile, as flash attention does; on sm_90 they lower to wgmma.
-    * The backward's gradient GEMMs (``do Vt^T``, ``ds Kt``, ``ds^T x``, ``a^T do``) take fp32
-      operands: TF32 for bfloat16 features, 3xTF32 for float16 features (upstream gradients
-      and ``ds`` can sit below float16's range). bfloat16 ``ds`` was tried: summed over many
-      pixels, its 8-bit mantissa left the projection gradients less accurate than PyTorch's
-      own bfloat16 autograd, which the tests do not allow.
-    * float32 features: exact IEEE fp32 products throughout, as the float32 reference.
-
-    Under the interpreter (``UPCAST_DOT``) the rounded operands are multiplied in fp32."""
-    low = dtype in (torch.bfloat16, torch.float16)
-    opts = dict(DOT_DTYPE=_TL_DTYPES[dtype], DOT_PREC="ieee", UPCAST_DOT=low and upcast_dot())
-    if backward:
-        opts.update(GRAD_DTYPE=tl.float32,
-                    GRAD_PREC={torch.bfloat16: "tf32", torch.float16: "tf32x3"}.get(dtype, "ieee"))
-    return opts
+    16-bit operands (``Kt``, ``Vt``, the probabilities rounded to the features' dtype, as flash
+    attention does) were tried for the GEMMs: with bfloat16 ``Kt`` or ``Vt``, or float16
+    ``Vt``, the projection gradients came out less accurate than PyTorch's own autograd in the
+    same dtype on some inputs, which the tests do not allow (``tests/test_kernel_attention.py``,
+    ``test_low_precision_no_worse_than_reference``). The CPU interpreter ignores the setting
+    (fp32 products)."""
+    return {torch.bfloat16: "tf32", torch.float16: "tf32x3"}.get(dtype, "ieee")
 
 
 def _launch_options(device: torch.device, num_stages: int) -> dict:
@@ -398,12 +377,12 @@ def _fwd_op(
         return out, lse
     block_n, block_p, block_c = _blocks(x.device, num_protos, channels)
     _attention_fwd_kernel[(batch * triton.cdiv(length, block_n),)](
-        x, kt.to(x.dtype), c, vt.to(x.dtype), out_bias, gamma, exclude, out, lse,
+        x, kt, c, vt, out_bias, gamma, exclude, out, lse,
         length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *out.stride(),
         HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
         HAS_EXCLUDE=exclude is not None,
-        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, **_gemm_options(x.dtype, backward=False),
+        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype),
         **_launch_options(x.device, num_stages=2),
     )
     return out, lse
@@ -448,11 +427,9 @@ def _bwd_op(
     gread = torch.empty((num_n_tiles, channels), **f32) if need_gread else empty()
     gsum = torch.empty((num_n_tiles, channels), **f32) if need_gsum else empty()
     common = dict(HAS_C=c is not None, HAS_GAMMA=gamma is not None, HAS_EXCLUDE=exclude is not None,
-                  BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, **_gemm_options(x.dtype, backward=True))
-    # the forward's rounded operands, so that the scores are recomputed bit for bit
-    kt_op, vt_op = kt.to(x.dtype), vt.to(x.dtype)
+                  BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype))
     _attention_bwd_dx_kernel[(num_n_tiles,)](
-        x, grad, kt_op, c, vt_op, gamma, exclude, lse,
+        x, grad, kt, c, vt, gamma, exclude, lse,
         dx if need_dx else None, delta, gread if need_gread else None, gsum if need_gsum else None,
         length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
@@ -483,7 +460,7 @@ def _bwd_op(
         dvt = torch.zeros((rows_hp, channels), **f32)
         dc = torch.zeros((rows_hp,), **f32)
     _attention_bwd_dproto_kernel[(num_p_programs, splits)](
-        x, grad, kt_op, c, vt_op, gamma, exclude, lse, delta, dkt, dc, dvt,
+        x, grad, kt, c, vt, gamma, exclude, lse, delta, dkt, dc, dvt,
         length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
         *x.stride(), *grad.stride(),
         DETERMINISTIC=deterministic, **common, **_launch_options(dev, num_stages=2),
