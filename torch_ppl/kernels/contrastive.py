@@ -16,9 +16,12 @@ How it runs (see ``docs/kernel-contrastive.md``):
   logsumexp over all prototypes and into the positive term (online logsumexp over the class's
   prototypes, or a running first-index max). Only per-pixel statistics are written:
   ``lse`` (all), ``pos`` (positive logsumexp, or ``z`` at ``p*``) and ``best`` (``p*``).
-* Backward recomputes each ``(BLOCK_N, BLOCK_P)`` tile of ``z`` from ``x`` and the saved
-  statistics and streams it into ``dx`` (each pixel tile is owned by one program) and ``dW``
-  (atomics, or per-program partial sums added in a fixed order in deterministic mode).
+* Backward, two kernels that recompute ``(BLOCK_N, BLOCK_P)`` tiles of ``z`` from ``x`` and
+  the saved statistics: ``_contrastive_bwd_dx_kernel`` (one program per pixel tile, all
+  channels on chip, ``dx`` written once in the features' dtype) and
+  ``_contrastive_bwd_dw_kernel`` (one program per prototype tile and pixel split, its ``dW``
+  tile flushed once: a relaxed atomic, or a partial summed in a fixed order in deterministic
+  mode).
 * No ``N x P`` tensor exists at any point.
 * Both passes are ``torch.library`` custom ops (``torch_ppl::contrastive_loss_fwd`` / ``_bwd``)
   with fake implementations and ``register_autograd``, so ``torch.compile`` traces them whole.
@@ -48,8 +51,8 @@ NEG = tl.constexpr(-1.0e30)  # a constexpr: a plain float global fails the GPU c
 # Tests set this to force small tiles so that every multi-tile path runs on tiny shapes.
 _FORCE_BLOCKS = None  # Optional[Tuple[int, int, int]]: (BLOCK_N, BLOCK_P, BLOCK_C)
 # Deterministic dW: at most this many programs (each owning a P x C fp32 partial) per launch.
-# Two per SM on a GPU (a persistent grid), a few on the interpreter.
-_DETERMINISTIC_PROGRAMS_PER_SM = 2
+# Prototype-gradient programs per SM (each over a share of the pixel tiles).
+_PROGRAMS_PER_SM = 2
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -156,103 +159,157 @@ def _contrastive_fwd_kernel(
     tl.store(best_ptr + out, best, mask=row_in)
 
 
+# Backward gradient math, per valid pixel n with upstream gradient g_n (0 at ignored pixels):
+#   dl/dz_p = softmax_p(z) - q_p,  softmax_p = exp(z_p - lse)
+#     q_p = exp(z_p - pos) for p in class y ("all"),  q_p = [p == p*] ("nearest")
+#   ds_p = g_n / tau * dz_p                                     (z = s / tau, dz = dl/dz)
+# cosine (x_hat = x * rnorm, rnorm = 1 / max(||x||, eps), acc = x . W_hat, s = rnorm * acc):
+#   dx_hat = sum_p ds_p W_hat_p
+#   dx     = rnorm * (dx_hat - (x_hat . dx_hat) x_hat)   if ||x|| > eps, else rnorm * dx_hat
+#          = row_scale * (sum_p dz_p W_hat_p) - row_scale * rnorm^2 * (sum_p dz_p acc_p) * x
+#     with row_scale = g / tau * rnorm, since x_hat . dx_hat = rnorm * sum_p ds_p acc_p
+#   dW_hat_p = sum_n ds_np x_hat_n = sum_n dz_np (row_scale_n x_n)
+# dot: rnorm = 1 and no projection term.
+# dz lies in [-1, 1]: it is the tensor-core operand; the per-pixel factor row_scale is applied
+# in fp32 outside the GEMMs (no fp16 overflow).
 @triton.jit
-def _contrastive_bwd_kernel(
-    g_ptr, x_ptr, w_ptr, y_ptr, lse_ptr, pos_ptr, best_ptr, dx_ptr, dw_ptr,
+def _pixel_tile(tile, L, y_ptr, g_ptr, lse_ptr, pos_ptr, best_ptr, ignore_index, inv_tau,
+                stride_yb, stride_yl, stride_gb, stride_gl, BLOCK_N: tl.constexpr):
+    """Pixel tile ``tile`` of ``B * cdiv(L, BLOCK_N)`` (never straddling two images): its image,
+    rows, which rows exist, which are valid pixels, their labels (-1 where ignored), the saved
+    statistics and ``g / tau`` (exactly 0 at ignored pixels, whatever the upstream gradient)."""
+    num_lblocks = tl.cdiv(L, BLOCK_N)
+    b = (tile // num_lblocks).to(tl.int64)
+    offs_n = (tile % num_lblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = offs_n < L
+    rows64 = offs_n.to(tl.int64)
+    y = tl.load(y_ptr + b * stride_yb + rows64 * stride_yl, mask=row_in, other=ignore_index).to(tl.int64)
+    valid = row_in & (y != ignore_index)
+    y = tl.where(valid, y, -1)
+    stat = b * L + rows64
+    lse = tl.load(lse_ptr + stat, mask=valid, other=0.0)
+    pos = tl.load(pos_ptr + stat, mask=valid, other=0.0)
+    best = tl.load(best_ptr + stat, mask=valid, other=-1)
+    g = tl.load(g_ptr + b * stride_gb + rows64 * stride_gl, mask=valid, other=0.0).to(tl.float32)
+    g_tau = tl.where(valid, g * inv_tau, 0.0)
+    return b, rows64, row_in, valid, y, lse, pos, best, g_tau
+
+
+@triton.jit
+def _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc, COSINE: tl.constexpr):
+    """All ``C`` channels of the tile's rows (native dtype, zero at invalid pixels) and, for
+    cosine, ``rnorm = 1 / max(||x||, eps)`` and which rows are clamped."""
+    x = tl.load(x_ptr + b * stride_xb + rows64[:, None] * stride_xl + offs_c[None, :].to(tl.int64) * stride_xc,
+                mask=valid[:, None] & c_in[None, :], other=0.0)
+    if COSINE:
+        xf = x.to(tl.float32)
+        norm = tl.sqrt(tl.sum(xf * xf, axis=1))
+        rnorm = 1.0 / tl.maximum(norm, EPS_C)
+        clamped = norm <= EPS_C
+    else:
+        rnorm = tl.full((x.shape[0],), 1.0, tl.float32)
+        clamped = tl.full((x.shape[0],), 0, tl.int1)
+    return x, rnorm, clamped
+
+
+@triton.jit
+def _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST: tl.constexpr):
+    """``dl/dz`` of one ``(BLOCK_N, BLOCK_P)`` tile from the recomputed ``acc = x . W_hat`` and
+    the forward's statistics; 0 at ignored pixels and padding prototypes."""
+    z = acc * (rnorm * inv_tau)[:, None]
+    z = tl.where(p_in[None, :], z, float("-inf"))
+    prob = tl.exp(z - lse[:, None])  # softmax over all P (masked columns: exp(-inf) = 0)
+    if NEAREST:
+        q = tl.where(offs_p[None, :] == best[:, None], 1.0, 0.0)
+    else:
+        is_pos = ((offs_p // M)[None, :] == y[:, None]) & p_in[None, :]
+        q = tl.exp(tl.where(is_pos, z - pos[:, None], float("-inf")))
+    return tl.where(valid[:, None] & p_in[None, :], prob - q, 0.0)
+
+
+@triton.jit
+def _contrastive_bwd_dx_kernel(
+    g_ptr, x_ptr, w_ptr, y_ptr, lse_ptr, pos_ptr, best_ptr, dx_ptr,
+    L, C, P, M, ignore_index, inv_tau,
+    stride_gb, stride_gl, stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
+    stride_dxb, stride_dxl, stride_dxc,
+    COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # One program per pixel tile, all C channels on chip (BLOCK_C >= C): the x tile is read
+    # once, dx is accumulated over the prototype tiles in fp32 and written once, in x's dtype.
+    b, rows64, row_in, valid, y, lse, pos, best, g_tau = _pixel_tile(
+        tl.program_id(0), L, y_ptr, g_ptr, lse_ptr, pos_ptr, best_ptr, ignore_index, inv_tau,
+        stride_yb, stride_yl, stride_gb, stride_gl, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_C)
+    c_in = offs_c < C
+    x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc, COSINE)
+    x_op = dot_operand(x, DOT_DTYPE, UPCAST_DOT)
+    dxh = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # sum_p dz_p W_hat_p
+    proj = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_p dz_p acc_p
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        p_in = offs_p < P
+        w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
+                    mask=p_in[:, None] & c_in[None, :], other=0.0)
+        w_op = dot_operand(w, DOT_DTYPE, UPCAST_DOT)
+        acc = tl.dot(x_op, tl.trans(w_op), input_precision=INPUT_PRECISION)
+        dz = _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST)
+        dxh = tl.dot(dot_operand(dz, DOT_DTYPE, UPCAST_DOT), w_op, dxh, input_precision=INPUT_PRECISION)
+        if COSINE:
+            proj += tl.sum(dz * acc, axis=1)
+    row_scale = g_tau * rnorm
+    dx = dxh * row_scale[:, None]
+    if COSINE:
+        radial = tl.where(clamped, 0.0, row_scale * rnorm * rnorm * proj)
+        dx -= radial[:, None] * x.to(tl.float32)
+    tl.store(dx_ptr + b * stride_dxb + rows64[:, None] * stride_dxl + offs_c[None, :].to(tl.int64) * stride_dxc,
+             dx.to(dx_ptr.dtype.element_ty), mask=row_in[:, None] & c_in[None, :])
+
+
+@triton.jit
+def _contrastive_bwd_dw_kernel(
+    g_ptr, x_ptr, w_ptr, y_ptr, lse_ptr, pos_ptr, best_ptr, dw_ptr,
     B, L, C, P, M, ignore_index, inv_tau,
     stride_gb, stride_gl, stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
-    stride_dxb, stride_dxl, stride_dxc, stride_dwg,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # Gradient math, per valid pixel n with upstream gradient g_n (0 at ignored pixels):
-    #   dl/dz_p = softmax_p(z) - q_p,  softmax_p = exp(z_p - lse)
-    #     q_p = exp(z_p - pos) for p in class y ("all"),  q_p = [p == p*] ("nearest")
-    #   ds_p = g_n / tau * (softmax_p - q_p)                       (z = s / tau)
-    # cosine (x_hat = x * rnorm, rnorm = 1 / max(||x||, eps)):
-    #   dx_hat = sum_p ds_p W_hat_p
-    #   dx     = rnorm * (dx_hat - (x_hat . dx_hat) x_hat)   if ||x|| > eps, else rnorm * dx_hat
-    #   and x_hat . dx_hat = sum_p ds_p s_p = rnorm * sum_p ds_p acc_p  (acc = x . W_hat), so
-    #   dx     = rnorm * sum_p ds_p W_hat_p - rnorm^3 * (sum_p ds_p acc_p) * x
-    #   which is a sum over prototype tiles: each tile adds its share into dx.
-    #   dW_hat_p = sum_n ds_np x_hat_n = sum_n (rnorm_n ds_np) x_n
-    # dot: rnorm = 1 and no projection term.
-    # The grid is persistent: program pid handles pixel tiles pid, pid + nprog, ... so that in
-    # deterministic mode its dW_hat partial (one P x C slice per program) stays bounded.
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    num_lblocks = tl.cdiv(L, BLOCK_N)
-    for blk in range(pid, B * num_lblocks, nprog):
-        b = (blk // num_lblocks).to(tl.int64)
-        offs_n = (blk % num_lblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_in = offs_n < L
-        rows64 = offs_n.to(tl.int64)
-        y = tl.load(y_ptr + b * stride_yb + rows64 * stride_yl, mask=row_in, other=ignore_index).to(tl.int64)
-        valid = row_in & (y != ignore_index)
-        y = tl.where(valid, y, -1)
-        x_rows = x_ptr + b * stride_xb + rows64 * stride_xl
-        stat = b * L + rows64
-        lse = tl.load(lse_ptr + stat, mask=valid, other=0.0)
-        pos = tl.load(pos_ptr + stat, mask=valid, other=0.0)
-        best = tl.load(best_ptr + stat, mask=valid, other=-1)
-        g = tl.load(g_ptr + b * stride_gb + rows64 * stride_gl, mask=valid, other=0.0).to(tl.float32)
-        # where, not a product: a non-finite upstream gradient at an ignored pixel stays out
-        g_tau = tl.where(valid, g * inv_tau, 0.0)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + tl.arange(0, BLOCK_P)
-            p_in = offs_p < P
-            z, acc, rnorm, clamped = _z_tile(
-                x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
-                COSINE, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, BLOCK_C)
-            prob = tl.exp(z - lse[:, None])  # softmax over all P (masked columns: exp(-inf) = 0)
-            if NEAREST:
-                q = tl.where(offs_p[None, :] == best[:, None], 1.0, 0.0)
-            else:
-                is_pos = ((offs_p // M)[None, :] == y[:, None]) & p_in[None, :]
-                q = tl.exp(tl.where(is_pos, z - pos[:, None], float("-inf")))
-            keep = valid[:, None] & p_in[None, :]
-            # dl/dz in [-1, 1]: the operand of the tensor-core GEMMs; the per-pixel factor
-            # g / tau * rnorm is applied in fp32 outside them (no fp16 overflow).
-            dz = tl.where(keep, prob - q, 0.0)
-            row_scale = g_tau * rnorm  # ds * rnorm = dz * row_scale
-            if COSINE:
-                # rnorm^3 * sum_p ds_p acc_p = rnorm^2 * row_scale * sum_p dz_p acc_p
-                proj = row_scale * rnorm * rnorm * tl.sum(dz * acc, axis=1)
-                proj = tl.where(clamped, 0.0, proj)
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                c_in = offs_c < C
-                w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
-                            mask=p_in[:, None] & c_in[None, :], other=0.0)
-                x = tl.load(x_rows[:, None] + offs_c[None, :].to(tl.int64) * stride_xc,
-                            mask=valid[:, None] & c_in[None, :], other=0.0)
-                if NEED_DX:
-                    # this tile's share of dx: row_scale * (dz @ W_hat) - proj * x
-                    dx_tile = tl.dot(dot_operand(dz, DOT_DTYPE, UPCAST_DOT), dot_operand(w, DOT_DTYPE, UPCAST_DOT),
-                                     input_precision=INPUT_PRECISION)
-                    dx_tile = dx_tile * row_scale[:, None]
-                    if COSINE:
-                        dx_tile -= proj[:, None] * x.to(tl.float32)
-                    dx_ptrs = (dx_ptr + b * stride_dxb + rows64[:, None] * stride_dxl
-                               + offs_c[None, :].to(tl.int64) * stride_dxc)
-                    dx_mask = row_in[:, None] & c_in[None, :]
-                    # this program owns these rows: a plain read-modify-write, no atomics
-                    tl.store(dx_ptrs, tl.load(dx_ptrs, mask=dx_mask, other=0.0) + dx_tile, mask=dx_mask)
-                if NEED_DW:
-                    # dW_hat[p, c] += sum_n dz[n, p] * (row_scale[n] * x[n, c])
-                    xs = dot_operand(x.to(tl.float32) * row_scale[:, None], DW_DOT_DTYPE, UPCAST_DOT)
-                    dw_tile = tl.dot(tl.trans(dot_operand(dz, DW_DOT_DTYPE, UPCAST_DOT)), xs,
-                                     input_precision=INPUT_PRECISION)
-                    dw_mask = p_in[:, None] & c_in[None, :]
-                    dw_off = offs_p[:, None].to(tl.int64) * C + offs_c[None, :].to(tl.int64)
-                    if DETERMINISTIC:
-                        dw_ptrs = dw_ptr + pid.to(tl.int64) * stride_dwg + dw_off
-                        tl.store(dw_ptrs, tl.load(dw_ptrs, mask=dw_mask, other=0.0) + dw_tile, mask=dw_mask)
-                    else:
-                        # relaxed: only the sum matters, not its order against other memory
-                        tl.atomic_add(dw_ptr + dw_off, dw_tile, mask=dw_mask, sem="relaxed")
+    # Program (prototype tile, split) owns BLOCK_P prototypes, all C channels, and the pixel
+    # tiles split, split + SPLITS, ...: its dW_hat tile stays on chip and is flushed once, by
+    # a relaxed atomic add, or, in deterministic mode, into its own slice of a partial buffer
+    # that the host sums in a fixed order.
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_in = offs_p < P
+    offs_c = tl.arange(0, BLOCK_C)
+    c_in = offs_c < C
+    w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
+                mask=p_in[:, None] & c_in[None, :], other=0.0)
+    w_op = dot_operand(w, DOT_DTYPE, UPCAST_DOT)
+    dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for tile in range(split, B * tl.cdiv(L, BLOCK_N), splits):
+        b, rows64, row_in, valid, y, lse, pos, best, g_tau = _pixel_tile(
+            tile, L, y_ptr, g_ptr, lse_ptr, pos_ptr, best_ptr, ignore_index, inv_tau,
+            stride_yb, stride_yl, stride_gb, stride_gl, BLOCK_N)
+        x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc,
+                                       COSINE)
+        acc = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(w_op), input_precision=INPUT_PRECISION)
+        dz = _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST)
+        # dW_hat += (dz * row_scale)^T x: the per-pixel factor goes on the small dz tile, so the
+        # x tile is the GEMM operand as loaded (row_scale = g / tau * rnorm; the fp16 case,
+        # whose range it may pass, multiplies in fp32, see _dot_dtypes)
+        dzs = dot_operand(dz * (g_tau * rnorm)[:, None], DW_DOT_DTYPE, UPCAST_DOT)
+        dw = tl.dot(tl.trans(dzs), dot_operand(x, DW_DOT_DTYPE, UPCAST_DOT), dw, input_precision=INPUT_PRECISION)
+    offs = offs_p[:, None].to(tl.int64) * C + offs_c[None, :].to(tl.int64)
+    mask = p_in[:, None] & c_in[None, :]
+    if DETERMINISTIC:
+        tl.store(dw_ptr + split.to(tl.int64) * P * C + offs, dw, mask=mask)
+    else:
+        # relaxed: only the sum matters, not its order against other memory
+        tl.atomic_add(dw_ptr + offs, dw, mask=mask, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------- host side
@@ -269,16 +326,34 @@ def _dot_dtypes(x_dtype: torch.dtype):
 
 
 def _blocks(device: torch.device, L: int, P: int, C: int) -> Tuple[int, int, int]:
+    """Forward tiles ``(BLOCK_N, BLOCK_P, BLOCK_C)``; the channel axis is looped over."""
     if _FORCE_BLOCKS is not None:
         return _FORCE_BLOCKS
     if on_gpu(device):
         cap_n, cap_p, cap_c = 64, 64, 64
     else:  # the interpreter: few, large tiles (each tile op is one numpy call)
         cap_n, cap_p, cap_c = 128, 128, 128
-    block_n = min(cap_n, next_pow2(L))
-    block_p = min(cap_p, next_pow2(P))
-    block_c = min(cap_c, next_pow2(C))
-    return block_n, block_p, block_c
+    return min(cap_n, next_pow2(L)), min(cap_p, next_pow2(P)), min(cap_c, next_pow2(C))
+
+
+def _bwd_configs(device: torch.device, L: int, P: int, C: int) -> Tuple[dict, dict]:
+    """Tiles of the two backward kernels ``(dx, dW)``. All channels stay on chip
+    (``BLOCK_C = next_pow2(C)``): the dx program reads its x tile once and writes dx once; the
+    dW program keeps a ``BLOCK_P x C`` fp32 accumulator. On a GPU, 8 warps and the largest
+    tiles that compile without spilling for sm_90 at C = 256 and 512 (docs/kernels.md): 64-row
+    pixel tiles (wgmma for the z GEMM) spilled 48 B to 1.7 KB per thread, so the z GEMMs run
+    on mma.sync; the dW GEMM (64 prototype rows) lowers to wgmma."""
+    block_c = next_pow2(C)
+    if _FORCE_BLOCKS is not None:
+        cfg = dict(BLOCK_N=_FORCE_BLOCKS[0], BLOCK_P=_FORCE_BLOCKS[1], BLOCK_C=block_c)
+        return cfg, cfg
+    if not on_gpu(device):
+        cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c)
+        return cfg, cfg
+    gpu = dict(BLOCK_C=block_c, num_warps=8, num_stages=2)
+    dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64, next_pow2(P)))
+    dw = dict(gpu, BLOCK_N=16, BLOCK_P=min(64, next_pow2(P)))
+    return dx, dw
 
 
 @torch.library.custom_op("torch_ppl::contrastive_loss_fwd", mutates_args=())
@@ -306,10 +381,13 @@ def _fwd_op(
     block_n, block_p, block_c = _blocks(x.device, L, P, C)
     dot, _ = _dot_dtypes(x.dtype)
     grid = (B * triton.cdiv(L, block_n),)
+    # The GEMM operand, rounded once here, and the same rounding in the backward: the
+    # backward's recomputed z must be the forward's bit for bit.
+    w_op = w_hat.to(x.dtype)
     _contrastive_fwd_kernel[grid](
-        x, w_hat, target, loss, lse, pos, best,
+        x, w_op, target, loss, lse, pos, best,
         L, C, P, num_per_class, ignore_index, inv_temperature,
-        x.stride(0), x.stride(1), x.stride(2), w_hat.stride(0), w_hat.stride(1),
+        x.stride(0), x.stride(1), x.stride(2), w_op.stride(0), w_op.stride(1),
         target.stride(0), target.stride(1),
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
         UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
@@ -324,36 +402,40 @@ def _bwd_op(
     deterministic: bool, need_dx: bool, need_dw: bool,
 ) -> Tuple[Tensor, Tensor]:
     """``(dx, dw_hat)``: ``dx`` like ``x`` (its dtype and strides), ``dw_hat`` ``(P, C)`` float32.
-    A gradient that is not needed comes back as zeros without being computed."""
+    A gradient that is not asked for is not computed and comes back as an empty ``(0,)``
+    tensor."""
     B, L, C = x.shape
     P = w_hat.shape[0]
-    # fp32 features: accumulate straight into dx. 16-bit: an fp32 accumulator, cast at the end.
-    dx_acc = torch.zeros_like(x, dtype=torch.float32)
-    dw = torch.zeros((P, C), device=x.device, dtype=torch.float32)
-    if B * L == 0 or not (need_dx or need_dw):
-        return dx_acc.to(x.dtype), dw
-    block_n, block_p, block_c = _blocks(x.device, L, P, C)
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    dw = torch.zeros((P, C), device=x.device, dtype=torch.float32) if need_dw else w_hat.new_empty((0,))
+    if B * L == 0:
+        return dx, dw
+    dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C)
     dot, dw_dot = _dot_dtypes(x.dtype)
-    num_tiles = B * triton.cdiv(L, block_n)
-    if deterministic and need_dw:
-        programs = min(num_tiles, _DETERMINISTIC_PROGRAMS_PER_SM * num_sms(x.device))
-        dw_out = torch.zeros((programs, P, C), device=x.device, dtype=torch.float32)
-    else:
-        programs = num_tiles
-        dw_out = dw
-    _contrastive_bwd_kernel[(programs,)](
-        grad, x, w_hat, target, lse, pos, best, dx_acc, dw_out,
-        B, L, C, P, num_per_class, ignore_index, inv_temperature,
-        grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
-        w_hat.stride(0), w_hat.stride(1), target.stride(0), target.stride(1),
-        dx_acc.stride(0), dx_acc.stride(1), dx_acc.stride(2), P * C,
-        COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, DW_DOT_DTYPE=dw_dot, INPUT_PRECISION="ieee",
-        UPCAST_DOT=upcast_dot(), NEED_DX=need_dx, NEED_DW=need_dw, DETERMINISTIC=deterministic and need_dw,
-        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
-    )
-    if deterministic and need_dw:
-        dw = dw_out.sum(0)  # partials added in a fixed order
-    return dx_acc.to(x.dtype), dw
+    w_op = w_hat.to(x.dtype)  # the forward's GEMM operand, rounded alike
+    common = (grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
+              w_op.stride(0), w_op.stride(1), target.stride(0), target.stride(1))
+    flags = dict(COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee", UPCAST_DOT=upcast_dot())
+    if need_dx:
+        _contrastive_bwd_dx_kernel[(B * triton.cdiv(L, dx_cfg["BLOCK_N"]),)](
+            grad, x, w_op, target, lse, pos, best, dx,
+            L, C, P, num_per_class, ignore_index, inv_temperature,
+            *common, dx.stride(0), dx.stride(1), dx.stride(2), **flags, **dx_cfg,
+        )
+    if need_dw:
+        num_tiles = B * triton.cdiv(L, dw_cfg["BLOCK_N"])
+        p_tiles = triton.cdiv(P, dw_cfg["BLOCK_P"])
+        # about two programs per SM in all, each over a share of the pixel tiles
+        splits = max(1, min(num_tiles, triton.cdiv(_PROGRAMS_PER_SM * num_sms(x.device), p_tiles)))
+        out = torch.empty((splits, P, C), device=x.device, dtype=torch.float32) if deterministic else dw
+        _contrastive_bwd_dw_kernel[(p_tiles, splits)](
+            grad, x, w_op, target, lse, pos, best, out,
+            B, L, C, P, num_per_class, ignore_index, inv_temperature,
+            *common, DW_DOT_DTYPE=dw_dot, DETERMINISTIC=deterministic, **flags, **dw_cfg,
+        )
+        if deterministic:
+            dw = out.sum(0)  # stage two: the splits' partials added in a fixed order
+    return dx, dw
 
 
 @_fwd_op.register_fake
@@ -365,7 +447,9 @@ def _fwd_fake(x, w_hat, target, num_per_class, inv_temperature, cosine, nearest,
 @_bwd_op.register_fake
 def _bwd_fake(grad, x, w_hat, target, lse, pos, best, num_per_class, inv_temperature, cosine, nearest,
       ignore_index, deterministic, need_dx, need_dw):
-    return torch.empty_like(x), w_hat.new_empty(w_hat.shape, dtype=torch.float32)
+    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+    dw = w_hat.new_empty(w_hat.shape, dtype=torch.float32) if need_dw else w_hat.new_empty((0,))
+    return dx, dw
 
 
 def _setup_context(ctx, inputs, output) -> None:
