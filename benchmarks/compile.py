@@ -41,7 +41,8 @@ OPS = ("prototype_logits", "contrastive_loss", "prototype_attention")
 ROLES = {
     "_logits_fwd_kernel": "head forward: similarity GEMM, pooled per class, logits (+ max winner)",
     "_logits_bwd_dx_kernel": "head backward: dx (and dscale partials) from the recomputed similarities",
-    "_logits_bwd_dw_kernel": "head backward: prototype gradient, reduced over pixels",
+    "_logits_bwd_dw_kernel": "head backward (max, mean pooling): prototype gradient per class tile and channel slice",
+    "_logits_bwd_dw_lse_kernel": "head backward (logsumexp pooling): prototype gradient, similarities recomputed",
     "_contrastive_fwd_kernel": "push forward: similarity GEMM, online logsumexp, per-pixel loss",
     "_contrastive_bwd_dx_kernel": "push backward: dx, all channels on chip, written once in the features' dtype",
     "_contrastive_bwd_dw_kernel": "push backward: prototype gradient, one prototype tile per program, flushed once",
@@ -58,6 +59,7 @@ class Launch:
     grid: Tuple[int, ...]
     compiled: object = None
     error: Optional[str] = None
+    meta: Dict[str, object] = dataclasses.field(default_factory=dict)  # the launch's constexprs
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -125,7 +127,8 @@ def record_launches(arch: int, num_sms: int):
                 self.device_caches.clear()
                 touched.add(self)
             name = self.fn.__name__
-            launch = Launch(op="", kernel=name, grid=tuple(grid) if not callable(grid) else ("?",))
+            launch = Launch(op="", kernel=name, grid=tuple(grid) if not callable(grid) else ("?",),
+                            meta={k: v for k, v in kwargs.items() if isinstance(v, (bool, int, str))})
             launches.append(launch)
             try:
                 launch.compiled = original(self, *args, grid=grid, warmup=True, **kwargs)
@@ -152,12 +155,9 @@ def record_launches(arch: int, num_sms: int):
 def _problem(shape, dtype: str, layout: str):
     import torch
 
-    from . import providers, shapes
+    from . import providers
 
-    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    if isinstance(shape, str):
-        shape = next(s for s in shapes.headline() if s.name == shape)
-    shape = dataclasses.replace(shape, feature_dtype=dt)
+    shape = resolve_shape(shape, dtype)
     problem = providers.make_problem(shape, torch.device("cpu"))
     if layout == "nhwc":
         x = problem.x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
@@ -258,8 +258,9 @@ def ptx_counts(ptx: str) -> Dict[str, int]:
     )
 
 
-def analyse(launches: List[Launch], out_dir: Path) -> List[Dict[str, object]]:
-    """Write each kernel's PTX and cubin to ``out_dir`` and read them back into table rows."""
+def analyse(launches: List[Launch], out_dir: Path, shape=None) -> List[Dict[str, object]]:
+    """Write each kernel's PTX and cubin to ``out_dir`` and read them back into table rows;
+    with ``shape``, add the per-kernel traffic model (:func:`benchmarks.roofline.kernel_work`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     seen = collections.Counter()
@@ -284,8 +285,55 @@ def analyse(launches: List[Launch], out_dir: Path) -> List[Dict[str, object]]:
         row.update(sass_counts(cubin))
         row.update(ptx_counts(k.asm["ptx"]))
         row["files"] = [ptx.name, cubin.name]
+        if shape is not None:
+            from . import roofline
+
+            row["model"] = roofline.kernel_work(launch.kernel, launch.grid, launch.meta, shape)
+            row["ideal_us"] = roofline.ideal_seconds(row["model"], _H100) * 1e6
         rows.append(row)
     return rows
+
+
+def _h100():
+    from . import roofline
+
+    return dict(roofline.PEAKS)["H100"]
+
+
+class _Lazy:
+    def __getattr__(self, name):
+        return getattr(_h100(), name)
+
+
+_H100 = _Lazy()
+
+
+def resolve_shape(shape, dtype: str):
+    """The :class:`~benchmarks.shapes.Shape` a name (or shape) and dtype stand for."""
+    import torch
+
+    from . import shapes
+
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    if isinstance(shape, str):
+        shape = next(s for s in shapes.headline() if s.name == shape)
+    return dataclasses.replace(shape, feature_dtype=dt)
+
+
+def predictions(rows: List[Dict[str, object]], shape) -> List[str]:
+    """One line per op: the predicted share of the H100 roofline for forward + backward."""
+    from . import roofline
+
+    lines = []
+    for op in dict.fromkeys(r["op"] for r in rows):
+        works = [r["model"] for r in rows if r["op"] == op and "model" in r]
+        if not works or op not in roofline.OPS:
+            continue
+        pred = roofline.predicted_fraction(op, shape, works, _h100())
+        lines.append(f"- `{op}` forward + backward: kernels at their own bounds {pred['t_kernels_us']:.0f} µs, "
+                     f"the op's roofline {pred['t_min_us']:.0f} µs: **{100 * pred['fraction']:.0f} %** "
+                     f"of the H100 roofline (predicted)")
+    return lines
 
 
 # ----------------------------------------------------------------------------- the table
@@ -312,18 +360,27 @@ def _atomics(row) -> str:
 
 def markdown(rows: List[Dict[str, object]], title: str) -> str:
     head = ("| op | kernel | grid | warps | stages | regs | stack B | STL/LDL | shared B | tensor cores "
-            "| global loads (bits×count) | atomics |")
-    lines = [f"**{title}**", "", head, "|" + " --- |" * 12]
+            "| global loads (bits×count) | atomics | model MB | model GFLOP | ideal µs |")
+    lines = [f"**{title}**", "", head, "|" + " --- |" * 15]
     for r in rows:
         if "error" in r:
             msg = str(r["error"]).splitlines()[0][:120]
-            lines.append(f"| {r['op']} | `{r['kernel']}` | {r['grid']} | **compile error**: {msg} |" + " |" * 8)
+            lines.append(f"| {r['op']} | `{r['kernel']}` | {r['grid']} | **compile error**: {msg} |" + " |" * 11)
             continue
         lines.append(
             f"| {r['op']} | `{r['kernel']}` | {r['grid']} | {r['warps']} | {r['stages']} | {r['regs']} "
             f"| {r['stack']} | {r['stl']}/{r['ldl']} | {r['shared']} | {_tensor_cores(r)} | {_loads(r['ldg'])} "
-            f"| {_atomics(r)} |")
+            f"| {_atomics(r)} | {_model(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _model(r) -> str:
+    if "model" not in r:
+        return "- | - | -"
+    m = r["model"]
+    gflop = sum(m["flops"].values()) / 1e9
+    precisions = "+".join(sorted(m["flops"]))
+    return f"{m['bytes'] / 1e6:.0f} | {gflop:.1f} ({precisions}) | {r['ideal_us']:.0f}"
 
 
 def run(args) -> int:
@@ -336,10 +393,11 @@ def run(args) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.monotonic()
     launches = compile_ops(args.target, args.shape, args.dtype, args.layout, args.ops, args.deterministic)
-    rows = analyse(launches, out_dir)
+    shape = resolve_shape(args.shape, args.dtype)
+    rows = analyse(launches, out_dir, shape)
     title = (f"{args.shape}, {args.dtype} features ({args.layout.upper()}), {args.target}, "
              f"triton {triton.__version__}" + (", deterministic" if args.deterministic else ""))
-    table = markdown(rows, title)
+    table = markdown(rows, title) + "\n" + "\n".join(predictions(rows, shape)) + "\n"
     (out_dir / "table.md").write_text(table)
     meta = dict(target=args.target, shape=args.shape, dtype=args.dtype, layout=args.layout,
                 deterministic=args.deterministic, triton=triton.__version__, torch=torch.__version__)
@@ -414,11 +472,12 @@ def write_docs(path: Path, shapes=("voc", "ade"), layouts=LAYOUTS, target: str =
         parts.append(f"## {shape}\n")
         for layout in layouts:
             launches = compile_ops(target, shape, "bf16", layout)
+            resolved = resolve_shape(shape, "bf16")
             with tempfile.TemporaryDirectory() as tmp:
-                rows = analyse(launches, Path(tmp))
+                rows = analyse(launches, Path(tmp), resolved)
             failed += sum("error" in r for r in rows)
             title = f"{shape}, bf16 features ({layout.upper()}), {target}, triton {triton.__version__}"
-            parts.append(markdown(rows, title))
+            parts.append(markdown(rows, title) + "\n" + "\n".join(predictions(rows, resolved)) + "\n")
     path.write_text("\n".join(parts))
     print(f"wrote {path}" + (f"; {failed} kernels failed to compile" if failed else ""))
     return 1 if failed else 0

@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, Optional, Tuple
 
+import torch
+
 from .shapes import Shape
 
 OPS = ("prototype_logits", "contrastive_loss", "prototype_attention", "ppl_step")
@@ -137,3 +139,118 @@ def rates(bytes_: int, flops: int, median_ms: float, peak: Optional[DevicePeak])
         out["roofline_fraction"] = max(t_mem, t_flop) / seconds
         out["bound"] = "memory" if t_mem >= t_flop else "compute"
     return out
+
+
+# ----------------------------------------------------------------------------- per-kernel model
+# What each launched kernel moves and computes with its actual tiling (python -m benchmarks
+# compile records the grid and the block sizes of every launch), so that re-reads, recomputed
+# GEMMs, padded tiles and slower GEMM precisions show. Assumptions, stated once:
+# * HBM traffic: every N-sized tensor a program set reads is charged each time a distinct
+#   program reads it (a kernel whose grid splits the prototypes re-reads x once per prototype
+#   tile); the small prototype-side tensors are charged once (they live in L2).
+# * FLOPs: 2·m·n·k per GEMM on the padded tile sizes, at the peak of its operand precision:
+#   16-bit operands at the dense bf16 tensor peak, TF32 at half of it, 3xTF32 at a sixth,
+#   IEEE fp32 at the CUDA-core fp32 peak. mma.sync is charged like wgmma (optimistic: on
+#   Hopper mma.sync reaches well below the wgmma peak).
+# * A kernel's ideal time is max(bytes / bandwidth, Σ flops / peak); kernels run one after
+#   another; launch overheads and the small torch ops around the kernels are left out.
+# The result is a prediction from a model, not a measurement.
+H100_FP32_FLOPS = 67e12  # H100 SXM datasheet, FP32 (CUDA cores)
+_PRECISION_SHARE = {"bf16": 1.0, "fp16": 1.0, "tf32": 0.5, "tf32x3": 1.0 / 6.0}
+
+
+def _pad(n: int, block: int) -> int:
+    return -(-n // block) * block
+
+
+def _precision(meta: Dict[str, object], key: str, feature_dtype) -> str:
+    """The precision class of a GEMM: the operand dtype for 16-bit operands, else the
+    ``input_precision`` the kernel was launched with."""
+    prec = str(meta.get(key, "ieee"))
+    if prec in ("tf32", "tf32x3"):
+        return prec
+    return {2: "bf16"}.get(feature_dtype.itemsize, "ieee")
+
+
+def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: Shape) -> Dict[str, object]:
+    """``bytes`` (HBM) and ``flops`` (by precision class) of one launch at shape ``s``."""
+    xb = _elem(s.feature_dtype)
+    n, c, k, m, p, h = s.N, s.C, s.K, s.M, s.P, s.heads
+    flops: Dict[str, float] = {}
+
+    def gemm(amount: float, precision: str) -> None:
+        flops[precision] = flops.get(precision, 0.0) + amount
+
+    if kernel.startswith("_logits_"):
+        p_pad = _pad(k, int(meta["BLOCK_K"])) * int(meta["BLOCK_M"])
+        x16 = _precision(meta, "PRECISION", s.feature_dtype)
+        grad = _precision(meta, "GRAD_PRECISION", s.feature_dtype) if "GRAD_PRECISION" in meta else x16
+        if kernel == "_logits_fwd_kernel":
+            bytes_ = n * c * xb + p * c * xb + n * k * 4 + n * k
+            gemm(2 * n * p_pad * c, x16)
+        elif kernel == "_logits_bwd_dx_kernel":
+            bytes_ = 2 * n * c * xb + n * k * 4 + n * k + 2 * p * c * 4
+            gemm(2 * n * p_pad * c, x16)
+            gemm(2 * n * p_pad * c, grad)
+        elif kernel == "_logits_bwd_dw_kernel":  # max / mean: no recompute, channel slices
+            k_tiles, c_slices = grid[0], grid[1]
+            bytes_ = k_tiles * (n * c * xb + c_slices * n * 4) + c_slices * (n * k * 4 + n * k) + p * c * 4
+            gemm(2 * n * p_pad * c, grad)
+        else:  # _logits_bwd_dw_lse_kernel: every class tile re-reads all of x and recomputes s
+            tiles = grid[0]
+            bytes_ = tiles * n * c * xb + n * k * 4 + n * k + p * c * 4
+            gemm(2 * n * p_pad * c, x16)
+            gemm(2 * n * p_pad * c, grad)
+    elif kernel.startswith("_contrastive_"):
+        p_pad = _pad(p, int(meta["BLOCK_P"]))
+        dot = "bf16" if xb == 2 else "ieee"  # the features' own dtype (fp16 counts as bf16)
+        dw_dot = "bf16" if s.feature_dtype == torch.bfloat16 else "ieee"  # fp16 features: fp32 dW GEMM
+        per_pixel = 8 + 4 * 4  # label, upstream gradient or loss, lse, pos, best
+        if kernel == "_contrastive_fwd_kernel":
+            bytes_ = n * c * xb + p * c * xb + n * per_pixel
+            gemm(2 * n * p_pad * c, dot)
+        elif kernel == "_contrastive_bwd_dx_kernel":
+            bytes_ = 2 * n * c * xb + p * c * xb + n * per_pixel
+            gemm(4 * n * p_pad * c, dot)
+        else:  # _contrastive_bwd_dw_kernel: every prototype tile re-reads all of x
+            tiles = grid[0]
+            bytes_ = tiles * (n * c * xb + n * per_pixel) + p * c * xb + p * c * 4
+            gemm(2 * n * p_pad * c, dot)
+            gemm(2 * n * p_pad * c, dw_dot)
+    elif kernel.startswith("_attention_"):
+        p_pad = _pad(p, int(meta["BLOCK_P"]))
+        prec = _precision(meta, "DOT_PREC", s.feature_dtype)
+        small = 2 * h * p * c * 4
+        if kernel == "_attention_fwd_kernel":
+            bytes_ = 2 * n * c * xb + n * h * 4 + small
+            gemm(4 * n * h * p_pad * c, prec)
+        elif kernel == "_attention_bwd_dx_kernel":
+            bytes_ = 3 * n * c * xb + 2 * n * h * 4 + small
+            gemms = 2 + bool(meta.get("NEED_DX")) * 2 + bool(meta.get("NEED_GREAD"))
+            gemm(2 * gemms * n * h * p_pad * c, prec)
+        else:  # _attention_bwd_dproto_kernel: every (head, prototype tile) re-reads x and dout
+            tiles = grid[0]
+            bytes_ = tiles * (2 * n * c * xb + 2 * n * 4) + 3 * small
+            gemm(8 * n * h * p_pad * c, prec)
+    else:
+        raise KeyError(f"no traffic model for kernel {kernel!r}")
+    return dict(bytes=int(bytes_), flops={key: int(v) for key, v in flops.items()})
+
+
+def ideal_seconds(work_: Dict[str, object], peak: DevicePeak) -> float:
+    """``max(bytes / bandwidth, Σ flops / peak of their precision)`` of one launch."""
+    t_flops = 0.0
+    for precision, amount in work_["flops"].items():
+        rate = H100_FP32_FLOPS if precision == "ieee" else peak.tensor_flops * _PRECISION_SHARE[precision]
+        t_flops += amount / rate
+    return max(work_["bytes"] / peak.bandwidth, t_flops)
+
+
+def predicted_fraction(op: str, shape: Shape, launches_work, peak: DevicePeak) -> Dict[str, float]:
+    """The op's own roofline time (its minimal bytes and FLOPs, :func:`work`, fwd + bwd) over the
+    sum of its kernels' ideal times: the share of the roofline the kernels could reach if each
+    ran at its own bound."""
+    min_bytes, min_flops = work(op, shape, "fwdbwd")
+    t_min = max(min_bytes / peak.bandwidth, min_flops / peak.tensor_flops)
+    t_kernels = sum(ideal_seconds(w, peak) for w in launches_work)
+    return dict(t_min_us=t_min * 1e6, t_kernels_us=t_kernels * 1e6, fraction=t_min / t_kernels)

@@ -77,7 +77,7 @@ def kernel_winners(x, protos, similarity):
     w_hat = protos.detach().float()
     if similarity == "cosine":
         w_hat = torch.nn.functional.normalize(w_hat, dim=-1, eps=reference.EPS)
-    _, winners = torch.ops.torch_ppl.prototype_logits_fwd(
+    _, winners, _ = torch.ops.torch_ppl.prototype_logits_fwd(
         x.detach(), w_hat.contiguous(), torch.ones((), device=x.device), None, similarity == "cosine", "max")
     return winners.long().reshape(*x.shape[:-1], protos.shape[0])
 
@@ -215,7 +215,7 @@ def test_many_prototypes_per_class_int16_winners():
     ref = reference.prototype_logits(x, protos, 3.0, None, similarity="cosine", pooling="max")
     torch.testing.assert_close(out, ref, **FP32_TOL)
     w_hat = torch.nn.functional.normalize(protos.detach(), dim=-1)
-    _, winners = torch.ops.torch_ppl.prototype_logits_fwd(x.detach(), w_hat, torch.ones((), device=DEVICE), None,
+    _, winners, _ = torch.ops.torch_ppl.prototype_logits_fwd(x.detach(), w_hat, torch.ones((), device=DEVICE), None,
                                                           True, "max")
     assert winners.dtype == torch.int16 and bool((winners == 129).all())
     g = torch.randn(out.shape, generator=gen).to(DEVICE)
@@ -322,11 +322,11 @@ def test_opcheck_forward(pooling):
 
 def test_opcheck_backward():
     x, w_hat, scale, _ = _small_inputs(requires_grad=False)
-    logits, winners = torch.ops.torch_ppl.prototype_logits_fwd(x, w_hat, scale, None, True, "max")
+    logits, winners, inv = torch.ops.torch_ppl.prototype_logits_fwd(x, w_hat, scale, None, True, "max")
     grad = torch.randn_like(logits)
     for flags in ((True, True, True), (False, True, False)):
         torch.library.opcheck(torch.ops.torch_ppl.prototype_logits_bwd.default,
-                              (grad, x, w_hat, scale, winners, True, "max", *flags),
+                              (grad, x, w_hat, scale, winners, inv, True, "max", *flags),
                               test_utils=("test_schema", "test_faketensor"))
 
 

@@ -16,10 +16,14 @@ Layout of the work (one file, Liger-Kernel style):
 * ``_logits_bwd_dx_kernel``: same walk; recomputes the similarity tile, turns the incoming
   ``dlogits`` into ``ds`` (pooling backward), accumulates ``du = ds @ Ŵ`` and finishes with the
   normalisation backward. Also yields per-program partial sums for ``dscale``.
-* ``_logits_bwd_dw_kernel``: one program per (class tile, pixel split); recomputes ``ds`` for the
-  pixels of its split and accumulates ``dŴ_tile += dsᵀ @ x̂``. Deterministic mode: each split
-  writes its own partial and they are summed in a fixed order; otherwise a relaxed
-  ``tl.atomic_add`` per program.
+* ``_logits_bwd_dw_kernel`` (max and mean pooling): the winners are saved and the mean is
+  ``1/M``, so ``ds`` needs no similarity; one program per (class tile, channel slice, pixel
+  split) reads only its channel slice of ``x`` (normalised with the ``1/|x|`` the forward
+  saved, 4 bytes per pixel) and accumulates ``dŴ_tile += dsᵀ @ x̂_slice``.
+* ``_logits_bwd_dw_lse_kernel`` (logsumexp pooling, whose ``ds`` needs the similarities): one
+  program per (class tile, pixel split) recomputes the similarity tile over all channels.
+* Both dW kernels flush once per program: a relaxed ``tl.atomic_add``, or, in deterministic
+  mode, a per-split partial summed in a fixed order.
 
 The prototypes are normalised (cosine) outside the kernels by plain PyTorch: they are ``P x C``
 (tiny), and autograd then carries ``dŴ`` back through ``F.normalize`` to ``W``.
@@ -109,7 +113,7 @@ def _similarity(x, w, inv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M
 
 @triton.jit
 def _logits_fwd_kernel(
-    X, WD, SCALE, BIAS, OUT, ARGMAX,
+    X, WD, SCALE, BIAS, OUT, ARGMAX, INV,
     L, C, K, M,
     stride_xb, stride_xl, stride_xc,
     stride_ob, stride_ol, stride_ok,
@@ -126,6 +130,9 @@ def _logits_fwd_kernel(
     scale = tl.load(SCALE).to(tl.float32)
 
     rows = l0 + tl.arange(0, BLOCK_N)
+    if COSINE:
+        # 4 bytes per pixel, so that the prototype gradient needs no full-row read for the norm
+        tl.store(INV + b.to(tl.int64) * L + rows, inv, mask=rows < L)
     m_idx = tl.arange(0, BLOCK_M)
     m_ok = (m_idx < M)[None, None, :]
     for k0 in range(0, K, BLOCK_K):
@@ -250,7 +257,7 @@ def _logits_bwd_dx_kernel(
 
 
 @triton.jit
-def _logits_bwd_dw_kernel(
+def _logits_bwd_dw_lse_kernel(
     X, WD, SCALE, G, ARGMAX, DW,
     B, L, C, K, M,
     stride_xb, stride_xl, stride_xc,
@@ -294,6 +301,68 @@ def _logits_bwd_dw_kernel(
         tl.atomic_add(DW + offs, dw, mask=mask, sem="relaxed")  # only the sum matters
 
 
+@triton.jit
+def _logits_bwd_dw_kernel(
+    X, INV, SCALE, G, ARGMAX, DW,
+    B, L, C, K, M,
+    stride_xb, stride_xl, stride_xc,
+    stride_gb, stride_gl, stride_gk,
+    COSINE: tl.constexpr, POOL: tl.constexpr, GRAD_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Max and mean pooling: ds does not depend on s (the winner is saved, the mean is 1/M), so
+    # the prototype gradient needs no similarity and no full row:
+    #   dŴ[k, m, c] = sum_n scale * g[n, k] * dpool[n, k, m] * x[n, c] * inv[n]
+    # Program (class tile, channel slice, pixel split) owns BLOCK_K classes x BLOCK_M
+    # prototypes x BLOCK_C channels and reads only its channel slice of x (plus g, the winners
+    # and the saved inv), so x crosses HBM once per class tile instead of once per class tile
+    # *and* with a recomputed GEMM over all channels.
+    pid_k = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
+    k0 = pid_k * BLOCK_K
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_in = cols < C
+    ks = k0 + tl.arange(0, BLOCK_K)
+    m_idx = tl.arange(0, BLOCK_M)
+    m_ok = (m_idx < M)[None, None, :]
+    scale = tl.load(SCALE).to(tl.float32)
+    num_blocks = tl.cdiv(L, BLOCK_N)
+
+    dw = tl.zeros((BLOCK_K * BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for blk in range(split, B * num_blocks, num_splits):
+        b = (blk // num_blocks).to(tl.int64)
+        rows = (blk % num_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_in = rows < L
+        u = tl.load(X + b * stride_xb + rows.to(tl.int64)[:, None] * stride_xl + cols.to(tl.int64)[None, :] * stride_xc,
+                    mask=row_in[:, None] & c_in[None, :], other=0.0).to(tl.float32)
+        if COSINE:
+            u = u * tl.load(INV + b * L + rows, mask=row_in, other=0.0)[:, None]
+        mask = row_in[:, None] & (ks < K)[None, :]
+        g = tl.load(G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None] + ks.to(tl.int64)[None, :] * stride_gk,
+                    mask=mask, other=0.0).to(tl.float32)
+        if POOL == 0:
+            winner = tl.load(ARGMAX + (b * L + rows.to(tl.int64))[:, None] * K + ks[None, :],
+                             mask=mask, other=0).to(tl.int32)
+            dpool = tl.where(m_idx[None, None, :] == winner[:, :, None], 1.0, 0.0)
+        else:
+            dpool = tl.where(m_ok, 1.0 / M, 0.0)
+        ds = tl.reshape((scale * g)[:, :, None] * dpool, (BLOCK_N, BLOCK_K * BLOCK_M))
+        dw += tl.dot(tl.trans(ds), u, input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+
+    j = tl.arange(0, BLOCK_K * BLOCK_M)
+    k = k0 + j // BLOCK_M
+    m = j % BLOCK_M
+    mask = ((k < K) & (m < M))[:, None] & c_in[None, :]
+    offs = (k.to(tl.int64) * M + m)[:, None] * C + cols[None, :]
+    if DETERMINISTIC:
+        # DW is (num_splits, K*M, C): this program owns its slice, summed later in fixed order.
+        tl.store(DW + split.to(tl.int64) * K * M * C + offs, dw, mask=mask)
+    else:
+        tl.atomic_add(DW + offs, dw, mask=mask, sem="relaxed")  # only the sum matters
+
+
 # ============================================================================ host helpers
 def _argmax_dtype(m: int) -> torch.dtype:
     return torch.int8 if m <= 127 else (torch.int16 if m <= 32767 else torch.int32)
@@ -329,11 +398,18 @@ class _Config:
                 self.bwd_block_k //= 2
             while self.bwd_block_k * self.block_m < 16:
                 self.bwd_block_k *= 2
+            # the sliced prototype gradient (max / mean pooling): up to 512 prototype rows
+            # (32 classes of up to 16) x 32 channels of fp32 accumulator per program
+            self.dw_block_c = min(32, self.block_c)
+            self.dw_block_k = max(1, min(triton.next_power_of_2(k), 512 // self.block_m))
+            self.dw_block_n = 32
         else:
             self.block_n = self.bwd_block_n = 16
             self.num_warps = self.bwd_num_warps = 4
             self.num_stages = 1
             self.bwd_block_k = self.block_k
+            # small channel slices on the interpreter, so tests cross several of them
+            self.dw_block_c, self.dw_block_k, self.dw_block_n = 16, self.block_k, 16
         # fp32 features: an exact fp32 GEMM (the reference does not use TF32 either); for
         # bf16/fp16 operands the precision argument is unused (fp32 accumulation).
         self.precision = "ieee"
@@ -346,29 +422,30 @@ class _Config:
 # ============================================================================ custom ops
 @torch.library.custom_op("torch_ppl::prototype_logits_fwd", mutates_args=())
 def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cosine: bool,
-            pooling: str) -> Tuple[Tensor, Tensor]:
-    """Logits ``(..., K)`` float32 and, for ``pooling="max"``, the winners ``(B, L, K)``
-    (an empty tensor otherwise). ``w_hat`` is the ``(K, M, C)`` fp32 prototype tensor, already
-    normalised for cosine similarity."""
+            pooling: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Logits ``(..., K)`` float32; for ``pooling="max"`` the winners ``(B, L, K)``; for cosine
+    similarity each pixel's ``1 / max(|x|, eps)`` ``(B, L)`` float32 (empty tensors otherwise).
+    ``w_hat`` is the ``(K, M, C)`` fp32 prototype tensor, already normalised for cosine."""
     k, m, c = w_hat.shape
     out = new_rows(x, k, torch.float32)
     x3, out3 = as_blc(x), as_blc(out)
     nb, nl, _ = x3.shape
     pool = _POOL_CODE[pooling]
     winners = x.new_empty((nb, nl, k) if pool == 0 else (0,), dtype=_argmax_dtype(m))
+    inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
     if out.numel() == 0:
-        return out, winners
+        return out, winners, inv
     cfg = _Config(x.device, c, k, m, x.dtype)
     grid = (nb * triton.cdiv(nl, cfg.block_n),)
     _logits_fwd_kernel[grid](
-        x3, w_hat.to(x.dtype), scale, bias, out3, winners if pool == 0 else None,
+        x3, w_hat.to(x.dtype), scale, bias, out3, winners if pool == 0 else None, inv if cosine else None,
         nl, c, k, m,
         *x3.stride(), *out3.stride(),
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, winners
+    return out, winners, inv
 
 
 @_fwd_op.register_fake
@@ -380,11 +457,13 @@ def _fwd_fake(x, w_hat, scale, bias, cosine, pooling):
         winners = x.new_empty((nb, nl, k), dtype=_argmax_dtype(m))
     else:
         winners = x.new_empty((0,), dtype=_argmax_dtype(m))
-    return out, winners
+    nb, nl, _ = as_blc(x).shape
+    inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
+    return out, winners, inv
 
 
 @torch.library.custom_op("torch_ppl::prototype_logits_bwd", mutates_args=())
-def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tensor, cosine: bool,
+def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tensor, inv: Tensor, cosine: bool,
             pooling: str, need_dx: bool, need_dw: bool, need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx in x.dtype, dŴ (K, M, C) fp32, dscale 0-d fp32)``. A gradient that is not asked
     for is not computed: dx and dŴ come back as empty ``(0,)`` tensors, dscale as 0."""
@@ -422,27 +501,47 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
             dscale = partial.sum()
 
     if need_dw:
-        tiles = triton.cdiv(k, cfg.bwd_block_k)
-        if on_gpu(x.device):
-            splits = max(1, min(n_blocks, triton.cdiv(4 * num_sms(x.device), tiles)))
-        else:
-            splits = min(n_blocks, 2)
         deterministic = torch.are_deterministic_algorithms_enabled()
-        target = w_hat.new_empty((splits, k, m, c)) if deterministic else dw
-        _logits_bwd_dw_kernel[(tiles, splits)](
-            x3, w_dot, scale, g3, winners, target,
-            nb, nl, c, k, m,
-            *x3.stride(), *g3.stride(),
-            DETERMINISTIC=deterministic,
-            BLOCK_K=cfg.bwd_block_k, **common,
-        )
+        if pool == 1:
+            # logsumexp: ds needs the similarities, recomputed over all channels per class tile
+            tiles = triton.cdiv(k, cfg.bwd_block_k)
+            grid = (tiles, _splits(x.device, n_blocks, tiles))
+            target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
+            _logits_bwd_dw_lse_kernel[grid](
+                x3, w_dot, scale, g3, winners, target,
+                nb, nl, c, k, m,
+                *x3.stride(), *g3.stride(),
+                DETERMINISTIC=deterministic,
+                BLOCK_K=cfg.bwd_block_k, **common,
+            )
+        else:
+            k_tiles, c_slices = triton.cdiv(k, cfg.dw_block_k), triton.cdiv(c, cfg.dw_block_c)
+            pixel_tiles = nb * triton.cdiv(nl, cfg.dw_block_n)
+            grid = (k_tiles, c_slices, _splits(x.device, pixel_tiles, k_tiles * c_slices))
+            target = w_hat.new_empty((grid[2], k, m, c)) if deterministic else dw
+            _logits_bwd_dw_kernel[grid](
+                x3, inv if cosine else None, scale, g3, winners, target,
+                nb, nl, c, k, m,
+                *x3.stride(), *g3.stride(),
+                COSINE=cosine, POOL=pool, GRAD_PRECISION=cfg.grad_precision, DETERMINISTIC=deterministic,
+                BLOCK_N=cfg.dw_block_n, BLOCK_K=cfg.dw_block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.dw_block_c,
+                num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages,
+            )
         if deterministic:
-            dw = target.sum(0)
+            dw = target.sum(0)  # the splits' partials added in a fixed order
     return dx, dw, dscale
 
 
+def _splits(device: torch.device, pixel_tiles: int, programs: int) -> int:
+    """Pixel splits for a prototype-gradient grid of ``programs`` other programs: about two
+    programs per SM in all on a GPU, two on the interpreter."""
+    if on_gpu(device):
+        return max(1, min(pixel_tiles, triton.cdiv(2 * num_sms(device), programs)))
+    return min(pixel_tiles, 2)
+
+
 @_bwd_op.register_fake
-def _bwd_fake(grad, x, w_hat, scale, winners, cosine, pooling, need_dx, need_dw, need_dscale):
+def _bwd_fake(grad, x, w_hat, scale, winners, inv, cosine, pooling, need_dx, need_dw, need_dscale):
     dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
     dw = torch.empty_like(w_hat) if need_dw else w_hat.new_empty((0,))
     return dx, dw, x.new_empty((), dtype=torch.float32)
@@ -450,19 +549,20 @@ def _bwd_fake(grad, x, w_hat, scale, winners, cosine, pooling, need_dx, need_dw,
 
 def _setup_context(ctx, inputs, output):
     x, w_hat, scale, bias, cosine, pooling = inputs
-    _, winners = output
-    ctx.save_for_backward(x, w_hat, scale, winners)
+    _, winners, inv = output
+    ctx.save_for_backward(x, w_hat, scale, winners, inv)
+    ctx.mark_non_differentiable(winners, inv)
     ctx.cosine, ctx.pooling = cosine, pooling
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, grad, _grad_winners):
-    x, w_hat, scale, winners = ctx.saved_tensors
+def _backward(ctx, grad, _grad_winners, _grad_inv):
+    x, w_hat, scale, winners, inv = ctx.saved_tensors
     need_dx, need_dw, need_dscale, need_dbias = ctx.needs_input_grad[:4]
     dx = dw = dscale = dbias = None
     if need_dx or need_dw or need_dscale:
         dx, dw, dscale = torch.ops.torch_ppl.prototype_logits_bwd(
-            grad, x, w_hat, scale, winners, ctx.cosine, ctx.pooling,
+            grad, x, w_hat, scale, winners, inv, ctx.cosine, ctx.pooling,
             bool(need_dx), bool(need_dw), bool(need_dscale))
         dx = dx if need_dx else None
         dw = dw if need_dw else None
@@ -512,6 +612,6 @@ def prototype_logits(
             scale_t = torch.full((), float(scale), dtype=torch.float32, device=x.device)
         else:
             scale_t = scale_t.reshape(()).to(x.device)  # a no-op for the head's own scale
-        logits, _ = torch.ops.torch_ppl.prototype_logits_fwd(
+        logits, _, _ = torch.ops.torch_ppl.prototype_logits_fwd(
             x, w_hat, scale_t, bias, similarity == "cosine", pooling)
     return logits
