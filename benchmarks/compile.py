@@ -455,6 +455,19 @@ Triton and with Triton 3.8.0, and fails on any compile error.
   vectorised, because the pixel count of these shapes is odd and the loads are masked.
 - **atomics**: `ATOMG`/`REDG` instructions, their memory order in the PTX, and the
   `MEMBAR.*.GPU` fences around them. Relaxed atomics compile without fences.
+- **model MB, model GFLOP, ideal µs**: a traffic and FLOP model of that launch with its actual
+  grid and tiles (`benchmarks/roofline.py`, `kernel_work`): every N-sized tensor is charged
+  each time a distinct program reads it (re-reads included), the small prototype-side tensors
+  once; GEMM FLOPs on the padded tiles, with the precision class they run in (`bf16`: 16-bit
+  operands; `tf32`, `tf32x3`; `ieee`: fp32 on the CUDA cores). The ideal time is the larger of
+  bytes over the H100's 3.35 TB/s and FLOPs over the peak of their precision (989 TFLOP/s
+  bf16, half that for TF32, 67 TFLOP/s fp32). `mma.sync` is charged like `wgmma`, which is
+  optimistic.
+- Below each table, the **predicted share of the H100 roofline** of each op (forward +
+  backward): the op's own roofline time (its minimal bytes and FLOPs) over the sum of its
+  kernels' ideal times. It says how much the tiling wastes (re-reads, recomputation,
+  padding, slower GEMM precisions) if every kernel ran at its own bound. It is a model, not a
+  measurement, and an upper bound on what a GPU run would show.
 
 """
 

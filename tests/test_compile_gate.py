@@ -29,7 +29,9 @@ target, ops, layout = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 # odd sizes: 2 images of 9 x 7 pixels, 48 channels, 3 classes x 3 prototypes
 shape = Shape("tiny", "test", 2, 9, 7, 48, 3, 3)
 launches = gate.compile_ops(target, shape, "bf16", layout, ops)
-rows = gate.analyse(launches, __import__("pathlib").Path(sys.argv[4]))
+rows = gate.analyse(launches, __import__("pathlib").Path(sys.argv[4]), gate.resolve_shape(shape, "bf16"))
+for line in gate.predictions(rows, gate.resolve_shape(shape, "bf16")):
+    print(line, file=sys.stderr)
 print(json.dumps(rows, default=str))
 """
 
@@ -66,6 +68,9 @@ def test_every_kernel_compiles(tmp_path, target, layout):
     rows = _by_kernel(_compile(tmp_path, target, ["prototype_logits", "contrastive_loss", "prototype_attention"],
                                layout))
     assert len(rows) == 9, sorted(rows)
+    for row in rows.values():  # the traffic model knows every kernel the launchers use
+        assert row["model"]["bytes"] > 0 and sum(row["model"]["flops"].values()) > 0, row
+        assert 0 < row["ideal_us"] < 1e6, row
     if target == "sm_80":  # no wgmma before Hopper: GEMMs lower to mma.sync
         assert all(r["hgmma"] == 0 for r in rows.values())
         assert rows["_contrastive_fwd_kernel"]["hmma"] > 0
