@@ -96,6 +96,21 @@ def _z_tile(
 
 
 @triton.jit
+def _label_tile(tile, L, y_ptr, ignore_index, stride_yb, stride_yl, BLOCK_N: tl.constexpr):
+    """Pixel tile ``tile`` of ``B * cdiv(L, BLOCK_N)`` (a tile never straddles two images, so
+    the pixel stride stays visible to the compiler): its image, rows (int64), which rows exist,
+    which are valid pixels, and their labels, -1 where ignored (no positive prototype)."""
+    num_lblocks = tl.cdiv(L, BLOCK_N)
+    b = (tile // num_lblocks).to(tl.int64)
+    offs_n = (tile % num_lblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = offs_n < L
+    rows64 = offs_n.to(tl.int64)
+    y = tl.load(y_ptr + b * stride_yb + rows64 * stride_yl, mask=row_in, other=ignore_index).to(tl.int64)
+    valid = row_in & (y != ignore_index)
+    return b, rows64, row_in, valid, tl.where(valid, y, -1)
+
+
+@triton.jit
 def _contrastive_fwd_kernel(
     x_ptr, w_ptr, y_ptr, loss_ptr, lse_ptr, pos_ptr, best_ptr,
     L, C, P, M, ignore_index, inv_tau,
@@ -103,15 +118,8 @@ def _contrastive_fwd_kernel(
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_lblocks = tl.cdiv(L, BLOCK_N)
-    b = (pid // num_lblocks).to(tl.int64)
-    offs_n = (pid % num_lblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = offs_n < L
-    rows64 = offs_n.to(tl.int64)
-    y = tl.load(y_ptr + b * stride_yb + rows64 * stride_yl, mask=row_in, other=ignore_index).to(tl.int64)
-    valid = row_in & (y != ignore_index)
-    y = tl.where(valid, y, -1)  # an ignored pixel has no positive prototype
+    b, rows64, row_in, valid, y = _label_tile(tl.program_id(0), L, y_ptr, ignore_index, stride_yb, stride_yl,
+                                              BLOCK_N)
     x_rows = x_ptr + b * stride_xb + rows64 * stride_xl
 
     m_all = tl.full((BLOCK_N,), NEG, tl.float32)  # running max of z over all prototypes
@@ -175,17 +183,9 @@ def _contrastive_fwd_kernel(
 @triton.jit
 def _pixel_tile(tile, L, y_ptr, g_ptr, lse_ptr, pos_ptr, best_ptr, ignore_index, inv_tau,
                 stride_yb, stride_yl, stride_gb, stride_gl, BLOCK_N: tl.constexpr):
-    """Pixel tile ``tile`` of ``B * cdiv(L, BLOCK_N)`` (never straddling two images): its image,
-    rows, which rows exist, which are valid pixels, their labels (-1 where ignored), the saved
-    statistics and ``g / tau`` (exactly 0 at ignored pixels, whatever the upstream gradient)."""
-    num_lblocks = tl.cdiv(L, BLOCK_N)
-    b = (tile // num_lblocks).to(tl.int64)
-    offs_n = (tile % num_lblocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = offs_n < L
-    rows64 = offs_n.to(tl.int64)
-    y = tl.load(y_ptr + b * stride_yb + rows64 * stride_yl, mask=row_in, other=ignore_index).to(tl.int64)
-    valid = row_in & (y != ignore_index)
-    y = tl.where(valid, y, -1)
+    """:func:`_label_tile`, with the forward's saved statistics and ``g / tau`` (exactly 0 at
+    ignored pixels, whatever the upstream gradient)."""
+    b, rows64, row_in, valid, y = _label_tile(tile, L, y_ptr, ignore_index, stride_yb, stride_yl, BLOCK_N)
     stat = b * L + rows64
     lse = tl.load(lse_ptr + stat, mask=valid, other=0.0)
     pos = tl.load(pos_ptr + stat, mask=valid, other=0.0)
