@@ -292,9 +292,9 @@ def _op_args(exclude: bool, optional: bool):
     c, h, p = 6, 2, 5
     x = torch.randn(2, c, 3, 4, generator=gen).movedim(1, -1).flatten(1, 2)  # (B, L, C) view of NCHW
     kt, cc, vt = attention.prototype_side(
-        torch.randn(p, c, generator=gen), torch.randn(h * 3, c, generator=gen), torch.randn(h * 3, generator=gen),
-        torch.randn(h * 3, c, generator=gen), None, torch.randn(h * 3, c, generator=gen), None,
-        torch.randn(c, h * 3, generator=gen), h)
+        torch.randn(p, c, generator=gen), torch.randn(h * 3, c, generator=gen), torch.randn(h * 3, c, generator=gen),
+        torch.randn(h * 3, c, generator=gen), torch.randn(c, h * 3, generator=gen),
+        torch.randn(h * 3, generator=gen), None, None, h)
     labels = torch.randint(-1, p, (x.shape[0] * x.shape[1],), generator=gen) if exclude else None
     bo = torch.randn(c, generator=gen) if optional else None
     gamma = torch.randn(c, generator=gen) if optional else None
@@ -338,8 +338,7 @@ def test_no_pixels():
     w = torch.randn(3, 5, device=DEVICE, requires_grad=True)
     weights = [torch.randn(4, 5, device=DEVICE, requires_grad=True) for _ in range(3)]
     out_w = torch.randn(5, 4, device=DEVICE, requires_grad=True)
-    out = attention.prototype_attention(x, w, weights[0], None, weights[1], None, weights[2], None, out_w,
-                                        None, None, num_heads=2)
+    out = attention.prototype_attention(x, w, *weights, out_w, None, None, None, None, None, num_heads=2)
     assert out.shape == (0, 5)
     gx, gw = torch.autograd.grad(out.sum(), [x, w], allow_unused=True)
     assert gx.shape == (0, 5) and torch.equal(gw, torch.zeros_like(w))

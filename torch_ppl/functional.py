@@ -266,7 +266,7 @@ def prototype_attention(
         exclude = torch.where(exclude == ignore, -1, exclude).long()
     out = impl(
         _rows(x), prototypes.reshape(-1, channels),
-        q_weight, q_bias, k_weight, k_bias, v_weight, v_bias, out_weight, out_bias, gamma,
+        q_weight, k_weight, v_weight, out_weight, q_bias, k_bias, v_bias, out_bias, gamma,
         num_heads=num_heads, exclude=exclude, protos_per_class=protos_per_class,
     )
     return _unrows(out, x)

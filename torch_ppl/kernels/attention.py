@@ -532,9 +532,8 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ============================================================================ public function
 def prototype_side(
-    prototypes: Tensor, q_weight: Tensor, q_bias: Optional[Tensor], k_weight: Tensor,
-    k_bias: Optional[Tensor], v_weight: Tensor, v_bias: Optional[Tensor], out_weight: Tensor,
-    num_heads: int,
+    prototypes: Tensor, q_weight: Tensor, k_weight: Tensor, v_weight: Tensor, out_weight: Tensor,
+    q_bias: Optional[Tensor], k_bias: Optional[Tensor], v_bias: Optional[Tensor], num_heads: int,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor]:
     """The fast form's prototype-side tensors, in float32 plain PyTorch (autograd flows):
     ``Kt`` ``(h*P, C)``, ``c`` ``(h*P,)`` (``None`` without ``q_bias``) and ``Vt`` ``(h*P, C)``,
@@ -566,12 +565,12 @@ def prototype_attention(
     x: Tensor,
     prototypes: Tensor,
     q_weight: Tensor,
-    q_bias: Optional[Tensor],
     k_weight: Tensor,
-    k_bias: Optional[Tensor],
     v_weight: Tensor,
-    v_bias: Optional[Tensor],
     out_weight: Tensor,
+    q_bias: Optional[Tensor],
+    k_bias: Optional[Tensor],
+    v_bias: Optional[Tensor],
     out_bias: Optional[Tensor],
     gamma: Optional[Tensor],
     *,
@@ -593,14 +592,11 @@ def prototype_attention(
     Raises:
         TypeError: a float64 (or other unsupported) floating input.
     """
-    check_dtypes("prototype_attention", x=x, prototypes=prototypes, q_weight=q_weight, q_bias=q_bias, k_weight=k_weight,
-                  k_bias=k_bias, v_weight=v_weight, v_bias=v_bias, out_weight=out_weight,
-                  out_bias=out_bias, gamma=gamma)
-    if protos_per_class < 1 or prototypes.shape[0] % protos_per_class:
-        raise ValueError(f"prototype_attention (triton): protos_per_class={protos_per_class} must be >= 1 "
-                         f"and divide P={prototypes.shape[0]}")
-    kt, c, vt = prototype_side(prototypes, q_weight, q_bias, k_weight, k_bias, v_weight, v_bias,
-                               out_weight, num_heads)
+    check_dtypes("prototype_attention", x=x, prototypes=prototypes, q_weight=q_weight, k_weight=k_weight,
+                 v_weight=v_weight, out_weight=out_weight, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias,
+                 out_bias=out_bias, gamma=gamma)
+    kt, c, vt = prototype_side(prototypes, q_weight, k_weight, v_weight, out_weight, q_bias, k_bias, v_bias,
+                               num_heads)
     x3 = as_blc(x)
     if exclude is not None:
         exclude = exclude.reshape(-1).to(torch.int64)

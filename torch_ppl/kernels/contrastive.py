@@ -497,13 +497,8 @@ def contrastive_loss(
 
     Raises:
         TypeError: float64 ``x`` or ``prototypes`` (use ``backend="reference"``).
-        ValueError: unknown ``positives`` or ``similarity``.
     """
-    check_dtypes("contrastive_loss", x=x, prototypes=prototypes)
-    if positives not in ("all", "nearest"):
-        raise ValueError(f"contrastive_loss: unknown positives {positives!r}; expected 'all' or 'nearest'")
-    if similarity not in ("cosine", "dot"):
-        raise ValueError(f"contrastive_loss: unknown similarity {similarity!r}; expected 'cosine' or 'dot'")
+    check_dtypes("contrastive_loss", x=x, prototypes=prototypes)  # the options: checked by the caller
     K, M, C = prototypes.shape
     cosine = similarity == "cosine"
     with torch.autocast(x.device.type, enabled=False):

@@ -598,10 +598,6 @@ def prototype_logits(
         TypeError: an input is float64 (or another non-supported dtype); the fused path takes
             float32 / bfloat16 / float16, ``backend="reference"`` takes float64.
     """
-    if similarity not in ("cosine", "dot"):
-        raise ValueError(f"prototype_logits: unknown similarity {similarity!r}")
-    if pooling not in _POOL_CODE:
-        raise ValueError(f"prototype_logits: unknown pooling {pooling!r}")
     scale_t = scale if isinstance(scale, Tensor) else None
     check_dtypes("prototype_logits", x=x, prototypes=prototypes, bias=bias, scale=scale_t)
     with torch.autocast(x.device.type, enabled=False):
