@@ -149,14 +149,14 @@ def rates(bytes_: int, flops: int, median_ms: float, peak: Optional[DevicePeak])
 #   program reads it (a kernel whose grid splits the prototypes re-reads x once per prototype
 #   tile); the small prototype-side tensors are charged once (they live in L2).
 # * FLOPs: 2·m·n·k per GEMM on the padded tile sizes, at the peak of its operand precision:
-#   16-bit operands at the dense bf16 tensor peak, TF32 at half of it, 3xTF32 at a sixth,
+#   16-bit operands at the dense bf16/fp16 tensor peak, TF32 at half of it, 3xTF32 at a sixth,
 #   IEEE fp32 at the CUDA-core fp32 peak. mma.sync is charged like wgmma (optimistic: on
 #   Hopper mma.sync reaches well below the wgmma peak).
 # * A kernel's ideal time is max(bytes / bandwidth, Σ flops / peak); kernels run one after
 #   another; launch overheads and the small torch ops around the kernels are left out.
 # The result is a prediction from a model, not a measurement.
 H100_FP32_FLOPS = 67e12  # H100 SXM datasheet, FP32 (CUDA cores)
-_PRECISION_SHARE = {"bf16": 1.0, "fp16": 1.0, "tf32": 0.5, "tf32x3": 1.0 / 6.0}
+_PRECISION_SHARE = {"16-bit": 1.0, "tf32": 0.5, "tf32x3": 1.0 / 6.0}
 
 
 def _pad(n: int, block: int) -> int:
@@ -169,7 +169,7 @@ def _precision(meta: Dict[str, object], key: str, feature_dtype) -> str:
     prec = str(meta.get(key, "ieee"))
     if prec in ("tf32", "tf32x3"):
         return prec
-    return {2: "bf16"}.get(feature_dtype.itemsize, "ieee")
+    return "16-bit" if feature_dtype.itemsize == 2 else "ieee"
 
 
 def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: Shape) -> Dict[str, object]:
@@ -203,8 +203,8 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             gemm(2 * n * p_pad * c, grad)
     elif kernel.startswith("_contrastive_"):
         p_pad = _pad(p, int(meta["BLOCK_P"]))
-        dot = "bf16" if xb == 2 else "ieee"  # the features' own dtype (fp16 counts as bf16)
-        dw_dot = "bf16" if s.feature_dtype == torch.bfloat16 else "ieee"  # fp16 features: fp32 dW GEMM
+        dot = "16-bit" if xb == 2 else "ieee"  # the features' own dtype
+        dw_dot = "16-bit" if s.feature_dtype == torch.bfloat16 else "ieee"  # fp16 features: fp32 dW GEMM
         per_pixel = 8 + 4 * 4  # label, upstream gradient or loss, lse, pos, best
         if kernel == "_contrastive_fwd_kernel":
             bytes_ = n * c * xb + p * c * xb + n * per_pixel

@@ -29,7 +29,8 @@ target, ops, layout = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
 # odd sizes: 2 images of 9 x 7 pixels, 48 channels, 3 classes x 3 prototypes
 shape = Shape("tiny", "test", 2, 9, 7, 48, 3, 3)
 launches = gate.compile_ops(target, shape, "bf16", layout, ops)
-rows = gate.analyse(launches, __import__("pathlib").Path(sys.argv[4]), gate.resolve_shape(shape, "bf16"))
+rows = gate.analyse(launches, __import__("pathlib").Path(sys.argv[4]), gate.resolve_shape(shape, "bf16"),
+                    gate.TARGETS[target][0])
 for line in gate.predictions(rows, gate.resolve_shape(shape, "bf16")):
     print(line, file=sys.stderr)
 print(json.dumps(rows, default=str))

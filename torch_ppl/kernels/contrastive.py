@@ -336,7 +336,7 @@ def _blocks(device: torch.device, L: int, P: int, C: int) -> Tuple[int, int, int
     return min(cap_n, next_pow2(L)), min(cap_p, next_pow2(P)), min(cap_c, next_pow2(C))
 
 
-def _bwd_configs(device: torch.device, L: int, P: int, C: int) -> Tuple[dict, dict]:
+def _bwd_configs(device: torch.device, L: int, P: int, C: int, itemsize: int) -> Tuple[dict, dict]:
     """Tiles of the two backward kernels ``(dx, dW)``. All channels stay on chip
     (``BLOCK_C = next_pow2(C)``): the dx program reads its x tile once and writes dx once; the
     dW program keeps a ``BLOCK_P x C`` fp32 accumulator. On a GPU, 8 warps and the largest
@@ -351,7 +351,9 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int) -> Tuple[dict, di
         cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c)
         return cfg, cfg
     gpu = dict(BLOCK_C=block_c, num_warps=8, num_stages=2)
-    dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64, next_pow2(P)))
+    # fp32 features at C = 512: 64-prototype tiles needed 164 KB of shared memory, over an A100's 163 KB
+    dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64 if block_c * itemsize <= 1024 else 32,
+                                                                   next_pow2(P)))
     dw = dict(gpu, BLOCK_N=16, BLOCK_P=min(64, next_pow2(P)))
     return dx, dw
 
@@ -410,7 +412,7 @@ def _bwd_op(
     dw = torch.zeros((P, C), device=x.device, dtype=torch.float32) if need_dw else w_hat.new_empty((0,))
     if B * L == 0:
         return dx, dw
-    dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C)
+    dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C, x.element_size())
     dot, dw_dot = _dot_dtypes(x.dtype)
     w_op = w_hat.to(x.dtype)  # the forward's GEMM operand, rounded alike
     common = (grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
