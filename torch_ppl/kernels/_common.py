@@ -33,8 +33,8 @@ from .. import _backend
 from ..reference import EPS
 
 __all__ = [
-    "EPS", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "on_gpu", "num_sms",
-    "upcast_dot", "dot_operand", "compile_for", "CompileTarget", "compile_target",
+    "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
+    "num_sms", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
