@@ -18,7 +18,8 @@ from torch_ppl.demo.noise import (  # noqa: E402
 )
 from torch_ppl.demo.stats import interval, paired, t975  # noqa: E402
 from torch_ppl.demo.train import (  # noqa: E402
-    Criterion, NoiseMeter, TrainConfig, iou_from_confusion, confusion, mean_iou, strong_view, train_variant,
+    Criterion, NoiseMeter, TrainConfig, confident_mask, iou_from_confusion, confusion, mean_iou, strong_view,
+    train_variant,
 )
 
 TINY_DATA = DataConfig(num_train=64, num_test=16)
@@ -114,6 +115,14 @@ def test_baseline_loss_is_the_library_ce_normalised_the_unimatch_way():
     ce = torch.nn.functional.cross_entropy(up, target, ignore_index=IGNORE_INDEX, reduction="none")
     torch.testing.assert_close(ours, (ce * weight).sum() / (target != IGNORE_INDEX).sum())
     assert ours < crit(None, logits, None, target)  # the mask lowers the loss, it does not renormalise it
+
+
+def test_digit_threshold_applies_to_digit_pseudo_labels_only():
+    conf = torch.tensor([0.9, 0.9, 0.96, 0.6])
+    pseudo = torch.tensor([0, 3, 0, 5])
+    assert confident_mask(conf, pseudo, TINY_TRAIN).tolist() == [False, False, True, False]
+    cfg = dataclasses.replace(TINY_TRAIN, threshold_digits=0.7)
+    assert confident_mask(conf, pseudo, cfg).tolist() == [False, True, True, False]
 
 
 def test_strong_view_mixes_pseudo_labels_with_their_confidence():

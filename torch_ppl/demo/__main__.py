@@ -92,6 +92,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
 def _usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))  # the cores this process may run on (Linux)
@@ -123,8 +130,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--workers", type=_positive, default=None,
                    help="runs trained at once in worker processes, one torch thread each (CPU only; "
                         "default: the number of CPU cores, at most the number of runs)")
+    p.add_argument("--labelled-fraction", type=_fraction, default=None,
+                   help=f"semi: share of the training scenes that are labelled (default {DEFAULT.data.labelled_fraction:g})")
+    p.add_argument("--digit-threshold", type=_fraction, default=None,
+                   help=f"semi: confidence threshold for pseudo-labels that name a digit (default: the same as "
+                        f"background, {DEFAULT.train.threshold})")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     args = p.parse_args(argv)
+    if args.mode == "noise" and (args.labelled_fraction is not None or args.digit_threshold is not None):
+        p.error("--labelled-fraction and --digit-threshold apply to the semi-supervised mode only")
     known = NOISE_VARIANTS if args.mode == "noise" else VARIANTS
     if args.variants is None:
         args.variants = list(known)
@@ -240,7 +254,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         preset = NOISE_QUICK if args.quick else NOISE_DEFAULT
     else:
         preset = QUICK if args.quick else DEFAULT
-    train_cfg = preset.train
+    train_cfg, data_cfg = preset.train, preset.data
+    if args.labelled_fraction is not None:
+        data_cfg = replace(data_cfg, labelled_fraction=args.labelled_fraction)
+    if args.digit_threshold is not None:
+        train_cfg = replace(train_cfg, threshold_digits=args.digit_threshold)
     if args.steps is not None:
         train_cfg = replace(train_cfg, steps=args.steps, eval_every=min(train_cfg.eval_every, args.steps))
     device = torch.device(args.device)
@@ -257,10 +275,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         per_seed = len(args.variants) * (len(LEVELS) if args.mode == "noise" else 1)
         workers = args.workers or min(_usable_cores(), len(seeds) * per_seed)
     if args.mode == "noise":
-        run_noise(preset.data, train_cfg, args.variants, list(LEVELS), seeds, device, args.out, progress=args.progress,
+        run_noise(data_cfg, train_cfg, args.variants, list(LEVELS), seeds, device, args.out, progress=args.progress,
                   workers=workers, quick=args.quick)
     else:
-        run(preset.data, train_cfg, args.variants, seeds, device, args.out, progress=args.progress, workers=workers,
+        run(data_cfg, train_cfg, args.variants, seeds, device, args.out, progress=args.progress, workers=workers,
             quick=args.quick)
     return 0
 
