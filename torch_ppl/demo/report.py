@@ -2,9 +2,10 @@
 
 ``results.json`` holds ``config`` (data, training, seeds, variants, device), ``environment``,
 ``wall_s`` (the whole run), ``runs`` (one :class:`~torch_ppl.demo.train.RunResult` per variant
-and seed, with its curves) and ``summary`` (per variant: mean and sample standard deviation over
+and seed, with its curves), ``summary`` (per variant: mean and sample standard deviation over
 the seeds of the final test mIoU, of the whole-run noise rates, coverage and digit claims; ``std`` is
-``null`` with a single seed).
+``null`` with a single seed) and ``comparisons`` (test mIoU differences paired per seed, with a
+95 % t interval: :func:`paired_comparisons`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from .data import CLASS_NAMES, DigitScenes
 from .model import VARIANTS
+from .stats import fmt_interval, paired
 from .train import RunResult
 
 METRICS = ("test_miou", "noise_rate", "noise_rate_fg", "coverage", "digit_claims", "noise_rate_claims", "wall_s")
@@ -40,6 +42,36 @@ def summarize(runs: List[RunResult]) -> Dict[str, dict]:
     return summary
 
 
+# The comparisons the semi-supervised experiment makes, each ``(a, b)``: a - b per seed.
+PAIRS = (("pseudo_label", "supervised"), ("prototypes", "pseudo_label"), ("push", "prototypes"),
+         ("pull", "prototypes"), ("ppl", "prototypes"), ("ppl_exclude", "prototypes"), ("ppl", "pseudo_label"))
+
+
+def paired_comparisons(runs: List[RunResult], key: str = "test_miou") -> List[dict]:
+    """For each of :data:`PAIRS` whose variants both ran: ``key`` of ``a`` minus that of ``b`` per
+    seed, with the mean and 95 % t interval (:func:`~torch_ppl.demo.stats.paired`)."""
+    names = {r.variant for r in runs}
+    out = []
+    for a, b in PAIRS:
+        if a in names and b in names:
+            va = {r.seed: getattr(r, key) for r in runs if r.variant == a}
+            vb = {r.seed: getattr(r, key) for r in runs if r.variant == b}
+            out.append({"a": a, "b": b, "metric": key, **paired(va, vb)})
+    return out
+
+
+def format_paired_table(runs: List[RunResult]) -> str:
+    """Test mIoU differences paired per seed: mean [95 % interval] and each seed's difference."""
+    rows = [("a - b", "test mIoU difference", "per seed")]
+    for c in paired_comparisons(runs):
+        rows.append((f"{c['a']} - {c['b']}", fmt_interval(c), " ".join(f"{d:+.3f}" for d in c["diffs"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) if i != 1 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return ("test mIoU, paired per seed (same seed: same batches and views): mean [95 % t interval]\n"
+            + "\n".join(lines))
+
+
 def environment(device: torch.device) -> dict:
     from torch_ppl import __version__
 
@@ -52,7 +84,8 @@ def environment(device: torch.device) -> dict:
 def write_json(path: Path, config: dict, runs: List[RunResult], summary: Dict[str, dict], wall_s: float,
                device: torch.device) -> dict:
     doc = jsonable({"config": config, "environment": environment(device), "wall_s": wall_s,
-                    "runs": [r.to_json() for r in runs], "summary": summary})
+                    "runs": [r.to_json() for r in runs], "summary": summary,
+                    "comparisons": paired_comparisons(runs)})
     path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return doc
 

@@ -42,6 +42,9 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     threshold: float = 0.95       # pseudo-label confidence threshold
+    # Threshold for pixels pseudo-labelled as a digit (``None``: ``threshold``); background keeps
+    # ``threshold``. A class-aware threshold in the spirit of FlexMatch, fixed, not adaptive.
+    threshold_digits: Optional[float] = None
     lambda_u: float = 1.0         # weight of the unlabelled loss
     eval_every: int = 50          # steps between two points of the curves
     curve_test_scenes: int = 64   # the curves use the first test scenes; the final mIoU uses all
@@ -123,6 +126,15 @@ def strong_view(x: Tensor, pseudo: Tensor, conf: Tensor, g: torch.Generator):
     blur = (torch.rand(b, generator=g) < 0.5).to(dev)
     x = torch.where(blur[:, None, None, None], F.avg_pool2d(x, 3, 1, 1, count_include_pad=False), x)
     return x, pseudo, conf
+
+
+def confident_mask(conf: Tensor, pseudo: Tensor, cfg: TrainConfig) -> Tensor:
+    """Pixels whose pseudo-label is used: confidence at least ``cfg.threshold`` for background,
+    ``cfg.threshold_digits`` (when set) for a digit."""
+    if cfg.threshold_digits is None:
+        return conf >= cfg.threshold
+    thr = torch.where(pseudo == 0, torch.full_like(conf, cfg.threshold), torch.full_like(conf, cfg.threshold_digits))
+    return conf >= thr
 
 
 def confusion(pred: Tensor, target: Tensor, num_classes: int = NUM_CLASSES) -> Tensor:
@@ -245,10 +257,10 @@ def train_variant(variant: Variant, scenes: DigitScenes, cfg: TrainConfig, seed:
         x_u = unlab.images[iu].to(device)
         with torch.no_grad():
             conf, pseudo = model.predict(x_u).max(dim=1)
-        meter.update(pseudo, conf >= cfg.threshold, unlab.labels[iu].to(device))  # the only read of the truth
+        meter.update(pseudo, confident_mask(conf, pseudo, cfg), unlab.labels[iu].to(device))  # the only read of the truth
         if variant.semi_supervised:
             x_s, pseudo_s, conf_s = strong_view(x_u, pseudo, conf, g)
-            confident = conf_s >= cfg.threshold
+            confident = confident_mask(conf_s, pseudo_s, cfg)
             logits_s, feats_s = model(x_s, exclude=pseudo_s.masked_fill(~confident, IGNORE_INDEX))
             loss = loss + cfg.lambda_u * criterion(model, logits_s, feats_s, pseudo_s, confident.float())
 

@@ -10,15 +10,21 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 from concurrent.futures import ProcessPoolExecutor
-from typing import List, Sequence, Tuple
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from .data import DigitScenes
 from .model import VARIANTS
-from .train import RunResult, TrainConfig, train_variant
+from .train import TrainConfig, train_variant
 
 _WORKER: dict = {}
+
+
+def train_semi(name: str, seed: int, scenes: DigitScenes, train_cfg: TrainConfig, device: torch.device,
+               on_step: Callable[[], None]):
+    """One run of the semi-supervised experiment (the default job of :func:`run_in_workers`)."""
+    return train_variant(VARIANTS[name], scenes, train_cfg, seed, device, on_step=on_step)
 
 
 def _init_worker(scenes, train_cfg: TrainConfig, steps_done) -> None:
@@ -26,7 +32,7 @@ def _init_worker(scenes, train_cfg: TrainConfig, steps_done) -> None:
     _WORKER.update(scenes=scenes, train_cfg=train_cfg, steps_done=steps_done)
 
 
-def _worker_job(name: str, seed: int) -> RunResult:
+def _worker_job(fn: Callable, args: tuple):
     steps_done, pending = _WORKER["steps_done"], [0]
 
     def on_step() -> None:  # report in chunks: one queue message per step would cost more than the step
@@ -35,21 +41,25 @@ def _worker_job(name: str, seed: int) -> RunResult:
             steps_done.put(pending[0])
             pending[0] = 0
 
-    result = train_variant(VARIANTS[name], _WORKER["scenes"], _WORKER["train_cfg"], seed,
-                           torch.device("cpu"), on_step=on_step)
+    result = fn(*args, _WORKER["scenes"], _WORKER["train_cfg"], torch.device("cpu"), on_step)
     steps_done.put(pending[0])
     return result
 
 
-def run_in_workers(jobs: Sequence[Tuple[str, int]], scenes: DigitScenes, train_cfg: TrainConfig,
-                   workers: int, bar) -> List[RunResult]:
-    """Train ``jobs`` (``(variant, seed)`` pairs) on the CPU in ``workers`` processes; the
-    results come back in the order of ``jobs``; ``bar`` (tqdm) counts the steps."""
+def run_in_workers(jobs: Sequence[tuple], scenes, train_cfg: TrainConfig, workers: int, bar,
+                   fn: Optional[Callable] = None) -> list:
+    """Train ``jobs`` on the CPU in ``workers`` processes: each job is the tuple of first
+    arguments of ``fn`` (a module-level function, so that workers can import it), which is then
+    called as ``fn(*job, scenes, train_cfg, device, on_step)``; the default ``fn`` is
+    :func:`train_semi` and its jobs are ``(variant, seed)`` pairs. The results come back in the
+    order of ``jobs``; ``bar`` (tqdm) counts the steps and ``fn``'s results must have a
+    ``test_miou``."""
+    fn = fn or train_semi
     ctx = mp.get_context("spawn")  # fork after torch has started threads can deadlock
     steps_done = ctx.Queue()
     with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(scenes, train_cfg, steps_done)) as pool:
-        futures = [pool.submit(_worker_job, name, seed) for name, seed in jobs]
+        futures = [pool.submit(_worker_job, fn, tuple(job)) for job in jobs]
         try:
             pending = set(futures)
             while pending:
