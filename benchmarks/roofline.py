@@ -186,19 +186,21 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         x16 = _precision(meta, "PRECISION", s.feature_dtype)
         grad = _precision(meta, "GRAD_PRECISION", s.feature_dtype) if "GRAD_PRECISION" in meta else x16
         if kernel == "_logits_fwd_kernel":
-            bytes_ = n * c * xb + p * c * xb + n * k * 4 + n * k
+            bytes_ = once = n * c * xb + p * c * xb + n * k * 4 + n * k
             gemm(2 * n * p_pad * c, x16)
         elif kernel == "_logits_bwd_dx_kernel":
-            bytes_ = 2 * n * c * xb + n * k * 4 + n * k + 2 * p * c * 4
+            bytes_ = once = 2 * n * c * xb + n * k * 4 + n * k + 2 * p * c * 4
             gemm(2 * n * p_pad * c, x16)
             gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_bwd_dw_kernel":  # max / mean: no recompute, channel slices
             k_tiles, c_slices = grid[0], grid[1]
             bytes_ = k_tiles * (n * c * xb + c_slices * n * 4) + c_slices * (n * k * 4 + n * k) + p * c * 4
+            once = n * c * xb + n * 4 + n * k * 4 + n * k + p * c * 4
             gemm(2 * n * p_pad * c, grad)
         else:  # _logits_bwd_dw_lse_kernel: every class tile re-reads all of x and recomputes s
             tiles = grid[0]
             bytes_ = tiles * n * c * xb + n * k * 4 + n * k + p * c * 4
+            once = n * c * xb + n * k * 4 + n * k + p * c * 4
             gemm(2 * n * p_pad * c, x16)
             gemm(2 * n * p_pad * c, grad)
     elif kernel.startswith("_contrastive_"):
@@ -207,14 +209,15 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         dw_dot = "16-bit" if s.feature_dtype == torch.bfloat16 else "ieee"  # fp16 features: fp32 dW GEMM
         per_pixel = 8 + 4 * 4  # label, upstream gradient or loss, lse, pos, best
         if kernel == "_contrastive_fwd_kernel":
-            bytes_ = n * c * xb + p * c * xb + n * per_pixel
+            bytes_ = once = n * c * xb + p * c * xb + n * per_pixel
             gemm(2 * n * p_pad * c, dot)
         elif kernel == "_contrastive_bwd_dx_kernel":
-            bytes_ = 2 * n * c * xb + p * c * xb + n * per_pixel
+            bytes_ = once = 2 * n * c * xb + p * c * xb + n * per_pixel
             gemm(4 * n * p_pad * c, dot)
         else:  # _contrastive_bwd_dw_kernel: every prototype tile re-reads all of x
             tiles = grid[0]
             bytes_ = tiles * (n * c * xb + n * per_pixel) + p * c * xb + p * c * 4
+            once = n * c * xb + n * per_pixel + p * c * xb + p * c * 4
             gemm(2 * n * p_pad * c, dot)
             gemm(2 * n * p_pad * c, dw_dot)
     elif kernel.startswith("_attention_"):
@@ -222,28 +225,32 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         prec = _precision(meta, "DOT_PREC", s.feature_dtype)
         small = 2 * h * p * c * 4
         if kernel == "_attention_fwd_kernel":
-            bytes_ = 2 * n * c * xb + n * h * 4 + small
+            bytes_ = once = 2 * n * c * xb + n * h * 4 + small
             gemm(4 * n * h * p_pad * c, prec)
         elif kernel == "_attention_bwd_dx_kernel":
-            bytes_ = 3 * n * c * xb + 2 * n * h * 4 + small
+            bytes_ = once = 3 * n * c * xb + 2 * n * h * 4 + small
             gemms = 2 + bool(meta.get("NEED_DX")) * 2 + bool(meta.get("NEED_GREAD"))
             gemm(2 * gemms * n * h * p_pad * c, prec)
         else:  # _attention_bwd_dproto_kernel: every (head, prototype tile) re-reads x and dout
             tiles = grid[0]
             bytes_ = tiles * (2 * n * c * xb + 2 * n * 4) + 3 * small
+            once = 2 * n * c * xb + 2 * n * 4 + 3 * small
             gemm(8 * n * h * p_pad * c, prec)
     else:
         raise KeyError(f"no traffic model for kernel {kernel!r}")
-    return dict(bytes=int(bytes_), flops={key: int(v) for key, v in flops.items()})
+    # bytes_once: the same launch if L2 served every re-read (programs that re-read a tile run
+    # side by side in launch order, so some of it will be): the optimistic end of the range
+    return dict(bytes=int(bytes_), bytes_once=int(once), flops={key: int(v) for key, v in flops.items()})
 
 
-def ideal_seconds(work_: Dict[str, object], peak: DevicePeak) -> float:
-    """``max(bytes / bandwidth, Σ flops / peak of their precision)`` of one launch."""
+def ideal_seconds(work_: Dict[str, object], peak: DevicePeak, reread_from_l2: bool = False) -> float:
+    """``max(bytes / bandwidth, Σ flops / peak of their precision)`` of one launch; with
+    ``reread_from_l2`` the re-reads cost nothing."""
     t_flops = 0.0
     for precision, amount in work_["flops"].items():
         rate = H100_FP32_FLOPS if precision == "ieee" else peak.tensor_flops * _PRECISION_SHARE[precision]
         t_flops += amount / rate
-    return max(work_["bytes"] / peak.bandwidth, t_flops)
+    return max(work_["bytes_once" if reread_from_l2 else "bytes"] / peak.bandwidth, t_flops)
 
 
 def predicted_fraction(op: str, shape: Shape, launches_work, peak: DevicePeak) -> Dict[str, float]:
@@ -253,4 +260,6 @@ def predicted_fraction(op: str, shape: Shape, launches_work, peak: DevicePeak) -
     min_bytes, min_flops = work(op, shape, "fwdbwd")
     t_min = max(min_bytes / peak.bandwidth, min_flops / peak.tensor_flops)
     t_kernels = sum(ideal_seconds(w, peak) for w in launches_work)
-    return dict(t_min_us=t_min * 1e6, t_kernels_us=t_kernels * 1e6, fraction=t_min / t_kernels)
+    t_l2 = sum(ideal_seconds(w, peak, reread_from_l2=True) for w in launches_work)
+    return dict(t_min_us=t_min * 1e6, t_kernels_us=t_kernels * 1e6, t_kernels_l2_us=t_l2 * 1e6,
+                fraction=t_min / t_kernels, fraction_l2=t_min / t_l2)
