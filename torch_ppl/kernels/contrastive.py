@@ -49,7 +49,7 @@ __all__ = ["contrastive_loss"]
 NEG = tl.constexpr(-1.0e30)  # a constexpr: a plain float global fails the GPU compiler
 
 # Tests set this to force small tiles so that every multi-tile path runs on tiny shapes.
-_FORCE_BLOCKS = None  # Optional[Tuple[int, int, int]]: (BLOCK_N, BLOCK_P, BLOCK_C)
+_FORCE_BLOCKS = None  # Optional[Tuple[int, int, int]]: (BLOCK_N, BLOCK_P, BLOCK_C); the backward keeps all C
 # Deterministic dW: at most this many programs (each owning a P x C fp32 partial) per launch.
 # Prototype-gradient programs per SM (each over a share of the pixel tiles).
 _PROGRAMS_PER_SM = 2
