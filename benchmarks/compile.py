@@ -502,8 +502,8 @@ def write_docs(path: Path, shapes=("voc", "ade"), layouts=LAYOUTS, target: str =
             parts.append(markdown(rows, title) + "\n" + "\n".join(predictions(rows, resolved)) + "\n")
     parts.append("## Other feature dtypes\n\nThe same kernels with float16 and float32 features (voc, NCHW). "
                  "float16 runs the attention's GEMMs in 3xTF32 and float32 runs every GEMM in exact fp32 on the "
-                 "CUDA cores (`-` under tensor cores), as PyTorch's float32 matmul does by default; neither path "
-                 "has been tiled for yet, and the spills below are the open work.\n")
+                 "CUDA cores (`-` under tensor cores), as PyTorch's float32 matmul does by default. Both use "
+                 "smaller tiles than bf16 where that removed spills; the spills left below are open work.\n")
     for dtype in ("fp16", "fp32"):
         launches = compile_ops(target, "voc", dtype, "nchw")
         resolved = resolve_shape("voc", dtype)

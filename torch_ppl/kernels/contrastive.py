@@ -325,12 +325,14 @@ def _dot_dtypes(x_dtype: torch.dtype):
     return dot, dw_dot
 
 
-def _blocks(device: torch.device, L: int, P: int, C: int) -> Tuple[int, int, int]:
+def _blocks(device: torch.device, L: int, P: int, C: int, itemsize: int) -> Tuple[int, int, int]:
     """Forward tiles ``(BLOCK_N, BLOCK_P, BLOCK_C)``; the channel axis is looped over."""
     if _FORCE_BLOCKS is not None:
         return _FORCE_BLOCKS
     if on_gpu(device):
-        cap_n, cap_p, cap_c = 64, 64, 64
+        # fp32 features multiply on the CUDA cores, whose register tiles are larger: 64^3 tiles
+        # spilled 5.6 KB per thread on sm_90
+        cap_n, cap_p, cap_c = (64, 64, 64) if itemsize < 4 else (16, 32, 32)
     else:  # the interpreter: few, large tiles (each tile op is one numpy call)
         cap_n, cap_p, cap_c = 128, 128, 128
     return min(cap_n, next_pow2(L)), min(cap_p, next_pow2(P)), min(cap_c, next_pow2(C))
@@ -351,9 +353,12 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, itemsize: int) ->
         cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c)
         return cfg, cfg
     gpu = dict(BLOCK_C=block_c, num_warps=8, num_stages=2)
-    # fp32 features at C = 512: 64-prototype tiles needed 164 KB of shared memory, over an A100's 163 KB
-    dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64 if block_c * itemsize <= 1024 else 32,
-                                                                   next_pow2(P)))
+    if itemsize == 4:
+        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger: the bf16 tiles
+        # spilled 2 to 10 KB per thread on sm_90; these leave 0.5 to 3 KB in dW (docs/kernels.md)
+        return (dict(gpu, BLOCK_N=16, BLOCK_P=min(32, next_pow2(P))),
+                dict(gpu, BLOCK_N=16, BLOCK_P=16))
+    dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64, next_pow2(P)))
     dw = dict(gpu, BLOCK_N=16, BLOCK_P=min(64, next_pow2(P)))
     return dx, dw
 
@@ -380,7 +385,7 @@ def _fwd_op(
     best = torch.empty((B, L), device=x.device, dtype=torch.int32)
     if B * L == 0:
         return loss, lse, pos, best
-    block_n, block_p, block_c = _blocks(x.device, L, P, C)
+    block_n, block_p, block_c = _blocks(x.device, L, P, C, x.element_size())
     dot, _ = _dot_dtypes(x.dtype)
     grid = (B * triton.cdiv(L, block_n),)
     # The GEMM operand, rounded once here, and the same rounding in the backward: the

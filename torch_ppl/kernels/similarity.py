@@ -387,10 +387,11 @@ class _Config:
             self.block_k *= 2
         if gpu:
             self.block_n = 64 if self.block_c <= 256 else (32 if self.block_c <= 512 else 16)
-            if x_dtype == torch.float32 and self.block_c >= 512:
-                # fp32 rows twice the bytes: 32 rows of 512 channels needed 193 KB of shared
-                # memory, over an A100's 163 KB
-                self.block_n //= 2
+            if x_dtype == torch.float32:
+                # fp32 GEMMs run on the CUDA cores (fma), whose register tiles are far larger:
+                # 64-row tiles spilled 21 KB per thread at C = 256 on sm_90, and 32 rows of 512
+                # channels needed 193 KB of shared memory, over an A100's 163 KB
+                self.block_n = 16
             self.num_warps = 4 if self.block_c <= 256 else 8
             self.num_stages = 2
             # the backward kernels hold (BLOCK_K*BLOCK_M, BLOCK_C) fp32 tiles (dW accumulator,
