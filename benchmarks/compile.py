@@ -23,7 +23,6 @@ import argparse
 import collections
 import dataclasses
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -295,7 +294,7 @@ def analyse(launches: List[Launch], out_dir: Path, shape=None, arch: int = 90) -
             from . import roofline
 
             row["model"] = roofline.kernel_work(launch.kernel, launch.grid, launch.meta, shape)
-            row["ideal_us"] = roofline.ideal_seconds(row["model"], _H100) * 1e6
+            row["ideal_us"] = roofline.ideal_seconds(row["model"], _h100()) * 1e6
         rows.append(row)
     return rows
 
@@ -304,14 +303,6 @@ def _h100():
     from . import roofline
 
     return dict(roofline.PEAKS)["H100"]
-
-
-class _Lazy:
-    def __getattr__(self, name):
-        return getattr(_h100(), name)
-
-
-_H100 = _Lazy()
 
 
 def resolve_shape(shape, dtype: str):

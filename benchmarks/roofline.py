@@ -175,7 +175,7 @@ def _precision(meta: Dict[str, object], key: str, feature_dtype) -> str:
 def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: Shape) -> Dict[str, object]:
     """``bytes`` (HBM) and ``flops`` (by precision class) of one launch at shape ``s``."""
     xb = _elem(s.feature_dtype)
-    n, c, k, m, p, h = s.N, s.C, s.K, s.M, s.P, s.heads
+    n, c, k, p, h = s.N, s.C, s.K, s.P, s.heads
     flops: Dict[str, float] = {}
 
     def gemm(amount: float, precision: str) -> None:

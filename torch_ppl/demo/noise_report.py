@@ -172,7 +172,7 @@ def make_noise_figure(path: Path, runs: List[NoiseRunResult]) -> None:
     ax.axhline(0, color="0.3", lw=0.8)
     ax.set_xticks(range(len(noisy)), noisy)
     ax.set_ylabel(f"drop − drop of {ref} (mIoU)")
-    ax.set_title(f"clean→noisy drop minus the head alone's, per seed\n(mean, 95 % interval; < 0: loses less)",
+    ax.set_title("clean→noisy drop minus the head alone's, per seed\n(mean, 95 % interval; < 0: loses less)",
                  fontsize=10)
     ax.grid(alpha=0.3)
     if drawn:
