@@ -20,7 +20,6 @@ variants of the semi-supervised demo, all trained on the labelled split alone.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, fields, replace
 from typing import Callable, Dict, List, Optional
@@ -29,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .data import NUM_CLASSES, DataConfig, DigitScenes, Split
-from .model import VARIANTS, SegNet, Variant
-from .train import Criterion, TrainConfig, evaluate
+from .data import DataConfig, DigitScenes, Split
+from .model import VARIANTS, Variant
+from .train import TrainConfig, evaluate, setup_run
 
 # 256 labelled training scenes, no unlabelled split, 256 clean test scenes.
 NOISE_DATA = DataConfig(num_train=256, labelled_fraction=1.0, num_test=256)
@@ -158,12 +157,7 @@ def train_noise_run(name: str, level_name: str, seed: int, scenes: DigitScenes, 
     variant, level = NOISE_VARIANTS[name], LEVELS[level_name]
     train = scenes.labelled
     noisy = corrupt(train, level, seed)
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = SegNet(variant, NUM_CLASSES, cfg.channels, cfg.num_prototypes).to(device)
-    criterion = Criterion(variant)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    model, criterion, opt, sched, g = setup_run(variant, cfg, seed, device)
     model.train()
     loss = torch.zeros(())
     for _ in range(cfg.steps):

@@ -227,6 +227,18 @@ class NoiseMeter:
         return self.rates(self.run)
 
 
+def setup_run(variant: Variant, cfg: TrainConfig, seed: int, device: torch.device):
+    """A fresh run of ``variant`` seeded with ``seed``: the model, its criterion, AdamW with a
+    cosine decay to 0 over ``cfg.steps``, and the generator that draws the run's batches."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = SegNet(variant, NUM_CLASSES, cfg.channels, cfg.num_prototypes).to(device)
+    criterion = Criterion(variant)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    return model, criterion, opt, sched, g
+
+
 def train_variant(variant: Variant, scenes: DigitScenes, cfg: TrainConfig, seed: int,
                   device: torch.device = torch.device("cpu"), on_step: Callable[[], None] = lambda: None) -> RunResult:
     """Train one variant from scratch with one seed and return its test metrics and history.
@@ -238,12 +250,7 @@ def train_variant(variant: Variant, scenes: DigitScenes, cfg: TrainConfig, seed:
     no gradient) so its noise rate says how noisy its pseudo-labels would have been.
     """
     start = time.perf_counter()
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    model = SegNet(variant, NUM_CLASSES, cfg.channels, cfg.num_prototypes).to(device)
-    criterion = Criterion(variant)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / cfg.steps)))
+    model, criterion, opt, sched, g = setup_run(variant, cfg, seed, device)
     lab, unlab = scenes.labelled, scenes.unlabelled
     meter, history = NoiseMeter(), []
     model.train()
