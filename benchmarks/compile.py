@@ -110,6 +110,7 @@ def record_launches(arch: int, num_sms: int):
     of :class:`Launch`."""
     import contextlib
 
+    import triton.language as tl
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
 
@@ -130,7 +131,8 @@ def record_launches(arch: int, num_sms: int):
                 touched.add(self)
             name = self.fn.__name__
             launch = Launch(op="", kernel=name, grid=tuple(grid) if not callable(grid) else ("?",),
-                            meta={k: v for k, v in kwargs.items() if isinstance(v, (bool, int, str))})
+                            meta={k: str(v) if isinstance(v, tl.dtype) else v for k, v in kwargs.items()
+                                  if isinstance(v, (bool, int, str, tl.dtype))})
             launches.append(launch)
             try:
                 launch.compiled = original(self, *args, grid=grid, warmup=True, **kwargs)

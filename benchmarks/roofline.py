@@ -182,19 +182,31 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         flops[precision] = flops.get(precision, 0.0) + amount
 
     if kernel.startswith("_logits_"):
-        p_pad = _pad(k, int(meta["BLOCK_K"])) * int(meta["BLOCK_M"])
+        if "BLOCK_P" in meta:  # the flat prototype axis
+            p_pad = _pad(p, int(meta["BLOCK_P"]))
+        elif "BLOCK_M" in meta:  # class tiles of BLOCK_K classes, each padded to BLOCK_M prototypes
+            p_pad = _pad(k, int(meta["BLOCK_K"])) * int(meta["BLOCK_M"])
+        else:  # one GEMM per prototype index m against a tile of BLOCK_K classes
+            p_pad = _pad(k, int(meta["BLOCK_K"])) * (p // k)
         x16 = _precision(meta, "PRECISION", s.feature_dtype)
-        grad = _precision(meta, "GRAD_PRECISION", s.feature_dtype) if "GRAD_PRECISION" in meta else x16
+        if str(meta.get("GRAD_DTYPE")) in ("bf16", "fp16"):  # ds rounded to a 16-bit operand
+            grad = "16-bit"
+        else:
+            grad = _precision(meta, "GRAD_PRECISION", s.feature_dtype)
         if kernel == "_logits_fwd_kernel":
             bytes_ = once = n * c * xb + p * c * xb + n * k * 4 + n * k
             gemm(2 * n * p_pad * c, x16)
         elif kernel == "_logits_bwd_dx_kernel":
             bytes_ = once = 2 * n * c * xb + n * k * 4 + n * k + 2 * p * c * 4
-            gemm(2 * n * p_pad * c, x16)
-            gemm(2 * n * p_pad * c, grad)
+            # similarities recomputed only for logsumexp (two passes) and for dscale
+            recompute = 2 if meta.get("POOL") == 1 else int(bool(meta.get("NEED_DSCALE")))
+            if recompute:
+                gemm(recompute * 2 * n * p_pad * c, x16)
+            if meta.get("NEED_DX", True):
+                gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_bwd_dw_kernel":  # max / mean: no recompute, channel slices
-            k_tiles, c_slices = grid[0], grid[1]
-            bytes_ = k_tiles * (n * c * xb + c_slices * n * 4) + c_slices * (n * k * 4 + n * k) + p * c * 4
+            p_tiles, c_slices = grid[0], grid[1]
+            bytes_ = p_tiles * (n * c * xb + c_slices * n * 4) + c_slices * (n * k * 4 + n * k) + p * c * 4
             once = n * c * xb + n * 4 + n * k * 4 + n * k + p * c * 4
             gemm(2 * n * p_pad * c, grad)
         else:  # _logits_bwd_dw_lse_kernel: every class tile re-reads all of x and recomputes s

@@ -185,6 +185,45 @@ def test_single_pixel_one_prototype_wide_channels(pooling):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("learnable_scale", [False, True])
+@pytest.mark.parametrize("pooling", ["max", "logsumexp", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_classes_cross_class_tiles_and_prototype_tiles(pooling, dtype, learnable_scale):
+    """K = 37 classes of M = 3: the forward and dx walk three class tiles of 16 (the last one
+    padded), the flat prototype axis (P = 111) crosses prototype tiles of the dW kernel in the
+    middle of a class; a learnable scale makes dx recompute the similarities for dscale, a
+    fixed one lets max and mean pooling skip them."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 20, 3, 5, generator=gen).to(DEVICE, dtype).movedim(1, -1).requires_grad_()
+    protos = torch.randn(37, 3, 20, generator=gen).to(DEVICE).requires_grad_()
+    scale = torch.tensor(4.0, device=DEVICE).requires_grad_(learnable_scale)
+    bias = torch.randn(37, generator=gen).to(DEVICE).requires_grad_()
+    inputs = (x, protos, scale, bias) if learnable_scale else (x, protos, bias)
+    names = ("x", "prototypes", "scale", "bias") if learnable_scale else ("x", "prototypes", "bias")
+    out = prototype_logits(x, protos, scale, bias, similarity="cosine", pooling=pooling)
+    grad = torch.randn(out.shape, generator=gen).to(DEVICE)
+    fused = torch.autograd.grad(out, inputs, grad)
+    winners = kernel_winners(x, protos, "cosine") if pooling == "max" else None
+
+    def run(compute_dtype, upcast):
+        leaves = [t.detach().to(compute_dtype if upcast else t.dtype).requires_grad_() for t in (x, protos, scale, bias)]
+        res = reference_at(*leaves, "cosine", pooling, winners, compute_dtype)
+        wanted = [leaf for leaf, t in zip(leaves, (x, protos, scale, bias)) if t.requires_grad]
+        return res, torch.autograd.grad(res, wanted, grad.to(compute_dtype))
+
+    truth, truth_grads = run(torch.float64, upcast=True)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), truth, **FP32_TOL)
+        for g, gt in zip(fused, truth_grads):
+            torch.testing.assert_close(g.double(), gt, atol=1e-4 * (1 + gt.abs().max().item()), rtol=1e-4)
+    else:
+        same, same_grads = run(torch.float32, upcast=False)
+        assert_no_worse(out, same, truth, TOL[dtype], "logits")
+        for name, g, gs, gt in zip(names, fused, same_grads, truth_grads):
+            tol = TOL[dtype] if name == "x" else TOL[dtype] * (1 + x.shape[:-1].numel() ** 0.5)
+            assert_no_worse(g, gs.to(g.dtype), gt, tol, f"grad {name}")
+
+
 def test_max_ties_go_to_lowest_index():
     """Duplicate prototypes tie exactly: the logit is theirs and the whole gradient goes to the
     first of them, as torch.argmax does in the reference."""

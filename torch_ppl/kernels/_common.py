@@ -34,7 +34,7 @@ from ..reference import EPS
 
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
-    "num_sms", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
+    "num_sms", "has_wgmma", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -113,6 +113,16 @@ def on_gpu(device: torch.device) -> bool:
     """Whether launches for ``device`` are tiled for a GPU (a CUDA device, or the target of
     :func:`compile_for`) rather than for the CPU interpreter."""
     return device.type == "cuda" or compile_target() is not None
+
+
+def has_wgmma(device: torch.device) -> bool:
+    """Whether ``device`` (or the target of :func:`compile_for`) is a Hopper GPU, whose
+    warpgroup MMA keeps its accumulators in a layout of its own: some tiles are sized for it."""
+    if compile_target() is not None:
+        return compile_target().arch == 90
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def num_sms(device: torch.device) -> int:

@@ -9,21 +9,27 @@ Layout of the work (one file, Liger-Kernel style):
 
 * ``_logits_fwd_kernel``: one program per block of ``BLOCK_N`` pixels. It loads the pixel rows once
   (all ``C`` channels, ``(B, L, C)`` strides), computes their norms from that same load, then walks over
-  *class tiles* of ``BLOCK_K`` classes x ``BLOCK_M >= M`` prototypes each, so that the ``M``
-  prototypes of a class always sit in one tile and are pooled on chip. It writes the ``(N, K)``
-  logits and, for ``pooling="max"``, the winning prototype index (int8 when ``M <= 127``).
-  Nothing of size ``N x P`` is ever written.
-* ``_logits_bwd_dx_kernel``: same walk; recomputes the similarity tile, turns the incoming
-  ``dlogits`` into ``ds`` (pooling backward), accumulates ``du = ds @ Ŵ`` and finishes with the
-  normalisation backward. Also yields per-program partial sums for ``dscale``.
-* ``_logits_bwd_dw_kernel`` (max and mean pooling): the winners are saved and the mean is
-  ``1/M``, so ``ds`` needs no similarity; one program per (class tile, channel slice, pixel
-  split) reads only its channel slice of ``x`` (normalised with the ``1/|x|`` the forward
-  saved, 4 bytes per pixel) and accumulates ``dŴ_tile += dsᵀ @ x̂_slice``.
+  *class tiles* of ``BLOCK_K`` classes; for each class tile, one GEMM per prototype index ``m``
+  (against the ``m``-th prototype of each of its classes), pooled on the fly (running max and
+  winner, online logsumexp, running sum). ``M`` is never padded to a power of two, only ``K`` to the
+  class tile. It writes the ``(N, K)`` logits and, for ``pooling="max"``, the winning prototype index
+  (int8 when ``M <= 127``). Nothing of size ``N x P`` is ever written.
+* ``_logits_bwd_dx_kernel``: same walk; turns the incoming ``dlogits`` into ``ds`` (pooling backward)
+  and accumulates ``du = ds @ Ŵ``, then the normalisation backward. Max and mean pooling need no
+  similarity for ``ds`` (the saved winner, ``1/M``), so the GEMMs of the forward are redone only for
+  logsumexp pooling and for ``dscale`` (per-program partial sums).
+* ``_logits_bwd_dw_kernel`` (max and mean pooling): one program per (prototype tile of the flat
+  ``P = K*M`` axis, channel slice, pixel split) reads only its channel slice of ``x`` in its own dtype,
+  gathers ``g`` and the winner per prototype, folds the ``1/|x|`` the forward saved (4 bytes per pixel)
+  into ``ds`` and accumulates ``dŴ_tile += dsᵀ @ x_slice``.
 * ``_logits_bwd_dw_lse_kernel`` (logsumexp pooling, whose ``ds`` needs the similarities): one
-  program per (class tile, pixel split) recomputes the similarity tile over all channels.
+  program per (class tile of ``BLOCK_K`` classes x ``BLOCK_M >= M`` prototypes, pixel split)
+  recomputes the similarity tile over all channels.
 * Both dW kernels flush once per program: a relaxed ``tl.atomic_add``, or, in deterministic
   mode, a per-split partial summed in a fixed order.
+* Gradient GEMMs take ``ds`` rounded to bfloat16 for bfloat16 features (16-bit tensor-core
+  operands; bfloat16 keeps fp32's exponent range) and fp32 operands otherwise (float16 would
+  flush small gradients to zero).
 
 The prototypes are normalised (cosine) outside the kernels by plain PyTorch: they are ``P x C``
 (tiny), and autograd then carries ``dŴ`` back through ``F.normalize`` to ``W``.
@@ -42,7 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, EPS_C, as_blc, check_dtypes, new_rows, num_sms, on_gpu, upcast_dot
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, new_rows, next_pow2, num_sms, on_gpu,
+                      upcast_dot)
 
 
 _POOL_CODE = {"max": 0, "logsumexp": 1, "mean": 2}
@@ -112,6 +119,69 @@ def _similarity(x, w, inv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M
 
 
 @triton.jit
+def _load_class_rows(W, ks, m, K, M, C, c0, BLOCK_C: tl.constexpr):
+    """Prototype ``m`` of the classes ``ks``: channels ``c0 .. c0+BLOCK_C`` of the rows
+    ``ks * M + m`` of the ``(K * M, C)`` tensor ``W``, in its own dtype (classes past ``K``
+    are zero)."""
+    cols = c0 + tl.arange(0, BLOCK_C)
+    ptrs = W + (ks.to(tl.int64) * M + m)[:, None] * C + cols[None, :]
+    return tl.load(ptrs, mask=(ks < K)[:, None] & (cols < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_half_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
+                    BLOCK_N: tl.constexpr, HALF: tl.constexpr, COSINE: tl.constexpr):
+    """:func:`_load_rows` as two channel halves ``(BLOCK_N, HALF)``, with the norms of the whole rows."""
+    rows = l0 + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HALF)
+    base = X + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
+    row_in = (rows < L)[:, None]
+    x0 = tl.load(base, mask=row_in & (cols < C)[None, :], other=0.0)
+    x1 = tl.load(base + HALF * stride_c, mask=row_in & (cols + HALF < C)[None, :], other=0.0)
+    if COSINE:
+        x0f, x1f = x0.to(tl.float32), x1.to(tl.float32)
+        norm = tl.sqrt(tl.sum(x0f * x0f, axis=1) + tl.sum(x1f * x1f, axis=1))
+        inv = 1.0 / tl.maximum(norm, EPS_C)
+    else:
+        norm = tl.full((BLOCK_N,), 1.0, tl.float32)
+        inv = tl.full((BLOCK_N,), 1.0, tl.float32)
+    return x0, x1, norm, inv
+
+
+@triton.jit
+def _store_half_rows(DX, dx, b, l0, c0, L, C, stride_b, stride_l, stride_c,
+                     BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    rows = l0 + tl.arange(0, BLOCK_N)
+    cols = c0 + tl.arange(0, HALF)
+    ptrs = DX + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
+    tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=(rows < L)[:, None] & (cols < C)[None, :])
+
+
+@triton.jit
+def _class_similarity(x, w, inv, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``s[n, k] = <x_n, Ŵ_km> / |x_n|`` for one prototype index ``m`` of a class tile, fp32,
+    ``(BLOCK_N, BLOCK_K)``: the dot on the raw rows (exact in their dtype), the norm after, as
+    in :func:`_similarity`."""
+    if UPCAST_DOT:
+        s = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee", out_dtype=tl.float32)
+    else:
+        s = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
+    return s * inv[:, None]
+
+
+@triton.jit
+def _half_similarity(x0, x1, w0, w1, inv, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """:func:`_class_similarity` with rows and prototypes given as two channel halves."""
+    if UPCAST_DOT:
+        s = tl.dot(x0.to(tl.float32), tl.trans(w0.to(tl.float32)), input_precision="ieee", out_dtype=tl.float32)
+        s = tl.dot(x1.to(tl.float32), tl.trans(w1.to(tl.float32)), s, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        s = tl.dot(x0, tl.trans(w0), input_precision=PRECISION, out_dtype=tl.float32)
+        s = tl.dot(x1, tl.trans(w1), s, input_precision=PRECISION, out_dtype=tl.float32)
+    return s * inv[:, None]
+
+
+@triton.jit
 def _logits_fwd_kernel(
     X, WD, SCALE, BIAS, OUT, ARGMAX, INV,
     L, C, K, M,
@@ -119,7 +189,7 @@ def _logits_fwd_kernel(
     stride_ob, stride_ol, stride_ok,
     COSINE: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
@@ -133,26 +203,38 @@ def _logits_fwd_kernel(
     if COSINE:
         # 4 bytes per pixel, so that the prototype gradient needs no full-row read for the norm
         tl.store(INV + b.to(tl.int64) * L + rows, inv, mask=rows < L)
-    m_idx = tl.arange(0, BLOCK_M)
-    m_ok = (m_idx < M)[None, None, :]
     for k0 in range(0, K, BLOCK_K):
-        wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST_DOT)
-        if POOL == 0:
-            # max over m, the first maximal index on ties (tl.argmax breaks ties to the left).
-            # NaN ranks above everything, as in torch.argmax, so a NaN feature makes a NaN
-            # logit whatever the hardware max does with NaN (non-finite features never give a finite loss).
-            key = tl.where(m_ok, tl.where(s != s, float("inf"), s), float("-inf"))
-            winner = tl.argmax(key, axis=2)
-            pooled = tl.sum(tl.where(m_idx[None, None, :] == winner[:, :, None], s, 0.0), axis=2)
-        elif POOL == 1:
-            s = tl.where(m_ok, s, float("-inf"))
-            peak = tl.max(s, axis=2)
-            pooled = peak + tl.log(tl.sum(tl.exp(s - peak[:, :, None]), axis=2))
-        else:
-            pooled = tl.sum(tl.where(m_ok, s, 0.0), axis=2) / M
-        logits = scale * pooled
         ks = k0 + tl.arange(0, BLOCK_K)
+        # One GEMM per prototype index m against the m-th prototype of BLOCK_K classes, pooled
+        # on the fly: M is never padded to a power of two, only K to the class tile.
+        best = tl.full((BLOCK_N, BLOCK_K), float("-inf"), tl.float32)
+        pooled = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        winner = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
+        total = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for m in range(M):
+            w = _load_class_rows(WD, ks, m, K, M, C, 0, BLOCK_C)
+            s = _class_similarity(x, w, inv, PRECISION, UPCAST_DOT)
+            if POOL == 0:
+                # running max, first maximal index on ties (strict >), as torch.argmax. NaN
+                # ranks above everything, as in torch.argmax, so a NaN feature makes a NaN
+                # logit whatever the hardware max does with NaN.
+                key = tl.where(s != s, float("inf"), s)
+                better = (key > best) | (m == 0)
+                best = tl.where(better, key, best)
+                pooled = tl.where(better, s, pooled)
+                winner = tl.where(better, m, winner)
+            elif POOL == 1:
+                # online logsumexp: best = running max, total = sum of exp(s - best)
+                peak = tl.where(m == 0, s, tl.maximum(best, s))
+                total = tl.where(m == 0, 1.0, total * tl.exp(best - peak) + tl.exp(s - peak))
+                best = peak
+            else:
+                total += s
+        if POOL == 1:
+            pooled = best + tl.log(total)
+        elif POOL == 2:
+            pooled = total / M
+        logits = scale * pooled
         if HAS_BIAS:
             logits += tl.load(BIAS + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
         mask = (rows < L)[:, None] & (ks < K)[None, :]
@@ -209,47 +291,103 @@ def _logits_bwd_dx_kernel(
     stride_gb, stride_gl, stride_gk,
     stride_db, stride_dl, stride_dc,
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr, GRAD_FROM_WD: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # ds[n, k, m] = scale * g[n, k] * dpool[n, k, m] and du = sum_{k,m} ds[n, k, m] Ŵ[k, m], one
+    # GEMM per (class tile, m) as in the forward. dpool needs no similarity for max (the saved
+    # winner) and mean (1/M) pooling: s is recomputed only for logsumexp (its softmax weights,
+    # after a first pass for the pooled value) and when dscale (sum g * pooled) is asked for.
+    # The channels are held as two halves (du0, du1; x0, x1): the normalisation backward at
+    # the end then needs one half of x next to du at a time, which kept 64 x 256 tiles from
+    # spilling on sm_90.
+    NEED_S: tl.constexpr = (POOL == 1) or NEED_DSCALE
+    HALF: tl.constexpr = BLOCK_C // 2
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
     l0 = (pid % num_blocks) * BLOCK_N
-    x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc,
-                              BLOCK_N, BLOCK_C, COSINE)
+    rows = l0 + tl.arange(0, BLOCK_N)
     scale = tl.load(SCALE).to(tl.float32)
+    if NEED_S:
+        x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
 
-    du = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # dL/du, u = x̂ (cosine) or x (dot)
+    du0 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # dL/du, u = x̂ (cosine) or x (dot)
+    du1 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
     gp = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST_DOT)
-        w = _load_tile(W, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-        ds, gp_tile = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
-                                     stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
-        gp += gp_tile
-        # s = u Ŵᵀ  =>  du += ds Ŵ   (fp32 operands: ds may be tiny, keep fp32 range)
-        du += tl.dot(ds, w, input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+        ks = k0 + tl.arange(0, BLOCK_K)
+        mask = (rows < L)[:, None] & (ks < K)[None, :]
+        g = tl.load(G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None] + ks.to(tl.int64)[None, :] * stride_gk,
+                    mask=mask, other=0.0).to(tl.float32)
+        sg = scale * g
+        if POOL == 0:
+            winner = tl.load(ARGMAX + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :],
+                             mask=mask, other=-1).to(tl.int32)
+        pooled = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        if POOL == 1:
+            # first pass: the pooled logsumexp, online as in the forward
+            best = tl.full((BLOCK_N, BLOCK_K), float("-inf"), tl.float32)
+            total = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            for m in range(M):
+                s = _half_similarity(x0, x1, _load_class_rows(WD, ks, m, K, M, C, 0, HALF),
+                                     _load_class_rows(WD, ks, m, K, M, C, HALF, HALF), inv, PRECISION, UPCAST_DOT)
+                peak = tl.where(m == 0, s, tl.maximum(best, s))
+                total = tl.where(m == 0, 1.0, total * tl.exp(best - peak) + tl.exp(s - peak))
+                best = peak
+            pooled = best + tl.log(total)
+        for m in range(M):
+            wd0 = _load_class_rows(WD, ks, m, K, M, C, 0, HALF)
+            wd1 = _load_class_rows(WD, ks, m, K, M, C, HALF, HALF)
+            if NEED_S:
+                s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
+            if POOL == 0:
+                hit = winner == m
+                ds = tl.where(hit, sg, 0.0)
+                if NEED_DSCALE:
+                    pooled += tl.where(hit, s, 0.0)
+            elif POOL == 1:
+                ds = sg * tl.exp(s - pooled)
+            else:
+                ds = sg / M
+                if NEED_DSCALE:
+                    pooled += s / M
+            if NEED_DX:
+                # s = u Ŵᵀ  =>  du += ds Ŵ. bfloat16 features: ds rounded to bfloat16 (fp32's
+                # exponent range, so no gradient underflows) against the Ŵ the forward
+                # multiplied, a 16-bit GEMM; otherwise fp32 operands (float16 would flush small
+                # ds to zero) against fp32 Ŵ.
+                if GRAD_FROM_WD:
+                    w0, w1 = wd0, wd1
+                else:
+                    w0 = _load_class_rows(W, ks, m, K, M, C, 0, HALF)
+                    w1 = _load_class_rows(W, ks, m, K, M, C, HALF, HALF)
+                ds_op = dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)
+                du0 = tl.dot(ds_op, dot_operand(w0, GRAD_DTYPE, UPCAST_DOT), du0,
+                             input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+                du1 = tl.dot(ds_op, dot_operand(w1, GRAD_DTYPE, UPCAST_DOT), du1,
+                             input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+        if NEED_DSCALE:
+            gp += tl.sum(tl.where(mask, g * pooled, 0.0), axis=1)
 
     if NEED_DX:
+        if not NEED_S:
+            # max / mean without dscale: x is needed only here, for the normalisation backward
+            x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
         if COSINE:
             # u = x / max(|x|, eps):
-            #   |x| > eps:  dx = (du - u <u, du>) / |x|
+            #   |x| > eps:  dx = (du - u <u, du>) / |x|  = (du - x <x, du> inv²) inv
             #   |x| <= eps: dx = du / eps           (the clamp is constant there)
-            xf = x.to(tl.float32)
-            u = xf * inv[:, None]
-            radial = tl.sum(u * du, axis=1)
-            dx = tl.where((norm > EPS_C)[:, None], (du - u * radial[:, None]), du) * inv[:, None]
-        else:
-            dx = du
-        rows = l0 + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, BLOCK_C)
-        mask = (rows < L)[:, None] & (cols < C)[None, :]
-        ptrs = (DX + _pixel_offsets(b, rows, stride_db, stride_dl)[:, None]
-                + cols.to(tl.int64)[None, :] * stride_dc)
-        tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=mask)
+            x0f = x0.to(tl.float32)
+            radial = tl.sum(x0f * du0, axis=1)
+            x1f = x1.to(tl.float32)
+            radial = (radial + tl.sum(x1f * du1, axis=1)) * inv * inv
+            radial = tl.where(norm > EPS_C, radial, 0.0)
+            du0 = (du0 - x0f * radial[:, None]) * inv[:, None]
+            du1 = (du1 - x1f * radial[:, None]) * inv[:, None]
+        _store_half_rows(DX, du0, b, l0, 0, L, C, stride_db, stride_dl, stride_dc, BLOCK_N, HALF)
+        _store_half_rows(DX, du1, b, l0, HALF, L, C, stride_db, stride_dl, stride_dc, BLOCK_N, HALF)
     if NEED_DSCALE:
         # dscale = sum_{n,k} g[n,k] * pooled[n,k]; one partial per program, summed on the host
         # side in a fixed order.
@@ -263,7 +401,7 @@ def _logits_bwd_dw_lse_kernel(
     stride_xb, stride_xl, stride_xc,
     stride_gb, stride_gl, stride_gk,
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -284,9 +422,11 @@ def _logits_bwd_dw_lse_kernel(
         s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST_DOT)
         ds, gp = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
                                 stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
-        # s = u Ŵᵀ  =>  dŴ += dsᵀ u   (u = x * inv; padded rows have ds = 0)
-        u = x.to(tl.float32) * inv[:, None]
-        dw += tl.dot(tl.trans(ds), u, input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+        # s = u Ŵᵀ  =>  dŴ += dsᵀ u = (ds * inv)ᵀ x: inv folded into ds keeps x an exact operand
+        # (padded rows have ds = 0)
+        ds = ds * inv[:, None]
+        dw = tl.dot(tl.trans(dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)), dot_operand(x, GRAD_DTYPE, UPCAST_DOT), dw,
+                    input_precision=GRAD_PRECISION, out_dtype=tl.float32)
 
     j = tl.arange(0, BLOCK_K * BLOCK_M)
     k = k0 + j // BLOCK_M
@@ -307,55 +447,55 @@ def _logits_bwd_dw_kernel(
     B, L, C, K, M,
     stride_xb, stride_xl, stride_xc,
     stride_gb, stride_gl, stride_gk,
-    COSINE: tl.constexpr, POOL: tl.constexpr, GRAD_PRECISION: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    COSINE: tl.constexpr, POOL: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, DETERMINISTIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Max and mean pooling: ds does not depend on s (the winner is saved, the mean is 1/M), so
     # the prototype gradient needs no similarity and no full row:
-    #   dŴ[k, m, c] = sum_n scale * g[n, k] * dpool[n, k, m] * x[n, c] * inv[n]
-    # Program (class tile, channel slice, pixel split) owns BLOCK_K classes x BLOCK_M
-    # prototypes x BLOCK_C channels and reads only its channel slice of x (plus g, the winners
-    # and the saved inv), so x crosses HBM once per class tile instead of once per class tile
-    # *and* with a recomputed GEMM over all channels.
-    pid_k = tl.program_id(0)
+    #   dŴ[p, c] = sum_n ds[n, p] * inv[n] * x[n, c],   ds[n, k*M + m] = scale * g[n, k] * dpool[n, k, m]
+    # Program (prototype tile, channel slice, pixel split) owns BLOCK_P prototypes of the flat
+    # P = K*M axis (classes may straddle tiles: g and the winner are gathered per prototype, so
+    # only P is padded, not every class to a power of two) x BLOCK_C channels, and reads only
+    # its channel slice of x, in its own dtype: the 1/|x| of cosine similarity is folded into
+    # ds, so a bfloat16 x is an exact GEMM operand.
+    pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
-    k0 = pid_k * BLOCK_K
+    protos = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_in = protos < K * M
+    k_of = protos // M
+    m_of = protos % M
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_in = cols < C
-    ks = k0 + tl.arange(0, BLOCK_K)
-    m_idx = tl.arange(0, BLOCK_M)
-    m_ok = (m_idx < M)[None, None, :]
     scale = tl.load(SCALE).to(tl.float32)
+    if POOL == 2:
+        scale = scale / M
     num_blocks = tl.cdiv(L, BLOCK_N)
 
-    dw = tl.zeros((BLOCK_K * BLOCK_M, BLOCK_C), dtype=tl.float32)
+    dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for blk in range(split, B * num_blocks, num_splits):
         b = (blk // num_blocks).to(tl.int64)
         rows = (blk % num_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < L
-        u = tl.load(X + b * stride_xb + rows.to(tl.int64)[:, None] * stride_xl + cols.to(tl.int64)[None, :] * stride_xc,
-                    mask=row_in[:, None] & c_in[None, :], other=0.0).to(tl.float32)
-        if COSINE:
-            u = u * tl.load(INV + b * L + rows, mask=row_in, other=0.0)[:, None]
-        mask = row_in[:, None] & (ks < K)[None, :]
-        g = tl.load(G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None] + ks.to(tl.int64)[None, :] * stride_gk,
-                    mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + b * stride_xb + rows.to(tl.int64)[:, None] * stride_xl + cols.to(tl.int64)[None, :] * stride_xc,
+                    mask=row_in[:, None] & c_in[None, :], other=0.0)
+        mask = row_in[:, None] & p_in[None, :]
+        # g[n, k] once per prototype of class k: repeated addresses, served by L1
+        ds = tl.load(G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None] + k_of.to(tl.int64)[None, :] * stride_gk,
+                     mask=mask, other=0.0).to(tl.float32) * scale
         if POOL == 0:
-            winner = tl.load(ARGMAX + (b * L + rows.to(tl.int64))[:, None] * K + ks[None, :],
-                             mask=mask, other=0).to(tl.int32)
-            dpool = tl.where(m_idx[None, None, :] == winner[:, :, None], 1.0, 0.0)
-        else:
-            dpool = tl.where(m_ok, 1.0 / M, 0.0)
-        ds = tl.reshape((scale * g)[:, :, None] * dpool, (BLOCK_N, BLOCK_K * BLOCK_M))
-        dw += tl.dot(tl.trans(ds), u, input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+            winner = tl.load(ARGMAX + (b * L + rows.to(tl.int64))[:, None] * K + k_of[None, :],
+                             mask=mask, other=-1).to(tl.int32)
+            ds = tl.where(winner == m_of[None, :], ds, 0.0)
+        if COSINE:
+            ds = ds * tl.load(INV + b * L + rows, mask=row_in, other=0.0)[:, None]
+        dw = tl.dot(tl.trans(dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)), dot_operand(x, GRAD_DTYPE, UPCAST_DOT), dw,
+                    input_precision=GRAD_PRECISION, out_dtype=tl.float32)
 
-    j = tl.arange(0, BLOCK_K * BLOCK_M)
-    k = k0 + j // BLOCK_M
-    m = j % BLOCK_M
-    mask = ((k < K) & (m < M))[:, None] & c_in[None, :]
-    offs = (k.to(tl.int64) * M + m)[:, None] * C + cols[None, :]
+    offs = protos.to(tl.int64)[:, None] * C + cols[None, :]  # DW is (K, M, C): row p = k*M + m
+    mask = p_in[:, None] & c_in[None, :]
     if DETERMINISTIC:
         # DW is (num_splits, K*M, C): this program owns its slice, summed later in fixed order.
         tl.store(DW + split.to(tl.int64) * K * M * C + offs, dw, mask=mask)
@@ -368,6 +508,12 @@ def _argmax_dtype(m: int) -> torch.dtype:
     return torch.int8 if m <= 127 else (torch.int16 if m <= 32767 else torch.int32)
 
 
+def _class_tile(k: int) -> int:
+    """Classes per tile of the forward and dx kernels: the tile is a GEMM side (>= 16), and of
+    16, 32 and 64 the largest that pads ``K`` least (K = 150: 32 pads to 160, 64 to 192)."""
+    return min((16, 32, 64), key=lambda t: (triton.cdiv(k, t) * t, -t))
+
+
 class _Config:
     """Block sizes. On the CPU interpreter small tiles keep the (numpy) work and the number of
     launched programs modest. On the GPU the tiles are sized so that a row block (all ``C``
@@ -377,49 +523,61 @@ class _Config:
 
     def __init__(self, device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype):
         self.block_c = max(16, triton.next_power_of_2(c))
-        self.block_m = triton.next_power_of_2(m)
         gpu = on_gpu(device)
-        # class tile of BLOCK_K * BLOCK_M >= 16 columns (tl.dot needs >= 16)
-        target_p = 64 if gpu else 16
-        target_p = max(target_p, self.block_m)
-        self.block_k = max(1, min(triton.next_power_of_2(k), target_p // self.block_m))
-        while self.block_k * self.block_m < 16:
-            self.block_k *= 2
+        # forward and dx: BLOCK_K classes per GEMM, one GEMM per prototype index m
+        self.block_k = _class_tile(k) if gpu else 16
+        # logsumexp prototype gradient: class tiles of BLOCK_LSE_K classes x BLOCK_M >= M
+        # prototypes, pooled on chip (the softmax over m needs all of a class's similarities)
+        self.block_m = triton.next_power_of_2(m)
+        self.lse_block_k = max(1, min(triton.next_power_of_2(k), max(16 if not gpu else 64, self.block_m) // self.block_m))
+        while self.lse_block_k * self.block_m < 16:
+            self.lse_block_k *= 2
         if gpu:
-            self.block_n = 64 if self.block_c <= 256 else (32 if self.block_c <= 512 else 16)
+            # 64 rows: one warpgroup's wgmma tile on sm_90
+            self.block_n = 64
+            self.num_warps = 4 if self.block_c <= 256 else 8
+            self.bwd_block_n = 32
+            self.bwd_num_warps = 8
             if x_dtype == torch.float32:
                 # fp32 GEMMs run on the CUDA cores (fma), whose register tiles are far larger:
                 # 64-row tiles spilled 21 KB per thread at C = 256 on sm_90, and 32 rows of 512
                 # channels needed 193 KB of shared memory, over an A100's 163 KB
-                self.block_n = 16
-            self.num_warps = 4 if self.block_c <= 256 else 8
+                self.block_n = self.bwd_block_n = 16
             self.num_stages = 2
-            # the backward kernels hold (BLOCK_K*BLOCK_M, BLOCK_C) fp32 tiles (dW accumulator,
-            # fp32 prototypes) and a (BLOCK_N, BLOCK_C) fp32 du: keep them at 8K elements
-            self.bwd_block_n = 32 if self.block_c <= 256 else 16
-            self.bwd_num_warps = 8
-            self.bwd_block_k = self.block_k
-            while self.bwd_block_k > 1 and self.bwd_block_k * self.block_m * self.block_c > 8192:
-                self.bwd_block_k //= 2
-            while self.bwd_block_k * self.block_m < 16:
-                self.bwd_block_k *= 2
-            # the sliced prototype gradient (max / mean pooling): up to 512 prototype rows
-            # (32 classes of up to 16) x 32 channels of fp32 accumulator per program
-            self.dw_block_c = min(32, self.block_c)
-            self.dw_block_k = max(1, min(triton.next_power_of_2(k), 512 // self.block_m))
-            self.dw_block_n = 32
+            # the logsumexp backward holds (BLOCK_LSE_K*BLOCK_M, BLOCK_C) fp32 tiles (dW
+            # accumulator, recomputed similarities): keep them at 8K elements
+            self.lse_block_n = 32 if self.block_c <= 256 else 16
+            while self.lse_block_k > 1 and self.lse_block_k * self.block_m * self.block_c > 8192:
+                self.lse_block_k //= 2
+            while self.lse_block_k * self.block_m < 16:
+                self.lse_block_k *= 2
+            # the sliced prototype gradient (max / mean pooling): BLOCK_P prototypes of the flat
+            # P axis x BLOCK_C channels of fp32 accumulator per program, as wide as sixteen warps
+            # hold without spilling (x is re-read once per prototype tile, g and the winners
+            # once per channel slice)
+            self.dw_block_p = min(256, next_pow2(k * m, 64))
+            self.dw_block_n = 16
+            if has_wgmma(device) and x_dtype == torch.bfloat16:
+                self.dw_block_c, self.dw_num_warps = min(128, self.block_c), 16
+            else:
+                # mma.sync (sm_80) and fp32 operands hold more per accumulator element: 128
+                # channels spilled 0.4 to 0.5 KB per thread there
+                self.dw_block_c, self.dw_num_warps = min(64, self.block_c), 8
         else:
-            self.block_n = self.bwd_block_n = 16
+            self.block_n = self.bwd_block_n = self.lse_block_n = 16
             self.num_warps = self.bwd_num_warps = 4
             self.num_stages = 1
-            self.bwd_block_k = self.block_k
-            # small channel slices on the interpreter, so tests cross several of them
-            self.dw_block_c, self.dw_block_k, self.dw_block_n = 16, self.block_k, 16
+            # small tiles on the interpreter, so tests cross several prototype tiles (classes
+            # straddling them) and channel slices
+            self.dw_block_p, self.dw_block_c, self.dw_block_n = 16, 16, 16
+            self.dw_num_warps = 4
         # fp32 features: an exact fp32 GEMM (the reference does not use TF32 either); for
         # bf16/fp16 operands the precision argument is unused (fp32 accumulation).
         self.precision = "ieee"
-        # gradient GEMMs run on fp32 operands (ds can be far below fp16's range): TF32 for
-        # low-precision inputs, exact fp32 when the inputs are fp32.
+        # Gradient GEMMs: bfloat16 features round ds to bfloat16 (16-bit tensor-core operands;
+        # bfloat16 has fp32's exponent range, so small gradients survive). float16 would flush
+        # them to zero: fp32 operands in TF32 there, exact fp32 when the features are fp32.
+        self.grad_dtype = tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float32
         self.grad_precision = "ieee" if x_dtype == torch.float32 else "tf32"
         self.upcast = x_dtype != torch.float32 and upcast_dot()
 
@@ -447,7 +605,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
         nl, c, k, m,
         *x3.stride(), *out3.stride(),
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, winners, inv
@@ -488,8 +646,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     cfg = _Config(x.device, c, k, m, x.dtype)
     w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
     common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
-                  UPCAST_DOT=cfg.upcast,
-                  BLOCK_N=cfg.bwd_block_n, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c,
+                  GRAD_DTYPE=cfg.grad_dtype, UPCAST_DOT=cfg.upcast,
                   num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
     n_blocks = nb * triton.cdiv(nl, cfg.bwd_block_n)
 
@@ -499,8 +656,8 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
             x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
             nl, c, k, m,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)),
-            NEED_DX=need_dx, NEED_DSCALE=need_dscale,
-            BLOCK_K=cfg.bwd_block_k, **common,
+            NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype == torch.bfloat16,
+            BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), **common,
         )
         if need_dscale:
             dscale = partial.sum()
@@ -509,28 +666,29 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
         deterministic = torch.are_deterministic_algorithms_enabled()
         if pool == 1:
             # logsumexp: ds needs the similarities, recomputed over all channels per class tile
-            tiles = triton.cdiv(k, cfg.bwd_block_k)
-            grid = (tiles, _splits(x.device, n_blocks, tiles))
+            tiles = triton.cdiv(k, cfg.lse_block_k)
+            grid = (tiles, _splits(x.device, nb * triton.cdiv(nl, cfg.lse_block_n), tiles))
             target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
             _logits_bwd_dw_lse_kernel[grid](
                 x3, w_dot, scale, g3, winners, target,
                 nb, nl, c, k, m,
                 *x3.stride(), *g3.stride(),
                 DETERMINISTIC=deterministic,
-                BLOCK_K=cfg.bwd_block_k, **common,
+                BLOCK_N=cfg.lse_block_n, BLOCK_K=cfg.lse_block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, **common,
             )
         else:
-            k_tiles, c_slices = triton.cdiv(k, cfg.dw_block_k), triton.cdiv(c, cfg.dw_block_c)
+            p_tiles, c_slices = triton.cdiv(k * m, cfg.dw_block_p), triton.cdiv(c, cfg.dw_block_c)
             pixel_tiles = nb * triton.cdiv(nl, cfg.dw_block_n)
-            grid = (k_tiles, c_slices, _splits(x.device, pixel_tiles, k_tiles * c_slices))
+            grid = (p_tiles, c_slices, _splits(x.device, pixel_tiles, p_tiles * c_slices))
             target = w_hat.new_empty((grid[2], k, m, c)) if deterministic else dw
             _logits_bwd_dw_kernel[grid](
                 x3, inv if cosine else None, scale, g3, winners, target,
                 nb, nl, c, k, m,
                 *x3.stride(), *g3.stride(),
-                COSINE=cosine, POOL=pool, GRAD_PRECISION=cfg.grad_precision, DETERMINISTIC=deterministic,
-                BLOCK_N=cfg.dw_block_n, BLOCK_K=cfg.dw_block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.dw_block_c,
-                num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages,
+                COSINE=cosine, POOL=pool, GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision,
+                UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
+                BLOCK_N=cfg.dw_block_n, BLOCK_P=cfg.dw_block_p, BLOCK_C=cfg.dw_block_c,
+                num_warps=cfg.dw_num_warps, num_stages=cfg.num_stages,
             )
         if deterministic:
             dw = target.sum(0)  # the splits' partials added in a fixed order
