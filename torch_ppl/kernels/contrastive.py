@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import EPS, EPS_C, as_blc, check_dtypes, dot_operand, next_pow2, num_sms, on_gpu, upcast_dot
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, next_pow2, num_sms, on_gpu,
+                      upcast_dot)
 
 __all__ = ["contrastive_loss"]
 
@@ -338,7 +339,7 @@ def _blocks(device: torch.device, L: int, P: int, C: int, itemsize: int) -> Tupl
     return min(cap_n, next_pow2(L)), min(cap_p, next_pow2(P)), min(cap_c, next_pow2(C))
 
 
-def _bwd_configs(device: torch.device, L: int, P: int, C: int, itemsize: int) -> Tuple[dict, dict]:
+def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtype) -> Tuple[dict, dict]:
     """Tiles of the two backward kernels ``(dx, dW)``. All channels stay on chip
     (``BLOCK_C = next_pow2(C)``): the dx program reads its x tile once and writes dx once; the
     dW program keeps a ``BLOCK_P x C`` fp32 accumulator. On a GPU, 8 warps and the largest
@@ -353,13 +354,19 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, itemsize: int) ->
         cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c)
         return cfg, cfg
     gpu = dict(BLOCK_C=block_c, num_warps=8, num_stages=2)
-    if itemsize == 4:
+    if dtype == torch.float32:
         # fp32 GEMMs run on the CUDA cores, whose register tiles are larger: the bf16 tiles
         # spilled 2 to 10 KB per thread on sm_90; these leave 0.5 to 3 KB in dW (docs/kernels.md)
         return (dict(gpu, BLOCK_N=16, BLOCK_P=min(32, next_pow2(P))),
                 dict(gpu, BLOCK_N=16, BLOCK_P=16))
     dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64, next_pow2(P)))
     dw = dict(gpu, BLOCK_N=16, BLOCK_P=min(64, next_pow2(P)))
+    if has_wgmma(device) and block_c <= 256 and dtype == torch.bfloat16:
+        # every prototype tile re-reads x: 128 prototypes per program halve that (voc: 286 MB
+        # of traffic instead of 571); sixteen warps and one stage hold the 128 x C accumulator
+        # without spilling on sm_90 (at C = 512 that tile does not compile; float16 features,
+        # whose dW GEMM takes fp32 operands, spilled 72 B with it)
+        dw.update(BLOCK_P=min(128, next_pow2(P)), num_warps=16, num_stages=1)
     return dx, dw
 
 
@@ -417,7 +424,7 @@ def _bwd_op(
     dw = torch.zeros((P, C), device=x.device, dtype=torch.float32) if need_dw else w_hat.new_empty((0,))
     if B * L == 0:
         return dx, dw
-    dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C, x.element_size())
+    dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C, x.dtype)
     dot, dw_dot = _dot_dtypes(x.dtype)
     w_op = w_hat.to(x.dtype)  # the forward's GEMM operand, rounded alike
     common = (grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
