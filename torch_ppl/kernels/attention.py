@@ -371,15 +371,17 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     ``x`` and ``dout`` once per prototype tile, so ``BLOCK_P`` sets the traffic; the two
     ``BLOCK_P x C`` float32 accumulators bound it. Channel chunks of ``BLOCK_K`` (see the
     kernel) keep the score products small. Compiled for sm_90 at the benchmark shapes (8 warps,
-    one stage, no spills): bfloat16 ``C = 256`` 16 x 32 x 32 (64 prototypes spilled 40 to 150
-    bytes), ``C = 512`` 16 x 16 x 128 (32 prototypes spilled 8 to 24 bytes). On the
-    interpreter 16-wide chunks, so that the tests' channel counts make several of them."""
+    one stage) with Triton 3.8 and 3.9: bfloat16 ``C = 256`` 16 x 32 x 32 does not spill (64
+    prototypes spilled 40 to 150 bytes); ``C = 512`` and the float16 / float32 features take
+    16 x 16 x 64 (bfloat16 without spills, 32 prototypes spilled 8 to 24 bytes; 128-wide chunks
+    spilled 80 to 128 bytes with Triton 3.8). On the interpreter 16-wide chunks, so that the
+    tests' channel counts make several of them."""
     if not on_gpu(device):
         return 16, 16, min(16, block_c)
     if dtype == torch.bfloat16 and block_c <= 256:
         block_n, block_p, block_k = 16, 32, 32
     else:
-        block_n, block_p, block_k = 16, 16, 128
+        block_n, block_p, block_k = 16, 16, 64
     block_p = min(block_p, max(16, triton.next_power_of_2(num_protos)))
     return block_n, block_p, min(block_k, block_c)
 
