@@ -372,10 +372,10 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     ``BLOCK_P x C`` float32 accumulators bound it. Channel chunks of ``BLOCK_K`` (see the
     kernel) keep the score products small. Compiled for sm_90 at the benchmark shapes (8 warps,
     one stage) with Triton 3.8 and 3.9: bfloat16 ``C = 256`` 16 x 32 x 32 does not spill (64
-    prototypes spilled 40 to 150 bytes); ``C = 512`` and the float16 / float32 features take
-    16 x 16 x 64 (bfloat16 without spills, 32 prototypes spilled 8 to 24 bytes; 128-wide chunks
-    spilled 80 to 128 bytes with Triton 3.8). On the interpreter 16-wide chunks, so that the
-    tests' channel counts make several of them."""
+    prototypes spilled 104 to 312 bytes at NCHW, chunks of 128 to 32); ``C = 512`` and the
+    float16 / float32 features take 16 x 16 x 64 (bfloat16 without spills; 32 prototypes
+    spilled 8 to 112 bytes, 128-wide chunks 80 to 128 bytes with Triton 3.8). On the
+    interpreter 16-wide chunks, so that the tests' channel counts make several of them."""
     if not on_gpu(device):
         return 16, 16, min(16, block_c)
     if dtype == torch.bfloat16 and block_c <= 256:
