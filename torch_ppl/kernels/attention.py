@@ -233,14 +233,28 @@ def _attention_bwd_dx_kernel(
 
 
 @triton.jit
+def _chunked_rows(ptr, b, offs_l, chan, mask, stride_b, stride_l, stride_c, WIDE: tl.constexpr):
+    """A ``(NCH, BLOCK_N, BLOCK_K)`` tile of a ``(B, L, C)`` strided tensor: pixels ``offs_l`` of
+    image ``b``, channel ``chan = chunk * BLOCK_K + k``, zero outside ``mask``. Offsets within
+    the image are 32-bit unless ``WIDE`` (an image of more than 2**31 elements): 64-bit offsets
+    that do not change from one pixel tile to the next are kept in registers by the compiler,
+    two per element, and spilled in this kernel."""
+    l3 = offs_l[None, :, None]
+    if WIDE:
+        l3 = l3.to(tl.int64)
+        chan = chan.to(tl.int64)
+    return tl.load(ptr + b * stride_b + (l3 * stride_l + chan * stride_c), mask=mask, other=0.0)
+
+
+@triton.jit
 def _attention_bwd_dproto_kernel(
     x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr, delta_ptr,
     dkt_ptr, dc_ptr, dvt_ptr,
     L, C, P, M, H, TILES_PER_HEAD, NUM_N_TILES, SPLITS,
     sx_b, sx_l, sx_c, sg_b, sg_l, sg_c,
     HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     # Gradients of the prototype-side tensors, reductions over pixels:
@@ -249,53 +263,72 @@ def _attention_bwd_dproto_kernel(
     #   dVt[i,p] = sum_n a[n,i,p] do[n]
     # This program owns prototypes p0 .. p0+BLOCK_P of one head and the pixel tiles
     # split, split + SPLITS, split + 2*SPLITS, ...; its sums stay on chip until the end.
+    #
+    # Every tile is held as NCH = BLOCK_C / BLOCK_K chunks of BLOCK_K channels, (NCH, rows,
+    # BLOCK_K), and the GEMMs are batched over the chunks: the scores are a sum over chunks of
+    # C / NCH deep products, the two gradients are NCH independent BLOCK_K-wide products. With
+    # one C-deep product per score (C = 256 or 512 in fp32 operands) each warp's share of the
+    # x tile alone filled its registers next to the two BLOCK_P x C accumulators, and the
+    # kernel spilled at BLOCK_P = 16; chunked, BLOCK_P = 32 fits at C = 256 (docs/kernels.md).
+    NCH: tl.constexpr = BLOCK_C // BLOCK_K
     pid_p = tl.program_id(0)
     split = tl.program_id(1)
     head = pid_p // TILES_PER_HEAD
     offs_p = (pid_p % TILES_PER_HEAD) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_c = tl.arange(0, BLOCK_C)
     mask_p = offs_p < P
-    mask_c = offs_c < C
-    gamma = tl.full((BLOCK_C,), 1.0, tl.float32)
-    if HAS_GAMMA:
-        gamma = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
+    chan = tl.arange(0, NCH)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    mask_c = chan < C
     rows = (head * P + offs_p).to(tl.int64)
-    vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :], mask=mask_p[:, None] & mask_c[None, :], other=0.0)
+    mask_pc = mask_p[None, :, None] & mask_c
+    offs_pc = rows[None, :, None] * C + chan
+    kt = tl.load(kt_ptr + offs_pc, mask=mask_pc, other=0.0)
+    vt = tl.load(vt_ptr + offs_pc, mask=mask_pc, other=0.0)
+    # (NCH, BLOCK_K, BLOCK_P): the right-hand side of the chunked score products
+    kt_t = tl.permute(kt, (0, 2, 1))
+    vt_t = tl.permute(vt, (0, 2, 1))
+    gamma = tl.full((NCH, 1, BLOCK_K), 1.0, tl.float32)
+    if HAS_GAMMA:
+        gamma = tl.load(gamma_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
+    c_p = tl.zeros((BLOCK_P,), tl.float32)
+    if HAS_C:
+        c_p = tl.load(c_ptr + rows, mask=mask_p, other=0.0)
 
-    dkt = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    dvt = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
+    dkt = tl.zeros((NCH, BLOCK_P, BLOCK_K), tl.float32)
+    dvt = tl.zeros((NCH, BLOCK_P, BLOCK_K), tl.float32)
     dc = tl.zeros((BLOCK_P,), tl.float32)
     for t in range(split, NUM_N_TILES, SPLITS):
         b, offs_l, mask_n, n64 = _tile_rows(t, L, BLOCK_N)
-        x = _load_rows(x_ptr, b, offs_l, offs_c, C, sx_b, sx_l, sx_c, mask_n)
-        do = _load_rows(g_ptr, b, offs_l, offs_c, C, sg_b, sg_l, sg_c, mask_n).to(tl.float32) * gamma[None, :]
-        lab = tl.full((BLOCK_N,), -1, tl.int64)
-        if HAS_EXCLUDE:
-            lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
+        mask = mask_n[None, :, None] & mask_c
+        x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+        do = _chunked_rows(g_ptr, b, offs_l, chan, mask, sg_b, sg_l, sg_c, WIDE).to(tl.float32) * gamma
+        s = tl.sum(tl.dot(x, kt_t, input_precision=DOT_PREC), 0) + c_p[None, :]
+        da = tl.sum(tl.dot(do, vt_t, input_precision=DOT_PREC), 0)
         lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
         delta = tl.load(delta_ptr + n64 * H + head, mask=mask_n, other=0.0)
-        s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
-                               HAS_C, HAS_EXCLUDE, DOT_PREC)
+        valid = mask_p[None, :]
+        if HAS_EXCLUDE:
+            # prototype p belongs to class p // M; a pixel labelled k does not see class k
+            lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
+            valid = valid & ((offs_p // M)[None, :] != lab[:, None])
         # rows past N: lse = +inf gives a = 0, so they add nothing
         a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        da = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
         ds = a * (da - delta[:, None])
-        dkt += tl.dot(tl.trans(ds), x.to(tl.float32), input_precision=DOT_PREC)
-        dvt += tl.dot(tl.trans(a), do, input_precision=DOT_PREC)
+        ds_t = tl.broadcast_to(tl.trans(ds)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
+        a_t = tl.broadcast_to(tl.trans(a)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
+        dkt += tl.dot(ds_t, x, input_precision=DOT_PREC)
+        dvt += tl.dot(a_t, do, input_precision=DOT_PREC)
         dc += tl.sum(ds, 0)
 
-    mask = mask_p[:, None] & mask_c[None, :]
-    offs = rows[:, None] * C + offs_c[None, :]
     if DETERMINISTIC:
         # stage one of a two-stage reduction: this split's partial, summed in order by the host
         base = split.to(tl.int64) * H * P * C
-        tl.store(dkt_ptr + base + offs, dkt, mask=mask)
-        tl.store(dvt_ptr + base + offs, dvt, mask=mask)
+        tl.store(dkt_ptr + base + offs_pc, dkt, mask=mask_pc)
+        tl.store(dvt_ptr + base + offs_pc, dvt, mask=mask_pc)
         if HAS_C:
             tl.store(dc_ptr + split.to(tl.int64) * H * P + rows, dc, mask=mask_p)
     else:
-        tl.atomic_add(dkt_ptr + offs, dkt, mask=mask, sem="relaxed")  # only the sums matter
-        tl.atomic_add(dvt_ptr + offs, dvt, mask=mask, sem="relaxed")
+        tl.atomic_add(dkt_ptr + offs_pc, dkt, mask=mask_pc, sem="relaxed")  # only the sums matter
+        tl.atomic_add(dvt_ptr + offs_pc, dvt, mask=mask_pc, sem="relaxed")
         if HAS_C:
             tl.atomic_add(dc_ptr + rows, dc, mask=mask_p, sem="relaxed")
 
@@ -323,6 +356,41 @@ def _blocks(device: torch.device, num_protos: int, channels: int, dtype: torch.d
         block_n, block_p = max(16, block_n // 2), max(16, block_p // 2)
     block_p = min(block_p, max(16, triton.next_power_of_2(num_protos)))
     return block_n, block_p, block_c
+
+
+def _dx_block_n(device: torch.device, block_n: int, block_c: int) -> int:
+    """``BLOCK_N`` of the ``dx`` kernel. It holds four ``BLOCK_N x C`` float32 tiles (``g``, ``dx``
+    and the two per-head products) besides ``x``: at ``C = 256`` with 32 pixels it spilled 32 to
+    40 bytes per thread on sm_90, with 16 none. It reads ``x`` once whatever the tile."""
+    return 16 if on_gpu(device) and block_c >= 256 else block_n
+
+
+def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
+                   dtype: torch.dtype) -> Tuple[int, int, int]:
+    """``(BLOCK_N, BLOCK_P, BLOCK_K)`` of the prototype-gradient kernel. Each program re-reads
+    ``x`` and ``dout`` once per prototype tile, so ``BLOCK_P`` sets the traffic; the two
+    ``BLOCK_P x C`` float32 accumulators bound it. Channel chunks of ``BLOCK_K`` (see the
+    kernel) keep the score products small. Compiled for sm_90 at the benchmark shapes (8 warps,
+    one stage) with Triton 3.8 and 3.9: bfloat16 ``C = 256`` 16 x 32 x 32 does not spill (64
+    prototypes spilled 104 to 312 bytes at NCHW, chunks of 128 to 32); ``C = 512`` and the
+    float16 / float32 features take 16 x 16 x 64 (bfloat16 without spills; 32 prototypes
+    spilled 8 to 112 bytes, 128-wide chunks 80 to 128 bytes with Triton 3.8). On the
+    interpreter 16-wide chunks, so that the tests' channel counts make several of them."""
+    if not on_gpu(device):
+        return 16, 16, min(16, block_c)
+    if dtype == torch.bfloat16 and block_c <= 256:
+        block_n, block_p, block_k = 16, 32, 32
+    else:
+        block_n, block_p, block_k = 16, 16, 64
+    block_p = min(block_p, max(16, triton.next_power_of_2(num_protos)))
+    return block_n, block_p, min(block_k, block_c)
+
+
+def _needs_wide_offsets(*tensors: Tensor) -> bool:
+    """Whether an element of one image of a ``(B, L, C)`` tensor lies 2**31 or more elements
+    past the image's first (32-bit offsets within an image would overflow)."""
+    return any((t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[2] - 1) * abs(t.stride(2)) >= 2 ** 31
+               for t in tensors)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -415,6 +483,7 @@ def _bwd_op(
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
     block_n, block_p, block_c = _blocks(dev, num_protos, channels, x.dtype)
+    block_n = _dx_block_n(dev, block_n, block_c)
     num_n_tiles = batch * triton.cdiv(length, block_n)  # tiles never straddle two images
     dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
 
@@ -431,13 +500,13 @@ def _bwd_op(
     gread = torch.empty((num_n_tiles, channels), **f32) if need_gread else empty()
     gsum = torch.empty((num_n_tiles, channels), **f32) if need_gsum else empty()
     common = dict(HAS_C=c is not None, HAS_GAMMA=gamma is not None, HAS_EXCLUDE=exclude is not None,
-                  BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype))
+                  BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype))
     _attention_bwd_dx_kernel[(num_n_tiles,)](
         x, grad, kt, c, vt, gamma, exclude, lse,
         dx if need_dx else None, delta, gread if need_gread else None, gsum if need_gsum else None,
         length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
-        NEED_DX=need_dx, NEED_GREAD=need_gread, NEED_GSUM=need_gsum, **common,
+        NEED_DX=need_dx, NEED_GREAD=need_gread, NEED_GSUM=need_gsum, **dict(common, BLOCK_N=block_n),
         **_launch_options(dev, num_stages=1),
     )
     gread = gread.sum(0) if need_gread else gread
@@ -445,13 +514,9 @@ def _bwd_op(
     if not need_dproto:
         return dx, empty(), empty(), empty(), gread, gsum
 
-    if on_gpu(dev) and block_c >= 256:
-        # The prototype-gradient program holds two BLOCK_P x C float32 accumulators besides its
-        # x and dout tiles: 16 x 16 tiles spill least at C = 256 and 512 (sm_90, 8 warps:
-        # 248 bytes of stack at voc, against 4 KB with 32 x 32; docs/kernels.md).
-        block_n, block_p = 16, 16
-        common.update(BLOCK_N=block_n, BLOCK_P=block_p)
-        num_n_tiles = batch * triton.cdiv(length, block_n)
+    block_n, block_p, block_k = _dproto_blocks(dev, num_protos, block_c, x.dtype)
+    common.update(BLOCK_P=block_p, BLOCK_K=block_k, WIDE=_needs_wide_offsets(x, grad))
+    num_n_tiles = batch * triton.cdiv(length, block_n)
     tiles_per_head = triton.cdiv(num_protos, block_p)
     num_p_programs = num_heads * tiles_per_head
     splits = _num_splits(dev, num_p_programs, num_n_tiles)
@@ -467,7 +532,7 @@ def _bwd_op(
         x, grad, kt, c, vt, gamma, exclude, lse, delta, dkt, dc, dvt,
         length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
         *x.stride(), *grad.stride(),
-        DETERMINISTIC=deterministic, **common, **_launch_options(dev, num_stages=2),
+        DETERMINISTIC=deterministic, BLOCK_N=block_n, **common, **_launch_options(dev, num_stages=1),
     )
     if deterministic:
         # stage two: a fixed-order sum over the splits (no atomics anywhere)
