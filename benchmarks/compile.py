@@ -447,9 +447,9 @@ Triton and with Triton 3.8.0, and fails on any compile error.
   -res-usage`); a non-zero stack means registers spilled. **STL/LDL**: spill stores and loads
   in the SASS.
 - **shared B**: the shared memory the launch asks for.
-- **tensor cores**: Hopper `wgmma` (SASS `HGMMA`) and `mma.sync` (`HMMA`) instructions. An fp32
-  GEMM (`input_precision="ieee"` or `tf32`) lowers to `mma.sync`; 16-bit operands lower to
-  `wgmma` on sm_90.
+- **tensor cores**: Hopper `wgmma` (SASS `HGMMA`) and `mma.sync` (`HMMA`) instructions. On
+  sm_90 a GEMM lowers to `wgmma` when its tile has 64 rows per warpgroup (16-bit or TF32
+  operands), to `mma.sync` on smaller tiles; IEEE fp32 GEMMs run on the CUDA cores (`-`).
 - **global loads**: `LDG` instructions by width. 16-bit loads of the features mean one element
   per thread: coalesced along pixels for NCHW (the pixel stride is specialised to 1), but not
   vectorised, because the pixel count of these shapes is odd and the loads are masked.
