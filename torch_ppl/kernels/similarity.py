@@ -395,6 +395,17 @@ def _logits_bwd_dx_kernel(
 
 
 @triton.jit
+def _flush_dw(DW, dw, offs, mask, split, P, C, DETERMINISTIC: tl.constexpr):
+    """Adds a program's ``dŴ`` tile (element offsets ``offs`` into ``(P, C)``) to ``DW``: a
+    relaxed atomic add (only the sum matters), or, in deterministic mode, a store into this
+    split's own slice of the ``(num_splits, P, C)`` partials, summed later in a fixed order."""
+    if DETERMINISTIC:
+        tl.store(DW + split.to(tl.int64) * P * C + offs, dw, mask=mask)
+    else:
+        tl.atomic_add(DW + offs, dw, mask=mask, sem="relaxed")
+
+
+@triton.jit
 def _logits_bwd_dw_lse_kernel(
     X, WD, SCALE, G, ARGMAX, DW,
     B, L, C, K, M,
@@ -434,11 +445,7 @@ def _logits_bwd_dw_lse_kernel(
     cols = tl.arange(0, BLOCK_C)
     mask = ((k < K) & (m < M))[:, None] & (cols < C)[None, :]
     offs = (k.to(tl.int64) * M + m)[:, None] * C + cols[None, :]
-    if DETERMINISTIC:
-        # DW is (num_splits, K*M, C): this program owns its slice, summed later in fixed order.
-        tl.store(DW + split.to(tl.int64) * K * M * C + offs, dw, mask=mask)
-    else:
-        tl.atomic_add(DW + offs, dw, mask=mask, sem="relaxed")  # only the sum matters
+    _flush_dw(DW, dw, offs, mask, split, K * M, C, DETERMINISTIC)
 
 
 @triton.jit
@@ -496,11 +503,7 @@ def _logits_bwd_dw_kernel(
 
     offs = protos.to(tl.int64)[:, None] * C + cols[None, :]  # DW is (K, M, C): row p = k*M + m
     mask = p_in[:, None] & c_in[None, :]
-    if DETERMINISTIC:
-        # DW is (num_splits, K*M, C): this program owns its slice, summed later in fixed order.
-        tl.store(DW + split.to(tl.int64) * K * M * C + offs, dw, mask=mask)
-    else:
-        tl.atomic_add(DW + offs, dw, mask=mask, sem="relaxed")  # only the sum matters
+    _flush_dw(DW, dw, offs, mask, split, K * M, C, DETERMINISTIC)
 
 
 # ============================================================================ host helpers
@@ -526,12 +529,17 @@ class _Config:
         gpu = on_gpu(device)
         # forward and dx: BLOCK_K classes per GEMM, one GEMM per prototype index m
         self.block_k = _class_tile(k) if gpu else 16
-        # logsumexp prototype gradient: class tiles of BLOCK_LSE_K classes x BLOCK_M >= M
-        # prototypes, pooled on chip (the softmax over m needs all of a class's similarities)
+        # logsumexp prototype gradient: class tiles of LSE_BLOCK_K classes x BLOCK_M >= M
+        # prototypes, pooled on chip (the softmax over m needs all of a class's similarities).
+        # On the GPU its (LSE_BLOCK_K*BLOCK_M, BLOCK_C) fp32 tiles (dW accumulator, recomputed
+        # similarities) are kept at 8K elements; every tile has >= 16 columns (tl.dot).
         self.block_m = triton.next_power_of_2(m)
-        self.lse_block_k = max(1, min(triton.next_power_of_2(k), max(16 if not gpu else 64, self.block_m) // self.block_m))
-        while self.lse_block_k * self.block_m < 16:
-            self.lse_block_k *= 2
+        lse_k = max(1, min(triton.next_power_of_2(k), max(64 if gpu else 16, self.block_m) // self.block_m))
+        while gpu and lse_k > 1 and lse_k * self.block_m * self.block_c > 8192:
+            lse_k //= 2
+        while lse_k * self.block_m < 16:
+            lse_k *= 2
+        self.lse_block_k = lse_k
         if gpu:
             # 64 rows: one warpgroup's wgmma tile on sm_90
             self.block_n = 64
@@ -544,13 +552,7 @@ class _Config:
                 # channels needed 193 KB of shared memory, over an A100's 163 KB
                 self.block_n = self.bwd_block_n = 16
             self.num_stages = 2
-            # the logsumexp backward holds (BLOCK_LSE_K*BLOCK_M, BLOCK_C) fp32 tiles (dW
-            # accumulator, recomputed similarities): keep them at 8K elements
             self.lse_block_n = 32 if self.block_c <= 256 else 16
-            while self.lse_block_k > 1 and self.lse_block_k * self.block_m * self.block_c > 8192:
-                self.lse_block_k //= 2
-            while self.lse_block_k * self.block_m < 16:
-                self.lse_block_k *= 2
             # the sliced prototype gradient (max / mean pooling): BLOCK_P prototypes of the flat
             # P axis x BLOCK_C channels of fp32 accumulator per program, as wide as sixteen warps
             # hold without spilling (x is re-read once per prototype tile, g and the winners
