@@ -150,6 +150,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def _print_footer(num_runs: int, wall_s: float, device: torch.device, workers: int, out: Path) -> None:
+    """The closing line of both experiments: runs, wall time, where, and the files written."""
+    threads = "1 thread each" if workers > 1 else f"{torch.get_num_threads()} threads"
+    print(f"\n{num_runs} runs in {wall_s:.1f} s on {device} ({workers} worker(s), {threads}); "
+          f"wrote {out / 'results.json'} and {out / 'figure.png'}")
+
+
 def run(data_cfg: DataConfig, train_cfg: TrainConfig, variants: Sequence[str], seeds: Sequence[int],
         device: torch.device, out: Path, progress: bool = True, workers: int = 1, quick: bool = False) -> dict:
     """Train every variant with every seed, write ``results.json`` and ``figure.png`` under
@@ -191,9 +198,7 @@ def run(data_cfg: DataConfig, train_cfg: TrainConfig, variants: Sequence[str], s
     if len(seeds) > 1:
         print()
         print(format_paired_table(runs))
-    threads = "1 thread each" if workers > 1 else f"{torch.get_num_threads()} threads"
-    print(f"\n{len(runs)} runs in {wall_s:.1f} s on {device} ({workers} worker(s), {threads}); "
-          f"wrote {out / 'results.json'} and {out / 'figure.png'}")
+    _print_footer(len(runs), wall_s, device, workers, out)
     if quick:
         print(f"\nThis was --quick, a smoke test: every variant trained for {train_cfg.steps} steps without error.\n"
               "Its numbers compare nothing: a model trained this briefly still calls most pixels background\n"
@@ -232,9 +237,7 @@ def run_noise(data_cfg: DataConfig, train_cfg: TrainConfig, variants: Sequence[s
               "workers": workers}
     doc = write_noise_json(out / "results.json", config, runs, wall_s, device)
     print(format_noise_tables(runs))
-    threads = "1 thread each" if workers > 1 else f"{torch.get_num_threads()} threads"
-    print(f"\n{len(runs)} runs in {wall_s:.1f} s on {device} ({workers} worker(s), {threads}); "
-          f"wrote {out / 'results.json'} and {out / 'figure.png'}")
+    _print_footer(len(runs), wall_s, device, workers, out)
     if quick:
         print(f"\nThis was noise --quick, a smoke test: every variant trained for {train_cfg.steps} steps at every "
               f"noise level without error.\nIts numbers compare nothing. Run without --quick for the comparison "
