@@ -35,6 +35,10 @@ TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108)}  # H100 SXM, A100 SXM: comput
 # Shared memory one block may use (opt-in maximum): 227 KB on sm_90, 163 KB on sm_80. Triton only
 # finds out at load time, which a compile without a GPU never reaches, so the gate checks it.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+# Shared memory of one SM (a block also reserves 1 KB of it) and the per-SM limits that decide
+# how many blocks run side by side (CUDA occupancy rules for sm_80 and sm_90).
+SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
+REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 64, 32
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("nchw", "nhwc")
 OPS = ("prototype_logits", "contrastive_loss", "prototype_attention")
@@ -262,9 +266,28 @@ def ptx_counts(ptx: str) -> Dict[str, int]:
     )
 
 
+def blocks_per_sm(regs: int, warps: int, shared: int, arch: int) -> int:
+    """How many blocks of a kernel one SM holds at once: registers are allocated per warp in
+    units of 256, and each block reserves 1 KB of shared memory besides its own."""
+    regs_per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (REGS_PER_SM // regs_per_warp) // warps if regs else BLOCKS_PER_SM
+    by_shared = SHARED_PER_SM[arch] // (shared + 1024)
+    return max(0, min(by_regs, by_shared, WARPS_PER_SM // warps, BLOCKS_PER_SM))
+
+
+def waves(programs: int, per_sm: int, num_sms: int) -> Tuple[float, float]:
+    """``(waves, efficiency)`` of a grid of equal programs: ``programs / (per_sm · SMs)``, and
+    the share of the SMs' time the programs fill when a last, partial wave runs alone."""
+    slots = max(1, per_sm) * num_sms
+    full = -(-programs // slots)
+    return programs / slots, programs / (full * slots)
+
+
 def analyse(launches: List[Launch], out_dir: Path, shape=None, arch: int = 90) -> List[Dict[str, object]]:
     """Write each kernel's PTX and cubin to ``out_dir`` and read them back into table rows;
-    with ``shape``, add the per-kernel traffic model (:func:`benchmarks.roofline.kernel_work`)."""
+    with ``shape``, add the per-kernel traffic model (:func:`benchmarks.roofline.kernel_work`),
+    its ideal time stretched by the grid's wave efficiency."""
+    num_sms = dict(TARGETS.values())[arch]
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     seen = collections.Counter()
@@ -289,6 +312,11 @@ def analyse(launches: List[Launch], out_dir: Path, shape=None, arch: int = 90) -
             row["error"] = (f"needs {md.shared} bytes of shared memory, more than the {SHARED_LIMIT[arch]} "
                             f"one block may use on sm_{arch}: it compiles but cannot launch")
         row.update(resource_usage(cubin))
+        row["per_sm"] = blocks_per_sm(row["regs"], md.num_warps, md.shared + row["static_shared"], arch)
+        programs = 1
+        for g in launch.grid:
+            programs *= int(g)
+        row["waves"], row["wave_efficiency"] = waves(programs, row["per_sm"], num_sms)
         row.update(sass_counts(cubin))
         row.update(ptx_counts(k.asm["ptx"]))
         row["files"] = [ptx.name, cubin.name]
@@ -296,6 +324,7 @@ def analyse(launches: List[Launch], out_dir: Path, shape=None, arch: int = 90) -
             from . import roofline
 
             row["model"] = roofline.kernel_work(launch.kernel, launch.grid, launch.meta, shape)
+            row["model"]["wave_efficiency"] = row["wave_efficiency"]
             row["ideal_us"] = roofline.ideal_seconds(row["model"], _h100()) * 1e6
         rows.append(row)
     return rows
@@ -359,19 +388,24 @@ def _atomics(row) -> str:
 
 
 def markdown(rows: List[Dict[str, object]], title: str) -> str:
-    head = ("| op | kernel | grid | warps | stages | regs | stack B | STL/LDL | shared B | tensor cores "
+    head = ("| op | kernel | grid | waves | warps | stages | regs | stack B | STL/LDL | shared B | tensor cores "
             "| global loads (bits×count) | atomics | model MB | model GFLOP | ideal µs |")
-    lines = [f"**{title}**", "", head, "|" + " --- |" * 15]
+    lines = [f"**{title}**", "", head, "|" + " --- |" * 16]
     for r in rows:
         if "error" in r:
             msg = str(r["error"]).splitlines()[0][:120]
-            lines.append(f"| {r['op']} | `{r['kernel']}` | {r['grid']} | **compile error**: {msg} |" + " |" * 11)
+            lines.append(f"| {r['op']} | `{r['kernel']}` | {r['grid']} | **compile error**: {msg} |" + " |" * 12)
             continue
         lines.append(
-            f"| {r['op']} | `{r['kernel']}` | {r['grid']} | {r['warps']} | {r['stages']} | {r['regs']} "
+            f"| {r['op']} | `{r['kernel']}` | {r['grid']} | {_waves(r)} | {r['warps']} | {r['stages']} | {r['regs']} "
             f"| {r['stack']} | {r['stl']}/{r['ldl']} | {r['shared']} | {_tensor_cores(r)} | {_loads(r['ldg'])} "
             f"| {_atomics(r)} | {_model(r)} |")
     return "\n".join(lines) + "\n"
+
+
+def _waves(r) -> str:
+    eff = f", {100 * r['wave_efficiency']:.0f} %" if r["wave_efficiency"] < 0.995 else ""
+    return f"{r['waves']:.2f} ({r['per_sm']}/SM{eff})"
 
 
 def _model(r) -> str:
@@ -443,6 +477,10 @@ Triton and with Triton 3.8.0, and fails on any compile error.
 ## Reading the columns
 
 - **grid**: programs launched at that shape (an H100 has 132 SMs).
+- **waves**: the grid over the blocks that all SMs hold at once, with how many blocks one SM
+  holds (from the registers, warps and shared memory, by the CUDA occupancy rules) and, when
+  the last wave is partial, the share of the SMs' time the grid fills. A grid of 2.02 waves
+  runs three, the third with 1 % of the SMs busy: 67 %.
 - **regs**, **stack B**: registers per thread and local memory per thread (`cuobjdump
   -res-usage`); a non-zero stack means registers spilled. **STL/LDL**: spill stores and loads
   in the SASS.
@@ -461,8 +499,10 @@ Triton and with Triton 3.8.0, and fails on any compile error.
   once; GEMM FLOPs on the padded tiles, with the precision class they run in (`16-bit`
   operands; `tf32`, `tf32x3`; `ieee`: fp32 on the CUDA cores). The ideal time is the larger of
   bytes over the H100's 3.35 TB/s and FLOPs over the peak of their precision (989 TFLOP/s
-  bf16, half that for TF32, 67 TFLOP/s fp32). `mma.sync` is charged like `wgmma`, which is
-  optimistic.
+  bf16, half that for TF32, 67 TFLOP/s fp32), divided by the grid's wave share (its SMs sit
+  idle in a partial last wave; exact for GEMM-bound kernels, pessimistic for memory-bound
+  ones, where fewer SMs can still draw much of the bandwidth). `mma.sync` is charged like
+  `wgmma`, which is optimistic.
 - Below each table, the **predicted share of the H100 roofline** of each op (forward +
   backward): the op's own roofline time (its minimal bytes and FLOPs) over the sum of its
   kernels' ideal times, first with every re-read charged to HBM, then ("at best") with L2

@@ -152,8 +152,10 @@ def rates(bytes_: int, flops: int, median_ms: float, peak: Optional[DevicePeak])
 #   16-bit operands at the dense bf16/fp16 tensor peak, TF32 at half of it, 3xTF32 at a sixth,
 #   IEEE fp32 at the CUDA-core fp32 peak. mma.sync is charged like wgmma (optimistic: on
 #   Hopper mma.sync reaches well below the wgmma peak).
-# * A kernel's ideal time is max(bytes / bandwidth, Σ flops / peak); kernels run one after
-#   another; launch overheads and the small torch ops around the kernels are left out.
+# * A kernel's ideal time is max(bytes / bandwidth, Σ flops / peak), divided by its grid's wave
+#   efficiency when the compiled kernel is known (benchmarks/compile.py: a partial last wave
+#   leaves SMs idle); kernels run one after another; launch overheads and the small torch ops
+#   around the kernels are left out.
 # The result is a prediction from a model, not a measurement.
 H100_FP32_FLOPS = 67e12  # H100 SXM datasheet, FP32 (CUDA cores)
 _PRECISION_SHARE = {"16-bit": 1.0, "tf32": 0.5, "tf32x3": 1.0 / 6.0}
@@ -256,13 +258,15 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
 
 
 def ideal_seconds(work_: Dict[str, object], peak: DevicePeak, reread_from_l2: bool = False) -> float:
-    """``max(bytes / bandwidth, Σ flops / peak of their precision)`` of one launch; with
-    ``reread_from_l2`` the re-reads cost nothing."""
+    """``max(bytes / bandwidth, Σ flops / peak of their precision)`` of one launch, over its
+    grid's wave efficiency when the compiled kernel gave one; with ``reread_from_l2`` the
+    re-reads cost nothing."""
     t_flops = 0.0
     for precision, amount in work_["flops"].items():
         rate = H100_FP32_FLOPS if precision == "ieee" else peak.tensor_flops * _PRECISION_SHARE[precision]
         t_flops += amount / rate
-    return max(work_["bytes_once" if reread_from_l2 else "bytes"] / peak.bandwidth, t_flops)
+    t_bound = max(work_["bytes_once" if reread_from_l2 else "bytes"] / peak.bandwidth, t_flops)
+    return t_bound / work_.get("wave_efficiency", 1.0)
 
 
 def predicted_fraction(op: str, shape: Shape, launches_work, peak: DevicePeak) -> Dict[str, float]:
