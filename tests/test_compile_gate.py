@@ -106,3 +106,67 @@ def test_the_gate_catches_a_plain_global(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.startswith("ERROR"), done.stdout
     assert "NEG" in done.stdout
+
+
+@pytest.mark.parametrize("regs, warps, shared, arch, expected", [
+    (128, 16, 131072, 90, 1),  # 16 warps x 128 registers fill the register file
+    (120, 8, 40960, 90, 2),  # 120 -> 128 per thread in units of 256 per warp: 65536 / (8 * 32 * 128) = 2
+    (150, 4, 33280, 90, 3),  # 160 per thread: 12 warps' worth of registers, 3 blocks of 4
+    (64, 4, 110000, 90, 2),  # shared memory binds: 228 KB / (110000 + 1024)
+    (64, 4, 110000, 80, 1),  # the A100 has 164 KB per SM
+    (32, 2, 0, 90, 32),  # at most 32 blocks per SM
+])
+def test_blocks_per_sm(regs, warps, shared, arch, expected):
+    from benchmarks import compile as gate
+
+    assert gate.blocks_per_sm(regs, warps, shared, arch) == expected
+
+
+def test_waves():
+    from benchmarks import compile as gate
+
+    assert gate.waves(264, 1, 132) == (2.0, 1.0)
+    waves, fill = gate.waves(266, 1, 132)  # two programs in a third wave of their own
+    assert waves == pytest.approx(266 / 132) and fill == pytest.approx(266 / 396)
+
+
+@pytest.mark.parametrize("units, expected", [
+    (2, 132),  # the head's and the push's dW at voc: 264 programs, two full waves
+    (24, 11),  # the push's dW at ade: 264
+    (7, 54),  # the pull's prototype gradient at voc: 378 of 396 slots in three waves (38 splits ran 2.02 waves)
+    (94, 7),  # and at ade: 658 of 660 (3 splits ran 282 programs, 2.14 waves)
+])
+def test_pixel_splits_at_the_benchmark_shapes(units, expected):
+    import torch
+
+    from torch_ppl.kernels import _common
+
+    with _common.compile_for(_common.CompileTarget(90, 132)):
+        assert _common.pixel_splits(torch.device("cpu"), units, 10_000) == expected
+
+
+@pytest.mark.parametrize("units", [1, 2, 7, 24, 94, 131, 133, 300, 1000])
+@pytest.mark.parametrize("num_sms", [108, 132])
+def test_pixel_splits_fill_whole_waves(units, num_sms):
+    """The prototype-gradient grids (units x splits programs of equal length) fill at least two
+    waves where the pixel tiles allow, and end on a last wave at least 95 % full where a split
+    of up to eight waves can; otherwise on the fullest such split."""
+    import torch
+
+    from torch_ppl.kernels import _common
+
+    def fill(programs):
+        return programs / (-(-programs // num_sms) * num_sms)
+
+    with _common.compile_for(_common.CompileTarget(90, num_sms)):
+        for pixel_tiles in (1, 3, 50, 10_000):
+            splits = _common.pixel_splits(torch.device("cpu"), units, pixel_tiles)
+            assert 1 <= splits <= pixel_tiles
+            if pixel_tiles < 10_000:
+                continue
+            assert units * splits >= 2 * num_sms
+            allowed = range(-(-2 * num_sms // units), max(1, -(-8 * num_sms // units)) + 1)
+            best = max(fill(units * s) for s in allowed)
+            assert fill(units * splits) >= min(0.95, best), (units, splits)
+    # the interpreter: two splits, so that the tests combine partials
+    assert _common.pixel_splits(torch.device("cpu"), 7, 50) == 2

@@ -34,7 +34,7 @@ from ..reference import EPS
 
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
-    "num_sms", "has_wgmma", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
+    "num_sms", "pixel_splits", "has_wgmma", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -135,6 +135,32 @@ def num_sms(device: torch.device) -> int:
     if index not in _SMS:
         _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SMS[index]
+
+
+def pixel_splits(device: torch.device, units: int, pixel_tiles: int, min_waves: int = 2) -> int:
+    """Pixel splits of a prototype-gradient grid: ``units`` programs (prototype tiles, channel
+    slices) times ``splits``, each program summing every ``splits``-th pixel tile on chip.
+
+    On a GPU the grid fills whole waves of one block per SM (these kernels hold more than 128
+    registers per thread in 8 or 16 warps: an SM holds one; ``python -m benchmarks compile``
+    shows it), at least ``min_waves`` of them where the pixel tiles allow: the smallest split
+    whose last wave is at least 95 % full, or else the fullest. Its programs run equally long,
+    so a grid of 2.02 waves runs three with the third almost empty. Two splits on the
+    interpreter, so that tests combine partials."""
+    if not on_gpu(device):
+        return min(pixel_tiles, 2)
+    slots = num_sms(device)
+    most = max(1, min(pixel_tiles, -(-8 * slots // units)))
+    least = min(most, -(-min_waves * slots // units))
+    best, best_fill = least, 0.0
+    for splits in range(least, most + 1):
+        programs = units * splits
+        fill = programs / (-(-programs // slots) * slots)
+        if fill >= 0.95:
+            return splits
+        if fill > best_fill:
+            best, best_fill = splits, fill
+    return best
 
 
 def upcast_dot() -> bool:

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import as_blc, check_dtypes, num_sms, on_gpu
+from ._common import as_blc, check_dtypes, on_gpu, pixel_splits
 
 __all__ = ["prototype_attention", "prototype_side"]
 
@@ -417,14 +417,6 @@ def _launch_options(device: torch.device, num_stages: int) -> dict:
     return {"num_stages": num_stages, "num_warps": 8} if on_gpu(device) else {}
 
 
-def _num_splits(device: torch.device, num_p_programs: int, num_n_tiles: int) -> int:
-    """Pixel splits of the prototype-gradient kernel: enough programs to fill the GPU."""
-    if not on_gpu(device):
-        return min(2, num_n_tiles)
-    sms = num_sms(device)
-    return max(1, min(num_n_tiles, triton.cdiv(2 * sms, num_p_programs)))
-
-
 def _dense(*tensors: Optional[Tensor]):
     """The small inputs (``Kt``, ``c``, ``Vt``, biases, ``gamma``, labels, ``lse``) are indexed
     as dense rows by the kernels; only ``x`` and gradients of its shape are read by stride."""
@@ -519,7 +511,7 @@ def _bwd_op(
     num_n_tiles = batch * triton.cdiv(length, block_n)
     tiles_per_head = triton.cdiv(num_protos, block_p)
     num_p_programs = num_heads * tiles_per_head
-    splits = _num_splits(dev, num_p_programs, num_n_tiles)
+    splits = pixel_splits(dev, num_p_programs, num_n_tiles)
     if deterministic:
         dkt = torch.empty((splits, rows_hp, channels), **f32)
         dvt = torch.empty((splits, rows_hp, channels), **f32)

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, next_pow2, num_sms, on_gpu,
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, next_pow2, on_gpu, pixel_splits,
                       upcast_dot)
 
 __all__ = ["contrastive_loss"]
@@ -51,9 +51,6 @@ NEG = tl.constexpr(-1.0e30)  # a constexpr: a plain float global fails the GPU c
 
 # Tests set this to force small tiles so that every multi-tile path runs on tiny shapes.
 _FORCE_BLOCKS = None  # Optional[Tuple[int, int, int]]: (BLOCK_N, BLOCK_P, BLOCK_C); the backward keeps all C
-# Deterministic dW: at most this many programs (each owning a P x C fp32 partial) per launch.
-# Prototype-gradient programs per SM (each over a share of the pixel tiles).
-_PROGRAMS_PER_SM = 2
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -439,8 +436,7 @@ def _bwd_op(
     if need_dw:
         num_tiles = B * triton.cdiv(L, dw_cfg["BLOCK_N"])
         p_tiles = triton.cdiv(P, dw_cfg["BLOCK_P"])
-        # about two programs per SM in all, each over a share of the pixel tiles
-        splits = max(1, min(num_tiles, triton.cdiv(_PROGRAMS_PER_SM * num_sms(x.device), p_tiles)))
+        splits = pixel_splits(x.device, p_tiles, num_tiles)
         out = torch.empty((splits, P, C), device=x.device, dtype=torch.float32) if deterministic else dw
         _contrastive_bwd_dw_kernel[(p_tiles, splits)](
             grad, x, w_op, target, lse, pos, best, out,

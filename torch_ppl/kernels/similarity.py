@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, new_rows, next_pow2, num_sms, on_gpu,
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, new_rows, next_pow2, on_gpu, pixel_splits,
                       upcast_dot)
 
 
@@ -669,7 +669,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
         if pool == 1:
             # logsumexp: ds needs the similarities, recomputed over all channels per class tile
             tiles = triton.cdiv(k, cfg.lse_block_k)
-            grid = (tiles, _splits(x.device, nb * triton.cdiv(nl, cfg.lse_block_n), tiles))
+            grid = (tiles, pixel_splits(x.device, tiles, nb * triton.cdiv(nl, cfg.lse_block_n)))
             target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
             _logits_bwd_dw_lse_kernel[grid](
                 x3, w_dot, scale, g3, winners, target,
@@ -681,7 +681,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
         else:
             p_tiles, c_slices = triton.cdiv(k * m, cfg.dw_block_p), triton.cdiv(c, cfg.dw_block_c)
             pixel_tiles = nb * triton.cdiv(nl, cfg.dw_block_n)
-            grid = (p_tiles, c_slices, _splits(x.device, pixel_tiles, p_tiles * c_slices))
+            grid = (p_tiles, c_slices, pixel_splits(x.device, p_tiles * c_slices, pixel_tiles))
             target = w_hat.new_empty((grid[2], k, m, c)) if deterministic else dw
             _logits_bwd_dw_kernel[grid](
                 x3, inv if cosine else None, scale, g3, winners, target,
@@ -695,14 +695,6 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
         if deterministic:
             dw = target.sum(0)  # the splits' partials added in a fixed order
     return dx, dw, dscale
-
-
-def _splits(device: torch.device, pixel_tiles: int, programs: int) -> int:
-    """Pixel splits for a prototype-gradient grid of ``programs`` other programs: about two
-    programs per SM in all on a GPU, two on the interpreter."""
-    if on_gpu(device):
-        return max(1, min(pixel_tiles, triton.cdiv(2 * num_sms(device), programs)))
-    return min(pixel_tiles, 2)
 
 
 @_bwd_op.register_fake
