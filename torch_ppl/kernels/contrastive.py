@@ -358,12 +358,17 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
                 dict(gpu, BLOCK_N=16, BLOCK_P=16))
     dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64, next_pow2(P)))
     dw = dict(gpu, BLOCK_N=16, BLOCK_P=min(64, next_pow2(P)))
-    if has_wgmma(device) and block_c <= 256 and dtype == torch.bfloat16:
-        # every prototype tile re-reads x: 128 prototypes per program halve that (voc: 286 MB
-        # of traffic instead of 571); sixteen warps and one stage hold the 128 x C accumulator
-        # without spilling on sm_90 (at C = 512 that tile does not compile; float16 features,
-        # whose dW GEMM takes fp32 operands, spilled 72 B with it)
-        dw.update(BLOCK_P=min(128, next_pow2(P)), num_warps=16, num_stages=1)
+    if has_wgmma(device) and dtype == torch.bfloat16:
+        if block_c <= 256:
+            # every prototype tile re-reads x: 128 prototypes per program halve that (voc: 286
+            # MB of traffic instead of 571); sixteen warps and one stage hold the 128 x C
+            # accumulator without spilling on sm_90 (at C = 512 that tile does not compile;
+            # float16 features, whose dW GEMM takes fp32 operands, spilled 72 B with it)
+            dw.update(BLOCK_P=min(128, next_pow2(P)), num_warps=16, num_stages=1)
+        else:
+            # C = 512: the 64 x C accumulator with a second pipeline stage spilled 176 to 224 B
+            # per thread for channels_last features (Triton 3.8 and 3.9); with one, none
+            dw.update(num_stages=1)
     return dx, dw
 
 
