@@ -42,6 +42,13 @@ REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 64, 32
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("nchw", "nhwc")
 OPS = ("prototype_logits", "contrastive_loss", "prototype_attention")
+# The head's other kernels and branches: the benchmarks' head is max pooling with a fixed scale;
+# logsumexp pooling has a dW kernel of its own and recomputes the similarities in dx, mean
+# pooling takes other branches, and a learnable scale adds its gradient to dx.
+HEAD_VARIANTS = {
+    "prototype_logits-lse-scale": dict(pooling="logsumexp", learnable_scale=True),
+    "prototype_logits-mean-scale": dict(pooling="mean", learnable_scale=True),
+}
 
 # One line on the role of each kernel, for the table (docs/kernels.md).
 ROLES = {
@@ -173,14 +180,35 @@ def _problem(shape, dtype: str, layout: str):
     return problem
 
 
+def _head_variant(pooling: str, learnable_scale: bool):
+    def run(problem, backend: str):
+        import torch
+
+        import torch_ppl.functional as PF
+
+        from . import providers
+
+        scale = torch.tensor(providers.SCALE, requires_grad=True) if learnable_scale else providers.SCALE
+        return PF.prototype_logits(problem.x, problem.prototypes, similarity=problem.shape.similarity,
+                                   pooling=pooling, scale=scale, backend=backend)
+    return run
+
+
+def _op(name: str):
+    from . import providers
+
+    if name in HEAD_VARIANTS:
+        return _head_variant(**HEAD_VARIANTS[name])
+    return providers.OPS[name]
+
+
 def compile_ops(target: str, shape, dtype: str, layout: str, ops=OPS,
                 deterministic: bool = False) -> List[Launch]:
     """Forward and backward of each op at ``shape`` (a headline shape's name or a
     :class:`~benchmarks.shapes.Shape`) through the real launchers, compiled for ``target``; the
-    launches in order, each with its compiled kernel or its error."""
+    launches in order, each with its compiled kernel or its error. ``ops`` may name
+    :data:`HEAD_VARIANTS` too."""
     import torch
-
-    from . import providers
 
     arch, sms = TARGETS[target]
     problem = _problem(shape, dtype, layout)
@@ -191,7 +219,7 @@ def compile_ops(target: str, shape, dtype: str, layout: str, ops=OPS,
         for op in ops:
             with record_launches(arch, sms) as launches:
                 try:
-                    result = providers.OPS[op](problem, "triton")
+                    result = _op(op)(problem, "triton")
                     grad = torch.ones_like(result) if result.dim() else None
                     result.backward(grad)
                 except Exception as err:  # a launcher failing after a failed compile
@@ -556,7 +584,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="feature dtype (default: %(default)s)")
     p.add_argument("--layout", default="nchw", choices=LAYOUTS,
                    help="feature memory layout: nchw (contiguous) or nhwc (channels_last)")
-    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS, help="ops to compile (default: all)")
+    p.add_argument("--ops", nargs="+", default=list(OPS) + list(HEAD_VARIANTS), choices=OPS + tuple(HEAD_VARIANTS),
+                   help="ops to compile (default: all, and the head with logsumexp and mean pooling and a "
+                        "learnable scale)")
     p.add_argument("--deterministic", action="store_true",
                    help="compile the deterministic-mode kernels (torch.use_deterministic_algorithms)")
     p.add_argument("--out", type=Path, default=Path("compile-out"),
