@@ -546,6 +546,10 @@ class _Config:
             self.num_warps = 4 if self.block_c <= 256 else 8
             self.bwd_block_n = 32
             self.bwd_num_warps = 8
+            # dx when it recomputes the similarities (logsumexp pooling, a learnable scale):
+            # with 32 rows and two stages those spilled 16 B per thread at voc and 40 to 192 B at
+            # ade on sm_90; 16 rows and one stage compile without spilling
+            self.recompute_block_n, self.recompute_stages = 16, 1
             if x_dtype == torch.float32:
                 # fp32 GEMMs run on the CUDA cores (fma), whose register tiles are far larger:
                 # 64-row tiles spilled 21 KB per thread at C = 256 on sm_90, and 32 rows of 512
@@ -566,9 +570,9 @@ class _Config:
                 # channels spilled 0.4 to 0.5 KB per thread there
                 self.dw_block_c, self.dw_num_warps = min(64, self.block_c), 8
         else:
-            self.block_n = self.bwd_block_n = self.lse_block_n = 16
+            self.block_n = self.bwd_block_n = self.lse_block_n = self.recompute_block_n = 16
             self.num_warps = self.bwd_num_warps = 4
-            self.num_stages = 1
+            self.num_stages = self.recompute_stages = 1
             # small tiles on the interpreter, so tests cross several prototype tiles (classes
             # straddling them) and channel slices
             self.dw_block_p, self.dw_block_c, self.dw_block_n = 16, 16, 16
@@ -650,16 +654,19 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
                   GRAD_DTYPE=cfg.grad_dtype, UPCAST_DOT=cfg.upcast,
                   num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
-    n_blocks = nb * triton.cdiv(nl, cfg.bwd_block_n)
 
     if need_dx or need_dscale:
+        block_n, stages = cfg.bwd_block_n, cfg.num_stages
+        if pool == 1 or need_dscale:  # the similarities are recomputed
+            block_n, stages = min(block_n, cfg.recompute_block_n), cfg.recompute_stages
+        n_blocks = nb * triton.cdiv(nl, block_n)
         partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
         _logits_bwd_dx_kernel[(n_blocks,)](
             x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
             nl, c, k, m,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)),
             NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype == torch.bfloat16,
-            BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), **common,
+            BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), **dict(common, num_stages=stages),
         )
         if need_dscale:
             dscale = partial.sum()
