@@ -283,12 +283,14 @@ def _attention_bwd_dproto_kernel(
     offs_pc = rows[None, :, None] * C + chan
     kt = tl.load(kt_ptr + offs_pc, mask=mask_pc, other=0.0)
     vt = tl.load(vt_ptr + offs_pc, mask=mask_pc, other=0.0)
+    if HAS_GAMMA:
+        # do = gamma * g enters as da = do . Vt = g . (gamma * Vt) and dVt = gamma * sum a g:
+        # gamma scales Vt here and the accumulator at the end, not every g tile in the loop
+        gamma = tl.load(gamma_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
+        vt = vt * gamma
     # (NCH, BLOCK_K, BLOCK_P): the right-hand side of the chunked score products
     kt_t = tl.permute(kt, (0, 2, 1))
     vt_t = tl.permute(vt, (0, 2, 1))
-    gamma = tl.full((NCH, 1, BLOCK_K), 1.0, tl.float32)
-    if HAS_GAMMA:
-        gamma = tl.load(gamma_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
     c_p = tl.zeros((BLOCK_P,), tl.float32)
     if HAS_C:
         c_p = tl.load(c_ptr + rows, mask=mask_p, other=0.0)
@@ -300,9 +302,9 @@ def _attention_bwd_dproto_kernel(
         b, offs_l, mask_n, n64 = _tile_rows(t, L, BLOCK_N)
         mask = mask_n[None, :, None] & mask_c
         x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, sx_c, WIDE).to(tl.float32)
-        do = _chunked_rows(g_ptr, b, offs_l, chan, mask, sg_b, sg_l, sg_c, WIDE).to(tl.float32) * gamma
+        g = _chunked_rows(g_ptr, b, offs_l, chan, mask, sg_b, sg_l, sg_c, WIDE).to(tl.float32)
         s = tl.sum(tl.dot(x, kt_t, input_precision=DOT_PREC), 0) + c_p[None, :]
-        da = tl.sum(tl.dot(do, vt_t, input_precision=DOT_PREC), 0)
+        da = tl.sum(tl.dot(g, vt_t, input_precision=DOT_PREC), 0)
         lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
         delta = tl.load(delta_ptr + n64 * H + head, mask=mask_n, other=0.0)
         valid = mask_p[None, :]
@@ -316,8 +318,10 @@ def _attention_bwd_dproto_kernel(
         ds_t = tl.broadcast_to(tl.trans(ds)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
         a_t = tl.broadcast_to(tl.trans(a)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
         dkt += tl.dot(ds_t, x, input_precision=DOT_PREC)
-        dvt += tl.dot(a_t, do, input_precision=DOT_PREC)
+        dvt += tl.dot(a_t, g, input_precision=DOT_PREC)
         dc += tl.sum(ds, 0)
+    if HAS_GAMMA:
+        dvt = dvt * gamma
 
     if DETERMINISTIC:
         # stage one of a two-stage reduction: this split's partial, summed in order by the host
