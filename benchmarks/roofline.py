@@ -249,7 +249,10 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             tiles = grid[0]
             bytes_ = tiles * (2 * n * c * xb + 2 * n * 4) + 3 * small
             once = 2 * n * c * xb + 2 * n * 4 + 3 * small
-            gemm(8 * n * h * p_pad * c, prec)
+            if meta.get("SPLIT16"):  # each product as two 16-bit ones (hi + lo halves)
+                gemm(2 * 8 * n * h * p_pad * c, "16-bit")
+            else:
+                gemm(8 * n * h * p_pad * c, prec)
     else:
         raise KeyError(f"no traffic model for kernel {kernel!r}")
     # bytes_once: the same launch if L2 served every re-read (programs that re-read a tile run

@@ -44,9 +44,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import as_blc, check_dtypes, on_gpu, pixel_splits
+from ._common import as_blc, check_dtypes, has_wgmma, on_gpu, pixel_splits, upcast_dot
 
 __all__ = ["prototype_attention", "prototype_side"]
+
+# (major, minor) of the installed Triton: some tiles compile without spilling with one release
+# and not with another (_dproto_blocks)
+_TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 # ============================================================================ Triton kernels
 @triton.jit
@@ -247,6 +251,18 @@ def _chunked_rows(ptr, b, offs_l, chan, mask, stride_b, stride_l, stride_c, WIDE
 
 
 @triton.jit
+def _halves(t, UPCAST_DOT: tl.constexpr):
+    """fp32 ``t`` as ``hi + lo``, two bfloat16 GEMM operands: 16 of its 24 mantissa bits, finer
+    than TF32's 11, at the cost of two 16-bit products (one TF32 product's time). Back to fp32
+    under the interpreter (``UPCAST_DOT``), where the products of the rounded values are exact."""
+    hi = t.to(tl.bfloat16)
+    lo = (t - hi.to(tl.float32)).to(tl.bfloat16)
+    if UPCAST_DOT:
+        return hi.to(tl.float32), lo.to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
 def _attention_bwd_dproto_kernel(
     x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr, delta_ptr,
     dkt_ptr, dc_ptr, dvt_ptr,
@@ -255,7 +271,7 @@ def _attention_bwd_dproto_kernel(
     HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     DETERMINISTIC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT16: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # Gradients of the prototype-side tensors, reductions over pixels:
     #   dKt[i,p] = sum_n ds[n,i,p] x[n]
@@ -270,6 +286,10 @@ def _attention_bwd_dproto_kernel(
     # one C-deep product per score (C = 256 or 512 in fp32 operands) each warp's share of the
     # x tile alone filled its registers next to the two BLOCK_P x C accumulators, and the
     # kernel spilled at BLOCK_P = 16; chunked, BLOCK_P = 32 fits at C = 256 (docs/kernels.md).
+    #
+    # SPLIT16 (bfloat16 features): x and g are GEMM operands as loaded (exact), and the fp32
+    # side of each product (Kt, Vt, a, ds) is split into two bfloat16 halves (_halves). The
+    # products are finer than TF32 and the x and g tiles take half the registers of fp32 ones.
     NCH: tl.constexpr = BLOCK_C // BLOCK_K
     pid_p = tl.program_id(0)
     split = tl.program_id(1)
@@ -291,6 +311,9 @@ def _attention_bwd_dproto_kernel(
     # (NCH, BLOCK_K, BLOCK_P): the right-hand side of the chunked score products
     kt_t = tl.permute(kt, (0, 2, 1))
     vt_t = tl.permute(vt, (0, 2, 1))
+    if SPLIT16:
+        kt_hi, kt_lo = _halves(kt_t, UPCAST_DOT)
+        vt_hi, vt_lo = _halves(vt_t, UPCAST_DOT)
     c_p = tl.zeros((BLOCK_P,), tl.float32)
     if HAS_C:
         c_p = tl.load(c_ptr + rows, mask=mask_p, other=0.0)
@@ -301,10 +324,17 @@ def _attention_bwd_dproto_kernel(
     for t in range(split, NUM_N_TILES, SPLITS):
         b, offs_l, mask_n, n64 = _tile_rows(t, L, BLOCK_N)
         mask = mask_n[None, :, None] & mask_c
-        x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, sx_c, WIDE).to(tl.float32)
-        g = _chunked_rows(g_ptr, b, offs_l, chan, mask, sg_b, sg_l, sg_c, WIDE).to(tl.float32)
-        s = tl.sum(tl.dot(x, kt_t, input_precision=DOT_PREC), 0) + c_p[None, :]
-        da = tl.sum(tl.dot(g, vt_t, input_precision=DOT_PREC), 0)
+        x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, sx_c, WIDE)
+        g = _chunked_rows(g_ptr, b, offs_l, chan, mask, sg_b, sg_l, sg_c, WIDE)
+        if SPLIT16:
+            if UPCAST_DOT:
+                x, g = x.to(tl.float32), g.to(tl.float32)
+            s = tl.sum(tl.dot(x, kt_lo, tl.dot(x, kt_hi)), 0) + c_p[None, :]
+            da = tl.sum(tl.dot(g, vt_lo, tl.dot(g, vt_hi)), 0)
+        else:
+            x, g = x.to(tl.float32), g.to(tl.float32)
+            s = tl.sum(tl.dot(x, kt_t, input_precision=DOT_PREC), 0) + c_p[None, :]
+            da = tl.sum(tl.dot(g, vt_t, input_precision=DOT_PREC), 0)
         lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
         delta = tl.load(delta_ptr + n64 * H + head, mask=mask_n, other=0.0)
         valid = mask_p[None, :]
@@ -315,10 +345,18 @@ def _attention_bwd_dproto_kernel(
         # rows past N: lse = +inf gives a = 0, so they add nothing
         a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
         ds = a * (da - delta[:, None])
-        ds_t = tl.broadcast_to(tl.trans(ds)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
-        a_t = tl.broadcast_to(tl.trans(a)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
-        dkt += tl.dot(ds_t, x, input_precision=DOT_PREC)
-        dvt += tl.dot(a_t, g, input_precision=DOT_PREC)
+        if SPLIT16:
+            ds_hi, ds_lo = _halves(tl.trans(ds), UPCAST_DOT)
+            a_hi, a_lo = _halves(tl.trans(a), UPCAST_DOT)
+            dkt = tl.dot(tl.broadcast_to(ds_hi[None, :, :], (NCH, BLOCK_P, BLOCK_N)), x, dkt)
+            dkt = tl.dot(tl.broadcast_to(ds_lo[None, :, :], (NCH, BLOCK_P, BLOCK_N)), x, dkt)
+            dvt = tl.dot(tl.broadcast_to(a_hi[None, :, :], (NCH, BLOCK_P, BLOCK_N)), g, dvt)
+            dvt = tl.dot(tl.broadcast_to(a_lo[None, :, :], (NCH, BLOCK_P, BLOCK_N)), g, dvt)
+        else:
+            ds_t = tl.broadcast_to(tl.trans(ds)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
+            a_t = tl.broadcast_to(tl.trans(a)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
+            dkt += tl.dot(ds_t, x, input_precision=DOT_PREC)
+            dvt += tl.dot(a_t, g, input_precision=DOT_PREC)
         dc += tl.sum(ds, 0)
     if HAS_GAMMA:
         dvt = dvt * gamma
@@ -375,15 +413,23 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     ``x`` and ``dout`` once per prototype tile, so ``BLOCK_P`` sets the traffic; the two
     ``BLOCK_P x C`` float32 accumulators bound it. Channel chunks of ``BLOCK_K`` (see the
     kernel) keep the score products small. Compiled for sm_90 at the benchmark shapes (8 warps,
-    one stage) with Triton 3.8 and 3.9: bfloat16 ``C = 256`` 16 x 32 x 32 does not spill (64
-    prototypes spilled 104 to 312 bytes at NCHW, chunks of 128 to 32); ``C = 512`` and the
-    float16 / float32 features take 16 x 16 x 64 (bfloat16 without spills; 32 prototypes
-    spilled 8 to 112 bytes, 128-wide chunks 80 to 128 bytes with Triton 3.8). On the
-    interpreter 16-wide chunks, so that the tests' channel counts make several of them."""
+    one stage):
+
+    * bfloat16, ``C = 256``: 16 x 32 x 32 does not spill with Triton 3.8 and 3.9 (64 prototypes
+      spilled 24 to 376 bytes, chunks of 32 to 256).
+    * bfloat16, ``C = 512`` (the split products, whose x and g tiles are 16-bit): 16 x 32 x 128
+      does not spill with Triton 3.9, and halves the re-reads of 16 prototypes; with Triton 3.8
+      it spilled 544 bytes (64-wide chunks 16 to 24 bytes), and on sm_80 it needs 164 KB of
+      shared memory, more than an A100 block may use: 16 x 16 x 64 there.
+    * float16 / float32 features (fp32 operands): 16 x 16 x 64.
+
+    On the interpreter 16-wide chunks, so that the tests' channel counts make several of them."""
     if not on_gpu(device):
         return 16, 16, min(16, block_c)
     if dtype == torch.bfloat16 and block_c <= 256:
         block_n, block_p, block_k = 16, 32, 32
+    elif dtype == torch.bfloat16 and block_c == 512 and has_wgmma(device) and _TRITON >= (3, 9):
+        block_n, block_p, block_k = 16, 32, 128
     else:
         block_n, block_p, block_k = 16, 16, 64
     block_p = min(block_p, max(16, triton.next_power_of_2(num_protos)))
@@ -528,7 +574,8 @@ def _bwd_op(
         x, grad, kt, c, vt, gamma, exclude, lse, delta, dkt, dc, dvt,
         length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
         *x.stride(), *grad.stride(),
-        DETERMINISTIC=deterministic, BLOCK_N=block_n, **common, **_launch_options(dev, num_stages=1),
+        DETERMINISTIC=deterministic, BLOCK_N=block_n, SPLIT16=x.dtype == torch.bfloat16, UPCAST_DOT=upcast_dot(),
+        **common, **_launch_options(dev, num_stages=1),
     )
     if deterministic:
         # stage two: a fixed-order sum over the splits (no atomics anywhere)
