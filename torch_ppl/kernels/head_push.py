@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from ._common import EPS, as_blc, check_dtypes, has_wgmma, new_rows, next_pow2, on_gpu
+from ._common import EPS, as_blc, check_dtypes, new_rows, next_pow2, on_gpu
 from .similarity import (_POOL_CODE, _Config, _argmax_dtype, _logits_bwd_dx_kernel, _logits_fwd_kernel,
                          _logits_push_bwd_dw_kernel, _splits)
 
@@ -36,23 +36,32 @@ __all__ = ["prototype_logits_and_contrastive"]
 
 
 def _dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict:
-    """Tiles of the prototype-gradient kernel: ``BLOCK_P`` prototypes of the flat axis x all
+    """Tiles of :func:`_logits_push_bwd_dw_kernel`: ``BLOCK_P`` prototypes of the flat axis x all
     ``C`` channels of fp32 accumulator, ``BLOCK_N`` pixels per step.
 
-    Compiled for sm_90 and sm_80 at voc (C = 256) and ade (C = 512) with bf16 features, NCHW and
-    NHWC, with Triton 3.9 and 3.8 (``python -m benchmarks compile``; docs/kernel-fused.md): 128
-    prototypes, 16 warps and one stage at C <= 256 with bf16 on sm_90 (wgmma for the dW GEMM),
-    64 prototypes and 8 warps otherwise, without spills. float32 features multiply on the CUDA
-    cores, whose register tiles are larger: 16 x 16 tiles there."""
+    On the GPU, 64 prototypes, 8 warps and one stage: compiled for sm_90 and sm_80 at voc
+    (C = 256) and ade (C = 512) with bf16 features, NCHW and NHWC, with Triton 3.9 and 3.8
+    (``python -m benchmarks compile``, docs/kernel-fused.md), without spills. 128 prototypes,
+    which halve the re-reads of ``x`` at voc, spilled 72 bytes per thread on sm_90 (16 warps,
+    the head's ``g`` and winner gathered per prototype on top of the contrastive dW kernel's
+    tile), two stages 320 bytes at ade."""
     block_c = next_pow2(c)
     if not on_gpu(device):
         # small tiles on the interpreter, so that tests cross prototype tiles mid-class
         return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=4, num_stages=1)
     if x_dtype == torch.float32:
-        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=8, num_stages=2)
-    if has_wgmma(device) and block_c <= 256 and x_dtype == torch.bfloat16:
-        return dict(BLOCK_N=16, BLOCK_P=128, BLOCK_C=block_c, num_warps=16, num_stages=1)
-    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, num_warps=8, num_stages=2)
+        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, num_warps=8, num_stages=1)
+
+
+def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype) -> _Config:
+    """The head's tiles for the forward and dx kernels; with the push, dx at C > 256 takes 16
+    pixels per program (32 spilled 144 bytes per thread at ade on sm_90)."""
+    cfg = _Config(device, c, k, m, x_dtype)
+    if on_gpu(device) and cfg.block_c > 256:
+        cfg.bwd_block_n = 16
+    return cfg
 
 
 # ============================================================================ custom ops
@@ -88,7 +97,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
     best = x.new_empty((nb, nl), dtype=torch.int32)
     if out.numel() == 0:
         return out, winners, inv, pooled, loss, lse, pos, best
-    cfg = _Config(x.device, c, k, m, x.dtype)
+    cfg = _config(x.device, c, k, m, x.dtype)
     _logits_fwd_kernel[(nb * triton.cdiv(nl, cfg.block_n),)](
         x3, w_hat.to(x.dtype), scale, bias, out3, winners if pool == 0 else None, inv if cosine else None,
         y, pooled if pool == 1 else None, loss, lse, pos, best,
@@ -138,7 +147,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
         if need_dx:
             dx.zero_()
         return dx, dw, dscale
-    cfg = _Config(x.device, c, k, m, x.dtype)
+    cfg = _config(x.device, c, k, m, x.dtype)
     w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed from the same rounding
     push = (y, grad_loss, lse, pos, best)
 

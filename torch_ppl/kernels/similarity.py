@@ -611,50 +611,53 @@ def _logits_push_bwd_dw_kernel(
     # with k = p // M, dpool the forward's winner (max), exp(s - pooled) with the forward's
     # saved pooled value (logsumexp) or 1/M (mean). Every pixel feeds the head, only the
     # labelled ones the push (_dz_tile is 0 elsewhere).
+    # All C channels are held as two halves (x0, x1; dŴ0, dŴ1), as in _logits_bwd_dx_kernel:
+    # 128 x 256 tiles spilled 120 bytes per thread on sm_90 when held whole.
+    HALF: tl.constexpr = BLOCK_C // 2
     split = tl.program_id(1)
     splits = tl.num_programs(1)
+    num_blocks = tl.cdiv(L, BLOCK_N)
     protos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_in = protos < K * M
     k_of = protos // M
     m_of = protos % M
-    cols = tl.arange(0, BLOCK_C)
-    c_in = cols < C
-    wd = tl.load(WD + protos.to(tl.int64)[:, None] * C + cols[None, :], mask=p_in[:, None] & c_in[None, :], other=0.0)
+    wd0 = _load_class_rows(WD, protos, 0, K * M, 1, C, 0, HALF)
+    wd1 = _load_class_rows(WD, protos, 0, K * M, 1, C, HALF, HALF)
     scale = tl.load(SCALE).to(tl.float32)
     if POOL == 2:
         scale = scale / M
     ones = tl.full((BLOCK_N,), 1.0, tl.float32)
 
-    dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
-    for tile in range(split, B * tl.cdiv(L, BLOCK_N), splits):
+    dw0 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
+    for tile in range(split, B * num_blocks, splits):
         b, rows64, row_in, valid, y, lse, pos, p_best, g_tau = _pixel_tile(
             tile, L, Y, GL, LSE, POS, BEST, ignore_index, inv_tau, stride_yb, stride_yl, stride_lb, stride_ll, BLOCK_N)
-        x = tl.load(X + b * stride_xb + rows64[:, None] * stride_xl + cols.to(tl.int64)[None, :] * stride_xc,
-                    mask=row_in[:, None] & c_in[None, :], other=0.0)
-        if COSINE:
-            xf = x.to(tl.float32)
-            inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(xf * xf, axis=1)), EPS_C)
-        else:
-            inv = ones
-        s = _class_similarity(x, wd, inv, PRECISION, UPCAST_DOT)
+        x0, x1, _, inv = _load_half_rows(X, b, (tile % num_blocks) * BLOCK_N, L, C, stride_xb, stride_xl, stride_xc,
+                                         BLOCK_N, HALF, COSINE)
+        s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
         ds = g_tau[:, None] * _dz_tile(s, ones, inv_tau, protos, p_in, valid, y, lse, pos, p_best, M, NEAREST)
         mask = row_in[:, None] & p_in[None, :]
         # g[n, k] once per prototype of class k: repeated addresses, served by L1
-        g = tl.load(G + b * stride_gb + rows64[:, None] * stride_gl + k_of.to(tl.int64)[None, :] * stride_gk,
+        g = tl.load((G + b * stride_gb + rows64 * stride_gl)[:, None] + k_of.to(tl.int64)[None, :] * stride_gk,
                     mask=mask, other=0.0).to(tl.float32) * scale
-        stat = (b * L + rows64)[:, None] * K + k_of[None, :]
+        stat = ((b * L + rows64) * K)[:, None] + k_of[None, :]
         if POOL == 0:
             winner = tl.load(ARGMAX + stat, mask=mask, other=-1).to(tl.int32)
             g = tl.where(winner == m_of[None, :], g, 0.0)
         elif POOL == 1:
             g = g * tl.exp(s - tl.load(POOLED + stat, mask=mask, other=0.0))
         # s = u Ŵᵀ  =>  dŴ += dsᵀ u = (ds * inv)ᵀ x: x stays the GEMM operand as loaded
-        ds = (ds + g) * inv[:, None]
-        dw = tl.dot(tl.trans(dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)), dot_operand(x, GRAD_DTYPE, UPCAST_DOT), dw,
-                    input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+        ds = tl.trans(dot_operand((ds + g) * inv[:, None], GRAD_DTYPE, UPCAST_DOT))
+        dw0 = tl.dot(ds, dot_operand(x0, GRAD_DTYPE, UPCAST_DOT), dw0, input_precision=GRAD_PRECISION,
+                     out_dtype=tl.float32)
+        dw1 = tl.dot(ds, dot_operand(x1, GRAD_DTYPE, UPCAST_DOT), dw1, input_precision=GRAD_PRECISION,
+                     out_dtype=tl.float32)
 
+    cols = tl.arange(0, HALF)
     offs = protos.to(tl.int64)[:, None] * C + cols[None, :]
-    _flush_dw(DW, dw, offs, p_in[:, None] & c_in[None, :], split, K * M, C, DETERMINISTIC)
+    _flush_dw(DW, dw0, offs, p_in[:, None] & (cols < C)[None, :], split, K * M, C, DETERMINISTIC)
+    _flush_dw(DW, dw1, offs + HALF, p_in[:, None] & (cols + HALF < C)[None, :], split, K * M, C, DETERMINISTIC)
 
 
 # ============================================================================ host helpers
