@@ -45,7 +45,7 @@ def _dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict:
     which halve the re-reads of ``x`` at voc, spilled 72 bytes per thread on sm_90 (16 warps,
     the head's ``g`` and winner gathered per prototype on top of the contrastive dW kernel's
     tile), two stages 320 bytes at ade."""
-    block_c = next_pow2(c)
+    block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
     if not on_gpu(device):
         # small tiles on the interpreter, so that tests cross prototype tiles mid-class
         return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=4, num_stages=1)

@@ -612,7 +612,8 @@ def _logits_push_bwd_dw_kernel(
     # saved pooled value (logsumexp) or 1/M (mean). Every pixel feeds the head, only the
     # labelled ones the push (_dz_tile is 0 elsewhere).
     # All C channels are held as two halves (x0, x1; dŴ0, dŴ1), as in _logits_bwd_dx_kernel:
-    # 128 x 256 tiles spilled 120 bytes per thread on sm_90 when held whole.
+    # fewer registers live at once (with 128-prototype tiles on sm_90, whole rows spilled 120
+    # bytes per thread, halves 72).
     HALF: tl.constexpr = BLOCK_C // 2
     split = tl.program_id(1)
     splits = tl.num_programs(1)
