@@ -41,7 +41,7 @@ SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
 REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 64, 32
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("nchw", "nhwc")
-OPS = ("prototype_logits", "contrastive_loss", "prototype_attention")
+OPS = ("prototype_logits", "contrastive_loss", "prototype_attention", "prototype_logits_and_contrastive")
 # The head's other kernels and branches: the benchmarks' head is max pooling with a fixed scale;
 # logsumexp pooling has a dW kernel of its own and recomputes the similarities in dx, mean
 # pooling takes other branches, and a learnable scale adds its gradient to dx.
@@ -56,6 +56,7 @@ ROLES = {
     "_logits_bwd_dx_kernel": "head backward: dx (and dscale partials) from the recomputed similarities",
     "_logits_bwd_dw_kernel": "head backward (max, mean pooling): prototype gradient per class tile and channel slice",
     "_logits_bwd_dw_lse_kernel": "head backward (logsumexp pooling): prototype gradient, similarities recomputed",
+    "_logits_push_bwd_dw_kernel": "head + push backward: prototype gradient of both from one recomputed similarity tile",
     "_contrastive_fwd_kernel": "push forward: similarity GEMM, online logsumexp, per-pixel loss",
     "_contrastive_bwd_dx_kernel": "push backward: dx, all channels on chip, written once in the features' dtype",
     "_contrastive_bwd_dw_kernel": "push backward: prototype gradient, one prototype tile per program, flushed once",
@@ -220,8 +221,8 @@ def compile_ops(target: str, shape, dtype: str, layout: str, ops=OPS,
             with record_launches(arch, sms) as launches:
                 try:
                     result = _op(op)(problem, "triton")
-                    grad = torch.ones_like(result) if result.dim() else None
-                    result.backward(grad)
+                    results = list(result) if isinstance(result, tuple) else [result]
+                    torch.autograd.backward(results, [torch.ones_like(r) for r in results])
                 except Exception as err:  # a launcher failing after a failed compile
                     if not any(l.error for l in launches):
                         launches.append(Launch(op, "(launcher)", (), error=f"{type(err).__name__}: {err}"))
@@ -383,7 +384,7 @@ def predictions(rows: List[Dict[str, object]], shape) -> List[str]:
     lines = []
     for op in dict.fromkeys(r["op"] for r in rows):
         works = [r["model"] for r in rows if r["op"] == op and "model" in r]
-        if not works or op not in roofline.OPS:
+        if not works or op not in roofline.MODELLED_OPS:
             continue
         pred = roofline.predicted_fraction(op, shape, works, _h100())
         lines.append(f"- `{op}` forward + backward: the op's roofline {pred['t_min_us']:.0f} µs, its kernels at "

@@ -90,6 +90,14 @@ def contrastive_loss(p: Problem, backend: str) -> Tensor:
                                similarity=p.shape.similarity, ignore_index=IGNORE_INDEX, backend=backend)
 
 
+def prototype_logits_and_contrastive(p: Problem, backend: str):
+    """The head's logits and the contrastive loss of the same features in one op: a
+    ``(logits, loss)`` pair, each backpropagated with a gradient of ones."""
+    return PF.prototype_logits_and_contrastive(
+        p.x, p.prototypes, p.target, similarity=p.shape.similarity, pooling="max", scale=SCALE,
+        temperature=p.shape.temperature, ignore_index=IGNORE_INDEX, backend=backend)
+
+
 def _attend(p: Problem, x: Tensor, backend: str) -> Tensor:
     a = p.attn
     return PF.prototype_attention(
@@ -116,6 +124,7 @@ OPS: Dict[str, Callable[[Problem, str], Tensor]] = {
     "contrastive_loss": contrastive_loss,
     "prototype_attention": prototype_attention,
     "ppl_step": ppl_step,
+    "prototype_logits_and_contrastive": prototype_logits_and_contrastive,
 }
 # The torch_ppl ops each benchmark op dispatches through (for the Triton availability check).
 _KERNEL_OPS = {
@@ -123,6 +132,7 @@ _KERNEL_OPS = {
     "contrastive_loss": ("contrastive_loss",),
     "prototype_attention": ("prototype_attention",),
     "ppl_step": ("prototype_attention", "prototype_logits", "contrastive_loss"),
+    "prototype_logits_and_contrastive": ("prototype_logits_and_contrastive",),
 }
 
 

@@ -68,6 +68,19 @@ def _attention(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
             dict(fwd=4 * n * h * p * c + proto_side, bwd=10 * n * h * p * c + 2 * proto_side))
 
 
+def _logits_contrastive(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Head logits (max pooling) and contrastive loss of the same features in one op: ``x`` read
+    once per pass and one similarity GEMM (``2 N P C``) forward; backward recomputes it once and
+    forms ``dx`` and ``dW`` from the one summed ``ds``, which the push makes dense over all ``P``
+    (``2 N P C`` each)."""
+    xb, wb = _elem(s.feature_dtype), _elem(s.prototype_dtype)
+    n, c, p, k = s.N, s.C, s.P, s.K
+    per_pixel = 8 + 3 * 4  # label; loss, lse, pos written forward and read backward (or dloss)
+    fwd_bytes = n * c * xb + p * c * wb + n * k * 4 + n * k + n * per_pixel
+    bwd_bytes = 2 * n * c * xb + 2 * p * c * wb + n * k * 4 + n * k + n * (per_pixel + 4)
+    return dict(fwd=fwd_bytes, bwd=bwd_bytes), dict(fwd=2 * n * p * c, bwd=6 * n * p * c)
+
+
 def _step(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
     """The PPL step = attention, then head logits and contrastive loss on its output, plus the
     cross-entropy on the ``N x K`` logits (already counted as the head's output)."""
@@ -77,7 +90,11 @@ def _step(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
 
 
 _MODELS = {"prototype_logits": _logits, "contrastive_loss": _contrastive,
-           "prototype_attention": _attention, "ppl_step": _step}
+           "prototype_attention": _attention, "ppl_step": _step,
+           "prototype_logits_and_contrastive": _logits_contrastive}
+# Ops with a work model: the benchmarked ops and the one-pass head + push, which
+# `python -m benchmarks compile` models kernel by kernel.
+MODELLED_OPS = (*OPS, "prototype_logits_and_contrastive")
 
 
 def work(op: str, shape: Shape, pass_: str) -> Tuple[int, int]:
@@ -195,13 +212,18 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             grad = "16-bit"
         else:
             grad = _precision(meta, "GRAD_PRECISION", s.feature_dtype)
+        push = bool(meta.get("PUSH"))
+        # the push's per pixel: the label (int64), loss or its gradient, lse, pos, best
+        push_bytes = n * (8 + 4 * 4) if push else 0
         if kernel == "_logits_fwd_kernel":
-            bytes_ = once = n * c * xb + p * c * xb + n * k * 4 + n * k
+            bytes_ = once = n * c * xb + p * c * xb + n * k * 4 + n * k + push_bytes
+            if push and meta.get("POOL") == 1:
+                bytes_ = once = bytes_ + n * k * 4  # the pooled value, saved for the prototype gradient
             gemm(2 * n * p_pad * c, x16)
         elif kernel == "_logits_bwd_dx_kernel":
-            bytes_ = once = 2 * n * c * xb + n * k * 4 + n * k + 2 * p * c * 4
-            # similarities recomputed only for logsumexp (two passes) and for dscale
-            recompute = 2 if meta.get("POOL") == 1 else int(bool(meta.get("NEED_DSCALE")))
+            bytes_ = once = 2 * n * c * xb + n * k * 4 + n * k + 2 * p * c * 4 + push_bytes
+            # similarities recomputed only for logsumexp (two passes), for dscale and for the push
+            recompute = 2 if meta.get("POOL") == 1 else int(bool(meta.get("NEED_DSCALE")) or push)
             if recompute:
                 gemm(recompute * 2 * n * p_pad * c, x16)
             if meta.get("NEED_DX", True):
@@ -210,6 +232,16 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             p_tiles, c_slices = grid[0], grid[1]
             bytes_ = p_tiles * (n * c * xb + c_slices * n * 4) + c_slices * (n * k * 4 + n * k) + p * c * 4
             once = n * c * xb + n * 4 + n * k * 4 + n * k + p * c * 4
+            gemm(2 * n * p_pad * c, grad)
+        elif kernel == "_logits_push_bwd_dw_kernel":
+            # every prototype tile re-reads all of x and the push's per-pixel values and
+            # recomputes s; g and the winners (or pooled values) of its classes once in all
+            tiles = grid[0]
+            head = n * k * 4 + (n * k if meta.get("POOL") == 0 else 0) + (n * k * 4 if meta.get("POOL") == 1 else 0)
+            per_pixel = n * (8 + 4 * 4)
+            bytes_ = tiles * (n * c * xb + per_pixel) + head + p * c * xb + p * c * 4
+            once = n * c * xb + per_pixel + head + p * c * xb + p * c * 4
+            gemm(2 * n * p_pad * c, x16)
             gemm(2 * n * p_pad * c, grad)
         else:  # _logits_bwd_dw_lse_kernel: every class tile re-reads all of x and recomputes s
             tiles = grid[0]

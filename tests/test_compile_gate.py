@@ -77,6 +77,16 @@ def test_every_kernel_compiles(tmp_path, target, layout):
         assert rows["_contrastive_fwd_kernel"]["hmma"] > 0
 
 
+def test_head_push_compiles_for_sm90(tmp_path):
+    """The one-pass head + push: the head's forward and dx kernels with the PUSH flag and the
+    joint prototype gradient compile, the forward on wgmma, and the traffic model knows them."""
+    rows = _by_kernel(_compile(tmp_path, "sm_90", ["prototype_logits_and_contrastive"]))
+    assert set(rows) == {"_logits_fwd_kernel", "_logits_bwd_dx_kernel", "_logits_push_bwd_dw_kernel"}
+    assert rows["_logits_fwd_kernel"]["hgmma"] > 0
+    for row in rows.values():
+        assert row["hgmma"] + row["hmma"] > 0 and row["model"]["bytes"] > 0, row
+
+
 _BAD_GLOBAL = r"""
 import sys
 import triton, triton.language as tl

@@ -111,8 +111,9 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
 
 
 def implementation(op: str, backend: str) -> Callable:
-    """The function computing ``op`` (``prototype_logits``, ``contrastive_loss`` or
-    ``prototype_attention``) for a resolved backend; both have the same signature."""
+    """The function computing ``op`` (``prototype_logits``, ``contrastive_loss``,
+    ``prototype_logits_and_contrastive`` or ``prototype_attention``) for a resolved backend;
+    both have the same signature."""
     if backend == "reference":
         return getattr(reference, op)
     # Plain import statements, not importlib or sys.modules: torch.compile traces an import
@@ -123,6 +124,8 @@ def implementation(op: str, backend: str) -> Callable:
         from .kernels import contrastive as module
     elif op == "prototype_attention":
         from .kernels import attention as module
+    elif op == "prototype_logits_and_contrastive":
+        from .kernels import head_push as module
     else:
         raise ValueError(f"unknown op {op!r}")
     return getattr(module, op)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ __all__ = [
     "prototype_logits",
     "prototype_attention",
     "contrastive_loss",
+    "prototype_logits_and_contrastive",
     "push_pull_loss",
     "LossTerms",
 ]
@@ -100,6 +101,14 @@ def _scale(fn: str, scale: Union[float, Tensor]) -> Union[float, Tensor]:
     return _checks.positive_float(fn, "scale", scale)
 
 
+def _bias(fn: str, bias: Optional[Tensor], prototypes: Tensor) -> Optional[Tensor]:
+    if bias is not None:
+        bias = _checks.floating(fn, "bias", bias, (1,), f"(K,) = ({prototypes.shape[0]},)")
+        if bias.shape[0] != prototypes.shape[0]:
+            raise ValueError(f"{fn}: bias must have shape (K,) = ({prototypes.shape[0]},); got {tuple(bias.shape)}")
+    return bias
+
+
 # ----------------------------------------------------------------------------- the head
 @_quiet_when_tracing
 def prototype_similarity(
@@ -163,10 +172,7 @@ def prototype_logits(
     _checks.choice(fn, "similarity", similarity, _checks.SIMILARITIES)
     _checks.choice(fn, "pooling", pooling, _checks.POOLINGS)
     scale = _scale(fn, scale)
-    if bias is not None:
-        bias = _checks.floating(fn, "bias", bias, (1,), f"(K,) = ({prototypes.shape[0]},)")
-        if bias.shape[0] != prototypes.shape[0]:
-            raise ValueError(f"{fn}: bias must have shape (K,) = ({prototypes.shape[0]},); got {tuple(bias.shape)}")
+    bias = _bias(fn, bias, prototypes)
     _checks.same_device(fn, x=x, prototypes=prototypes, bias=bias)
     resolved = _backend.resolve(backend, x, prototypes, bias, op=fn)
     impl = _backend.implementation(fn, resolved)
@@ -336,6 +342,71 @@ def contrastive_loss(
     return _contrastive(features, target, prototypes, weight, temperature=temperature, positives=positives,
                         similarity=similarity, ignore_index=ignore_index, reduction=reduction,
                         backend=backend, fn=fn)
+
+
+@_quiet_when_tracing
+def prototype_logits_and_contrastive(
+    x: Tensor,
+    prototypes: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    *,
+    similarity: str = "cosine",
+    pooling: str = "max",
+    scale: Union[float, Tensor] = 10.0,
+    bias: Optional[Tensor] = None,
+    temperature: float = 0.1,
+    positives: str = "all",
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """The head's logits and the push of the same features in one op: what
+    ``prototype_logits(x, prototypes, similarity=, pooling=, scale=, bias=)`` and
+    ``contrastive_loss(x, target, prototypes, weight, temperature=, positives=, similarity=,
+    ignore_index=, reduction=)`` return, with the same checks. On ``backend="triton"`` one
+    read of the features and one similarity GEMM serve both, forward and backward.
+
+    Args:
+        x: features ``(B, C, H, W)`` or ``(N, C)``; any strides (channels_last included).
+        prototypes: ``(K, M, C)``.
+        target: ``(B, H', W')`` (``(N,)`` for 2-D ``x``) int64 in ``[0, K)`` or
+            ``ignore_index``; resized to ``(H, W)`` with ``mode="nearest"`` for the loss.
+        weight: optional per-pixel weight shaped like ``target``, finite and ``>= 0``.
+        similarity: ``"cosine"`` or ``"dot"``, for both.
+        pooling: ``"max"``, ``"logsumexp"`` or ``"mean"`` (the logits).
+        scale: a float ``> 0``, or a one-element tensor (may require grad; not range-checked).
+        bias: ``(K,)`` or ``None``.
+        temperature: ``tau`` of the loss, ``z = s / tau`` (the raw similarity, not the logits).
+        positives: ``"all"`` or ``"nearest"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the loss).
+
+    Returns:
+        ``(logits, loss)``: ``(B, K, H, W)`` or ``(N, K)`` float32 logits (float64 for float64
+        input) in ``x``'s memory format, and a float32 scalar or, for ``"none"``, ``(B, H, W)``
+        / ``(N,)`` per-pixel losses at the features' resolution.
+    """
+    fn = "prototype_logits_and_contrastive"
+    reject_dtensors(fn, x=x, prototypes=prototypes, target=target, weight=weight, scale=scale, bias=bias)
+    x = _checks.features(fn, x, "x")
+    prototypes = _checks.prototypes(fn, prototypes, x.shape[1])
+    _checks.choice(fn, "pooling", pooling, _checks.POOLINGS)
+    scale = _scale(fn, scale)
+    bias = _bias(fn, bias, prototypes)
+    _check_loss_options(fn, temperature, positives, similarity, ignore_index, reduction)
+    _checks.same_batch(fn, x=x, target=_label_map(target, x))
+    target = _checks.labels(fn, "target", target, x, prototypes.shape[0], ignore_index)
+    weight = _checks.weight(fn, weight, target)
+    _checks.same_device(fn, x=x, prototypes=prototypes, bias=bias, target=target, weight=weight)
+    _backend.check_backend(backend)
+    if x.dim() == 4:
+        target = _resize_nearest(target, x.shape[2:])
+        weight = _resize_nearest(weight, x.shape[2:])
+    resolved = _backend.resolve(backend, x, prototypes, bias, target, weight, op=fn)
+    impl = _backend.implementation(fn, resolved)
+    logits, per_pixel = impl(_rows(x), prototypes, target, scale, bias, similarity=similarity, pooling=pooling,
+                             temperature=temperature, positives=positives, ignore_index=ignore_index)
+    return _unrows(logits, x), reference.reduce_loss(per_pixel, target != ignore_index, weight, reduction)
 
 
 def _check_push_pull(fn, logits, features, target, prototypes, weight, *, temperature, contrast_weight,

@@ -149,13 +149,52 @@ class PPLHead(nn.Module):
         elif exclude is not None:
             raise ValueError(f"{fn}: exclude= is an argument of the pull, and this head has pull=False")
         # The features are already in the prototype space (embed applied): score them directly.
-        logits = PF.prototype_logits(features, c.prototypes, similarity=c.similarity, pooling=c.pooling,
-                                     scale=c.scale, bias=c.bias, backend=c.backend)
         if target is None:
             self._features = features if self.training else None
-            return logits
+            return PF.prototype_logits(features, c.prototypes, similarity=c.similarity, pooling=c.pooling,
+                                       scale=c.scale, bias=c.bias, backend=c.backend)
         self._features = None
+        if self._fused_push(features, target):
+            return self._forward_fused(features, target, weight, return_terms)
+        logits = PF.prototype_logits(features, c.prototypes, similarity=c.similarity, pooling=c.pooling,
+                                     scale=c.scale, bias=c.bias, backend=c.backend)
         loss = self.criterion(logits, features, target, c.prototypes, weight, return_terms=return_terms)
+        return PPLHeadOutput(logits, features, loss)
+
+    def _fused_push(self, features: Tensor, target: object) -> bool:
+        """Whether ``forward`` computes the logits and the contrastive term in one op: the
+        default kind of criterion (a plain :class:`PushPullLoss` with the classifier's
+        similarity and its contrast term on) on the Triton backend. Anything else, including
+        inputs the checks will reject, takes the two-op path."""
+        c, crit = self.classifier, self.criterion
+        if type(crit) is not PushPullLoss or crit.similarity != c.similarity or crit.contrast_weight == 0.0:
+            return False
+        if not isinstance(target, Tensor) or target.dim() != features.dim() - 1:
+            return False
+        if crit.reduction == "none" and features.dim() == 4 and features.shape[2:] != target.shape[1:]:
+            return False  # the two-op path raises the error that explains it
+        try:
+            backends = {_backend.resolve(b, features, c.prototypes, target) for b in (c.backend, crit.backend)}
+        except (ValueError, RuntimeError):
+            return False
+        return backends == {"triton"}
+
+    def _forward_fused(self, features: Tensor, target: Tensor, weight: Optional[Tensor],
+                       return_terms: bool) -> PPLHeadOutput:
+        """``forward`` with :func:`~torch_ppl.functional.prototype_logits_and_contrastive`: one
+        read of the features and one similarity GEMM for the logits and the contrastive term;
+        the CE term from the logits exactly as :func:`~torch_ppl.functional.push_pull_loss`
+        computes it, and the total in its order."""
+        c, crit = self.classifier, self.criterion
+        logits, contrastive = PF.prototype_logits_and_contrastive(
+            features, c.prototypes, target, weight, similarity=c.similarity, pooling=c.pooling, scale=c.scale,
+            bias=c.bias, temperature=crit.temperature, positives=crit.positives, ignore_index=crit.ignore_index,
+            reduction=crit.reduction, backend="triton")
+        ce = PF.push_pull_loss(logits, None, target, None, weight, contrast_weight=0.0, ce_weight=crit.ce_weight,
+                               ignore_index=crit.ignore_index, reduction=crit.reduction, backend=crit.backend,
+                               return_terms=True).ce
+        total = crit.ce_weight * ce + crit.contrast_weight * contrastive
+        loss = PF.LossTerms(total, ce, contrastive) if return_terms else total
         return PPLHeadOutput(logits, features, loss)
 
     def loss(

@@ -165,6 +165,38 @@ def contrastive_loss(
     return torch.where(valid, lse_all - pos, torch.zeros((), dtype=dtype, device=x.device))
 
 
+def prototype_logits_and_contrastive(
+    x: Tensor,
+    prototypes: Tensor,
+    target: Tensor,
+    scale: Union[Tensor, float],
+    bias: Optional[Tensor],
+    *,
+    similarity: str,
+    pooling: str,
+    temperature: float,
+    positives: str,
+    ignore_index: int,
+):
+    """The head's logits and the push's per-pixel loss of the same rows: :func:`prototype_logits`
+    and :func:`contrastive_loss`, one after the other (the fused kernels compute both from one
+    similarity GEMM).
+
+    Args:
+        x: ``(..., C)`` features.
+        prototypes: ``(K, M, C)``.
+        target: ``(...)`` integer labels in ``[0, K)`` or ``ignore_index``.
+        scale: scalar (float or 0-d tensor); ``bias``: ``(K,)`` or ``None``.
+
+    Returns:
+        ``((..., K) logits, (...) per-pixel losses)``, both in the compute dtype.
+    """
+    logits = prototype_logits(x, prototypes, scale, bias, similarity=similarity, pooling=pooling)
+    loss = contrastive_loss(x, prototypes, target, temperature=temperature, positives=positives,
+                            similarity=similarity, ignore_index=ignore_index)
+    return logits, loss
+
+
 def reduce_loss(
     loss: Tensor, valid: Tensor, weight: Optional[Tensor], reduction: str
 ) -> Tensor:

@@ -3,6 +3,9 @@
 * :mod:`.similarity`: the head's logits (``torch_ppl::prototype_logits_fwd`` / ``_bwd``).
 * :mod:`.contrastive`: the push (``torch_ppl::contrastive_loss_fwd`` / ``_bwd``).
 * :mod:`.attention`: the pull (``torch_ppl::prototype_attention_fwd`` / ``_bwd``).
+* :mod:`.head_push`: the head's logits and the push in one pass
+  (``torch_ppl::prototype_logits_contrastive_fwd`` / ``_bwd``), on the head's kernels with the
+  push folded in.
 * :mod:`._common`: the conventions the three share (layouts, flags, numerics, GPU tiling).
 
 Each op module exposes a function with the same signature as its counterpart in

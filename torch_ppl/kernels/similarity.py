@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, new_rows, next_pow2, on_gpu, pixel_splits,
                       upcast_dot)
+from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
 
 _POOL_CODE = {"max": 0, "logsumexp": 1, "mean": 2}
@@ -182,15 +183,46 @@ def _half_similarity(x0, x1, w0, w1, inv, PRECISION: tl.constexpr, UPCAST_DOT: t
 
 
 @triton.jit
+def _push_fwd_update(s, ks, K, y, m, M, inv_tau, m_all, l_all, m_pos, l_pos, p_best, NEAREST: tl.constexpr):
+    """Folds the similarities ``s`` ``(BLOCK_N, BLOCK_K)`` of prototype index ``m`` of a class
+    tile into the push's per-pixel statistics over ``z = s / tau``: the online logsumexp over
+    all prototypes (``m_all``, ``l_all``) and, at the pixel's class ``y`` (-1 where ignored),
+    the online logsumexp over its prototypes (``m_pos``, ``l_pos``) or, for ``NEAREST``, the
+    running maximum and its flat index ``p_best`` (strict ``>`` over increasing ``m``: the
+    first maximum, as ``torch.argmax``)."""
+    z = tl.where((ks < K)[None, :], s * inv_tau, float("-inf"))
+    m_new = tl.maximum(m_all, tl.max(z, axis=1))
+    l_all = l_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+    # a class tile holds the pixel's class at most once: -inf where it does not
+    z_y = tl.max(tl.where(ks[None, :] == y[:, None], z, float("-inf")), axis=1)
+    if NEAREST:
+        better = z_y > m_pos
+        p_best = tl.where(better, (y * M + m).to(tl.int32), p_best)
+        m_pos = tl.where(better, z_y, m_pos)
+    else:
+        m_pos_new = tl.maximum(m_pos, z_y)
+        l_pos = l_pos * tl.exp(m_pos - m_pos_new) + tl.exp(z_y - m_pos_new)
+        m_pos = m_pos_new
+    return m_new, l_all, m_pos, l_pos, p_best
+
+
+@triton.jit
 def _logits_fwd_kernel(
     X, WD, SCALE, BIAS, OUT, ARGMAX, INV,
-    L, C, K, M,
+    Y, POOLED, LOSS, LSE, POS, BEST,
+    L, C, K, M, ignore_index, inv_tau,
     stride_xb, stride_xl, stride_xc,
     stride_ob, stride_ol, stride_ok,
+    stride_yb, stride_yl,
     COSINE: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PUSH: tl.constexpr, NEAREST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # PUSH: the contrastive loss of the same pixels rides on the same similarity tiles
+    # (_push_fwd_update). Its per-pixel loss and what its backward needs (lse, pos, best, as
+    # the contrastive kernel saves them) are written next to the logits, and for logsumexp
+    # pooling the pooled value too, which the flat prototype gradient
+    # (_logits_push_bwd_dw_kernel) cannot recompute from its prototype tile.
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
@@ -203,6 +235,13 @@ def _logits_fwd_kernel(
     if COSINE:
         # 4 bytes per pixel, so that the prototype gradient needs no full-row read for the norm
         tl.store(INV + b.to(tl.int64) * L + rows, inv, mask=rows < L)
+    if PUSH:
+        _, _, _, valid, y = _label_tile(pid, L, Y, ignore_index, stride_yb, stride_yl, BLOCK_N)
+        m_all = tl.full((BLOCK_N,), NEG, tl.float32)
+        l_all = tl.zeros((BLOCK_N,), tl.float32)
+        m_pos = tl.full((BLOCK_N,), NEG, tl.float32)
+        l_pos = tl.zeros((BLOCK_N,), tl.float32)
+        p_best = tl.full((BLOCK_N,), -1, tl.int32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         # One GEMM per prototype index m against the m-th prototype of BLOCK_K classes, pooled
@@ -230,6 +269,9 @@ def _logits_fwd_kernel(
                 best = peak
             else:
                 total += s
+            if PUSH:
+                m_all, l_all, m_pos, l_pos, p_best = _push_fwd_update(s, ks, K, y, m, M, inv_tau, m_all, l_all,
+                                                                      m_pos, l_pos, p_best, NEAREST)
         if POOL == 1:
             pooled = best + tl.log(total)
         elif POOL == 2:
@@ -245,6 +287,23 @@ def _logits_fwd_kernel(
             # ARGMAX is a contiguous (B, L, K) buffer.
             am_ptrs = ARGMAX + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :]
             tl.store(am_ptrs, winner.to(ARGMAX.dtype.element_ty), mask=mask)
+        if PUSH and POOL == 1:
+            # POOLED is a contiguous (B, L, K) buffer, like ARGMAX
+            tl.store(POOLED + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :], pooled, mask=mask)
+    if PUSH:
+        lse = m_all + tl.log(l_all)
+        if NEAREST:
+            pos = m_pos
+        else:
+            # an ignored pixel has no positive (l_pos = 0): keep pos finite, not log(0)
+            pos = m_pos + tl.log(tl.where(valid, l_pos, 1.0))
+        # where, not a product: an ignored pixel's loss is exactly 0 whatever its features
+        stat = b.to(tl.int64) * L + rows
+        row_in = rows < L
+        tl.store(LOSS + stat, tl.where(valid, lse - pos, 0.0), mask=row_in)
+        tl.store(LSE + stat, lse, mask=row_in)
+        tl.store(POS + stat, pos, mask=row_in)
+        tl.store(BEST + stat, p_best, mask=row_in)
 
 
 @triton.jit
@@ -284,15 +343,33 @@ def _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
 
 
 @triton.jit
+def _push_ds(s, ks, K, m, M, y, valid, lse, pos, p_best, g_tau, inv_tau, NEAREST: tl.constexpr):
+    """The push's ``ds`` for prototype index ``m`` of a class tile, ``(BLOCK_N, BLOCK_K)``:
+    ``g / tau * (softmax_P z - q)`` with ``q = exp(z - pos)`` at the pixel's class (all
+    positives) or the one-hot of the forward's nearest positive; 0 at ignored pixels and
+    padding classes."""
+    z = s * inv_tau
+    prob = tl.exp(z - lse[:, None])
+    hit = ks[None, :] == y[:, None]
+    if NEAREST:
+        q = tl.where(hit & ((y * M + m) == p_best)[:, None], 1.0, 0.0)
+    else:
+        q = tl.where(hit, tl.exp(z - pos[:, None]), 0.0)
+    return tl.where(valid[:, None] & (ks < K)[None, :], g_tau[:, None] * (prob - q), 0.0)
+
+
+@triton.jit
 def _logits_bwd_dx_kernel(
     X, W, WD, SCALE, G, ARGMAX, DX, DSCALE,
-    L, C, K, M,
+    Y, GL, LSE, POS, BEST,
+    L, C, K, M, ignore_index, inv_tau,
     stride_xb, stride_xl, stride_xc,
     stride_gb, stride_gl, stride_gk,
     stride_db, stride_dl, stride_dc,
+    stride_yb, stride_yl, stride_lb, stride_ll,
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, GRAD_FROM_WD: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr, PUSH: tl.constexpr, NEAREST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # ds[n, k, m] = scale * g[n, k] * dpool[n, k, m] and du = sum_{k,m} ds[n, k, m] Ŵ[k, m], one
@@ -302,7 +379,9 @@ def _logits_bwd_dx_kernel(
     # The channels are held as two halves (du0, du1; x0, x1): the normalisation backward at
     # the end then needs one half of x next to du at a time, which kept 64 x 256 tiles from
     # spilling on sm_90.
-    NEED_S: tl.constexpr = (POOL == 1) or NEED_DSCALE
+    # PUSH adds the contrastive loss's ds (_push_ds, from the recomputed s and the forward's
+    # per-pixel statistics) to the head's before the one du GEMM, so dx of both costs one pass.
+    NEED_S: tl.constexpr = (POOL == 1) or NEED_DSCALE or PUSH
     HALF: tl.constexpr = BLOCK_C // 2
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
@@ -312,6 +391,9 @@ def _logits_bwd_dx_kernel(
     scale = tl.load(SCALE).to(tl.float32)
     if NEED_S:
         x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+    if PUSH:
+        _, _, _, valid, y, lse, pos, p_best, g_tau = _pixel_tile(
+            pid, L, Y, GL, LSE, POS, BEST, ignore_index, inv_tau, stride_yb, stride_yl, stride_lb, stride_ll, BLOCK_N)
 
     du0 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # dL/du, u = x̂ (cosine) or x (dot)
     du1 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
@@ -353,6 +435,8 @@ def _logits_bwd_dx_kernel(
                 ds = sg / M
                 if NEED_DSCALE:
                     pooled += s / M
+            if PUSH:
+                ds += _push_ds(s, ks, K, m, M, y, valid, lse, pos, p_best, g_tau, inv_tau, NEAREST)
             if NEED_DX:
                 # s = u Ŵᵀ  =>  du += ds Ŵ. bfloat16 features: ds rounded to bfloat16 (fp32's
                 # exponent range, so no gradient underflows) against the Ŵ the forward
@@ -506,7 +590,83 @@ def _logits_bwd_dw_kernel(
     _flush_dw(DW, dw, offs, mask, split, K * M, C, DETERMINISTIC)
 
 
+@triton.jit
+def _logits_push_bwd_dw_kernel(
+    X, WD, SCALE, G, ARGMAX, POOLED, Y, GL, LSE, POS, BEST, DW,
+    B, L, C, K, M, ignore_index, inv_tau,
+    stride_xb, stride_xl, stride_xc,
+    stride_gb, stride_gl, stride_gk,
+    stride_yb, stride_yl, stride_lb, stride_ll,
+    COSINE: tl.constexpr, POOL: tl.constexpr, NEAREST: tl.constexpr, PRECISION: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DETERMINISTIC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # The prototype gradient of the head and the push together: the push's ds needs the
+    # similarities, so this kernel recomputes them, as the contrastive dW kernel does, over a
+    # tile of BLOCK_P prototypes of the flat P = K*M axis with all C channels on chip, and
+    # adds the head's ds, gathered per prototype as in _logits_bwd_dw_kernel:
+    #   ds[n, p] = scale * g[n, k] * dpool[n, p]  +  gl[n] / tau * (softmax_P z[n] - q[n])[p]
+    #   dŴ[p]   += sum_n ds[n, p] * inv[n] * x[n]        (one GEMM for both)
+    # with k = p // M, dpool the forward's winner (max), exp(s - pooled) with the forward's
+    # saved pooled value (logsumexp) or 1/M (mean). Every pixel feeds the head, only the
+    # labelled ones the push (_dz_tile is 0 elsewhere).
+    # All C channels are held as two halves (x0, x1; dŴ0, dŴ1), as in _logits_bwd_dx_kernel:
+    # fewer registers live at once (with 128-prototype tiles on sm_90, whole rows spilled 120
+    # bytes per thread, halves 72).
+    HALF: tl.constexpr = BLOCK_C // 2
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    num_blocks = tl.cdiv(L, BLOCK_N)
+    protos = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_in = protos < K * M
+    k_of = protos // M
+    m_of = protos % M
+    wd0 = _load_class_rows(WD, protos, 0, K * M, 1, C, 0, HALF)
+    wd1 = _load_class_rows(WD, protos, 0, K * M, 1, C, HALF, HALF)
+    scale = tl.load(SCALE).to(tl.float32)
+    if POOL == 2:
+        scale = scale / M
+    ones = tl.full((BLOCK_N,), 1.0, tl.float32)
+
+    dw0 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
+    dw1 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
+    for tile in range(split, B * num_blocks, splits):
+        b, rows64, row_in, valid, y, lse, pos, p_best, g_tau = _pixel_tile(
+            tile, L, Y, GL, LSE, POS, BEST, ignore_index, inv_tau, stride_yb, stride_yl, stride_lb, stride_ll, BLOCK_N)
+        x0, x1, _, inv = _load_half_rows(X, b, (tile % num_blocks) * BLOCK_N, L, C, stride_xb, stride_xl, stride_xc,
+                                         BLOCK_N, HALF, COSINE)
+        s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
+        ds = g_tau[:, None] * _dz_tile(s, ones, inv_tau, protos, p_in, valid, y, lse, pos, p_best, M, NEAREST)
+        mask = row_in[:, None] & p_in[None, :]
+        # g[n, k] once per prototype of class k: repeated addresses, served by L1
+        g = tl.load((G + b * stride_gb + rows64 * stride_gl)[:, None] + k_of.to(tl.int64)[None, :] * stride_gk,
+                    mask=mask, other=0.0).to(tl.float32) * scale
+        stat = ((b * L + rows64) * K)[:, None] + k_of[None, :]
+        if POOL == 0:
+            winner = tl.load(ARGMAX + stat, mask=mask, other=-1).to(tl.int32)
+            g = tl.where(winner == m_of[None, :], g, 0.0)
+        elif POOL == 1:
+            g = g * tl.exp(s - tl.load(POOLED + stat, mask=mask, other=0.0))
+        # s = u Ŵᵀ  =>  dŴ += dsᵀ u = (ds * inv)ᵀ x: x stays the GEMM operand as loaded
+        ds = tl.trans(dot_operand((ds + g) * inv[:, None], GRAD_DTYPE, UPCAST_DOT))
+        dw0 = tl.dot(ds, dot_operand(x0, GRAD_DTYPE, UPCAST_DOT), dw0, input_precision=GRAD_PRECISION,
+                     out_dtype=tl.float32)
+        dw1 = tl.dot(ds, dot_operand(x1, GRAD_DTYPE, UPCAST_DOT), dw1, input_precision=GRAD_PRECISION,
+                     out_dtype=tl.float32)
+
+    cols = tl.arange(0, HALF)
+    offs = protos.to(tl.int64)[:, None] * C + cols[None, :]
+    _flush_dw(DW, dw0, offs, p_in[:, None] & (cols < C)[None, :], split, K * M, C, DETERMINISTIC)
+    _flush_dw(DW, dw1, offs + HALF, p_in[:, None] & (cols + HALF < C)[None, :], split, K * M, C, DETERMINISTIC)
+
+
 # ============================================================================ host helpers
+# The push's pointers of the forward kernel (labels, saved pooled value, loss, lse, pos, best),
+# absent from the head alone; the dx kernel takes the same minus one (labels, dloss, lse, pos, best).
+_NO_PUSH = (None,) * 6
+
+
 def _argmax_dtype(m: int) -> torch.dtype:
     return torch.int8 if m <= 127 else (torch.int16 if m <= 32767 else torch.int32)
 
@@ -608,9 +768,11 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
     grid = (nb * triton.cdiv(nl, cfg.block_n),)
     _logits_fwd_kernel[grid](
         x3, w_hat.to(x.dtype), scale, bias, out3, winners if pool == 0 else None, inv if cosine else None,
-        nl, c, k, m,
-        *x3.stride(), *out3.stride(),
+        *_NO_PUSH,
+        nl, c, k, m, 0, 1.0,
+        *x3.stride(), *out3.stride(), 0, 0,
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
+        PUSH=False, NEAREST=False,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -663,9 +825,11 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
         partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
         _logits_bwd_dx_kernel[(n_blocks,)](
             x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
-            nl, c, k, m,
-            *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)),
+            *_NO_PUSH[:-1],
+            nl, c, k, m, 0, 1.0,
+            *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
             NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype == torch.bfloat16,
+            PUSH=False, NEAREST=False,
             BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), **dict(common, num_stages=stages),
         )
         if need_dscale:

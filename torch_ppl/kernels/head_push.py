@@ -1,0 +1,276 @@
+"""The head's logits and the push's contrastive loss from one read of the features.
+
+``prototype_logits`` and ``contrastive_loss`` of the same features against the same
+prototypes compute the same ``N x P`` similarities ``s``, each op forward and backward. Here
+the head's kernels (:mod:`torch_ppl.kernels.similarity`) carry the push as a ``PUSH`` flag, so
+one similarity GEMM serves both (see ``docs/kernel-fused.md``):
+
+* ``_logits_fwd_kernel`` with ``PUSH``: besides the pooled logits, the online logsumexp of
+  ``z = s / tau`` over all ``P`` prototypes and the positive statistic at the pixel's class
+  (logsumexp over its ``M`` prototypes, or the maximum and its index for
+  ``positives="nearest"``); it writes the per-pixel loss and ``lse``, ``pos``, ``best``, and
+  for logsumexp pooling the pooled ``(B, L, K)`` value.
+* ``_logits_bwd_dx_kernel`` with ``PUSH``: ``ds = ds_head + ds_push`` per prototype index, one
+  ``du = ds @ Ŵ`` GEMM, one normalisation backward.
+* ``_logits_push_bwd_dw_kernel``: flat prototype tiles with all channels, ``s`` recomputed
+  once, ``dŴ += (ds_head + ds_push)ᵀ x``; flushed once per program (relaxed atomic, or
+  per-split partials in deterministic mode).
+
+Host side: ``torch.library`` ops ``torch_ppl::prototype_logits_contrastive_fwd`` / ``_bwd``
+with fake implementations and ``register_autograd``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch import Tensor
+
+from ._common import EPS, as_blc, check_dtypes, new_rows, next_pow2, on_gpu, pixel_splits
+from .similarity import (_POOL_CODE, _Config, _argmax_dtype, _logits_bwd_dx_kernel, _logits_fwd_kernel,
+                         _logits_push_bwd_dw_kernel)
+
+__all__ = ["prototype_logits_and_contrastive"]
+
+
+def _dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict:
+    """Tiles of :func:`_logits_push_bwd_dw_kernel`: ``BLOCK_P`` prototypes of the flat axis x all
+    ``C`` channels of fp32 accumulator, ``BLOCK_N`` pixels per step.
+
+    On the GPU, 64 prototypes, 8 warps and one stage: compiled for sm_90 and sm_80 at voc
+    (C = 256) and ade (C = 512) with bf16 features, NCHW and NHWC, with Triton 3.9 and 3.8
+    (``python -m benchmarks compile``, docs/kernel-fused.md), without spills. 128 prototypes,
+    which halve the re-reads of ``x`` at voc, spilled 72 bytes per thread on sm_90 (16 warps,
+    the head's ``g`` and winner gathered per prototype on top of the contrastive dW kernel's
+    tile), two stages 320 bytes at ade."""
+    block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
+    if not on_gpu(device):
+        # small tiles on the interpreter, so that tests cross prototype tiles mid-class
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=4, num_stages=1)
+    if x_dtype == torch.float32:
+        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, num_warps=8, num_stages=1)
+
+
+def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype) -> _Config:
+    """The head's tiles for the forward and dx kernels, with two changes the push's extra
+    per-pixel state needs on the GPU: the forward runs 8 warps (4 spilled 16 bytes per thread
+    at voc, NHWC, with Triton 3.8 on sm_90, and 56 bytes on sm_80), and dx takes 16 pixels per
+    program at C > 256 (32 spilled 144 bytes per thread at ade on sm_90)."""
+    cfg = _Config(device, c, k, m, x_dtype)
+    if on_gpu(device):
+        cfg.num_warps = max(cfg.num_warps, 8)
+        if cfg.block_c > 256:
+            cfg.bwd_block_n = 16
+    return cfg
+
+
+# ============================================================================ custom ops
+@torch.library.custom_op("torch_ppl::prototype_logits_contrastive_fwd", mutates_args=())
+def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], target: Tensor, cosine: bool,
+            pooling: str, inv_temperature: float, nearest: bool,
+            ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Logits and per-pixel contrastive loss, and what the backward needs.
+
+    Args:
+        x: ``(..., C)`` rows, any strides.
+        w_hat: ``(K, M, C)`` float32 prototypes, normalised for cosine.
+        scale: 0-d float32; ``bias``: ``(K,)`` or ``None``.
+        target: ``(...)`` labels shaped like ``x.shape[:-1]``.
+
+    Returns:
+        ``logits`` ``(..., K)`` float32; ``winners`` ``(B, L, K)`` (max pooling); ``inv``
+        ``(B, L)`` float32 (cosine); ``pooled`` ``(B, L, K)`` float32 (logsumexp pooling);
+        ``loss``, ``lse``, ``pos`` ``(B, L)`` float32 and ``best`` ``(B, L)`` int32. The
+        tensors a configuration does not use are empty.
+    """
+    k, m, c = w_hat.shape
+    out = new_rows(x, k, torch.float32)
+    x3, out3 = as_blc(x), as_blc(out)
+    nb, nl, _ = x3.shape
+    y = target.reshape(nb, nl)
+    pool = _POOL_CODE[pooling]
+    winners = x.new_empty((nb, nl, k) if pool == 0 else (0,), dtype=_argmax_dtype(m))
+    inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
+    pooled = x.new_empty((nb, nl, k) if pool == 1 else (0,), dtype=torch.float32)
+    loss = x.new_empty((nb, nl), dtype=torch.float32)
+    lse, pos = torch.empty_like(loss), torch.empty_like(loss)
+    best = x.new_empty((nb, nl), dtype=torch.int32)
+    if out.numel() == 0:
+        return out, winners, inv, pooled, loss, lse, pos, best
+    cfg = _config(x.device, c, k, m, x.dtype)
+    _logits_fwd_kernel[(nb * triton.cdiv(nl, cfg.block_n),)](
+        x3, w_hat.to(x.dtype), scale, bias, out3, winners if pool == 0 else None, inv if cosine else None,
+        y, pooled if pool == 1 else None, loss, lse, pos, best,
+        nl, c, k, m, ignore_index, inv_temperature,
+        *x3.stride(), *out3.stride(), *y.stride(),
+        COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
+        PUSH=True, NEAREST=nearest,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, winners, inv, pooled, loss, lse, pos, best
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, w_hat, scale, bias, target, cosine, pooling, inv_temperature, nearest, ignore_index):
+    k, m, _ = w_hat.shape
+    nb, nl, _ = as_blc(x).shape
+    pool = _POOL_CODE[pooling]
+    loss = x.new_empty((nb, nl), dtype=torch.float32)
+    return (new_rows(x, k, torch.float32),
+            x.new_empty((nb, nl, k) if pool == 0 else (0,), dtype=_argmax_dtype(m)),
+            x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32),
+            x.new_empty((nb, nl, k) if pool == 1 else (0,), dtype=torch.float32),
+            loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss, dtype=torch.int32))
+
+
+@torch.library.custom_op("torch_ppl::prototype_logits_contrastive_bwd", mutates_args=())
+def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, target: Tensor,
+            winners: Tensor, pooled: Tensor, lse: Tensor, pos: Tensor, best: Tensor, cosine: bool, pooling: str,
+            inv_temperature: float, nearest: bool, ignore_index: int, deterministic: bool, need_dx: bool,
+            need_dw: bool, need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(dx in x.dtype, dŴ (K, M, C) fp32, dscale 0-d fp32)`` of ``logits`` and ``loss``
+    together; ``grad_logits`` ``(..., K)`` and ``grad_loss`` ``(B, L)``, any strides. A gradient
+    that is not asked for is not computed: dx and dŴ come back as empty ``(0,)`` tensors,
+    dscale as 0."""
+    k, m, c = w_hat.shape
+    dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
+    dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
+    dscale = torch.zeros((), dtype=torch.float32, device=x.device)
+    x3, g3 = as_blc(x), as_blc(grad_logits)
+    nb, nl, _ = x3.shape
+    y = target.reshape(nb, nl)
+    pool = _POOL_CODE[pooling]
+    winners = winners if pool == 0 else None
+    pooled = pooled if pool == 1 else None
+    if x.numel() == 0 or k == 0:
+        if need_dx:
+            dx.zero_()
+        return dx, dw, dscale
+    cfg = _config(x.device, c, k, m, x.dtype)
+    w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed from the same rounding
+    push = (y, grad_loss, lse, pos, best)
+
+    if need_dx or need_dscale:
+        dx3 = as_blc(dx) if need_dx else None
+        n_blocks = nb * triton.cdiv(nl, cfg.bwd_block_n)
+        partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
+        # without dx the push adds nothing (dscale is the head's alone)
+        _logits_bwd_dx_kernel[(n_blocks,)](
+            x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
+            *(push if need_dx else (None,) * 5),
+            nl, c, k, m, ignore_index, inv_temperature,
+            *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), *y.stride(), *grad_loss.stride(),
+            COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
+            GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype == torch.bfloat16, UPCAST_DOT=cfg.upcast,
+            NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest,
+            BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c),
+            num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages,
+        )
+        if need_dscale:
+            dscale = partial.sum()
+
+    if need_dw:
+        tiles = _dw_config(x.device, c, x.dtype)
+        p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
+        grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
+        target_dw = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
+        _logits_push_bwd_dw_kernel[grid](
+            x3, w_dot, scale, g3, winners, pooled, *push, target_dw,
+            nb, nl, c, k, m, ignore_index, inv_temperature,
+            *x3.stride(), *g3.stride(), *y.stride(), *grad_loss.stride(),
+            COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
+            GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic, **tiles,
+        )
+        if deterministic:
+            dw = target_dw.sum(0)  # the splits' partials added in a fixed order
+    return dx, dw, dscale
+
+
+@_bwd_op.register_fake
+def _bwd_fake(grad_logits, grad_loss, x, w_hat, scale, target, winners, pooled, lse, pos, best, cosine, pooling,
+              inv_temperature, nearest, ignore_index, deterministic, need_dx, need_dw, need_dscale):
+    dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
+    dw = torch.empty_like(w_hat) if need_dw else w_hat.new_empty((0,))
+    return dx, dw, x.new_empty((), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w_hat, scale, bias, target, cosine, pooling, inv_temperature, nearest, ignore_index = inputs
+    _, winners, _, pooled, _, lse, pos, best = output
+    ctx.save_for_backward(x, w_hat, scale, target, winners, pooled, lse, pos, best)
+    ctx.mark_non_differentiable(*output[1:4], *output[5:])
+    ctx.options = (cosine, pooling, inv_temperature, nearest, ignore_index)
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, grad_logits, _g_winners, _g_inv, _g_pooled, grad_loss, *_g_stats):
+    x, w_hat, scale, target, winners, pooled, lse, pos, best = ctx.saved_tensors
+    cosine, pooling, inv_temperature, nearest, ignore_index = ctx.options
+    need_dx, need_dw, need_dscale, need_dbias = ctx.needs_input_grad[:4]
+    dx = dw = dscale = dbias = None
+    if need_dx or need_dw or need_dscale:
+        dx, dw, dscale = torch.ops.torch_ppl.prototype_logits_contrastive_bwd(
+            grad_logits, grad_loss, x, w_hat, scale, target, winners, pooled, lse, pos, best, cosine, pooling,
+            inv_temperature, nearest, ignore_index, torch.are_deterministic_algorithms_enabled(),
+            bool(need_dx), bool(need_dw), bool(need_dscale))
+        dx = dx if need_dx else None
+        dw = dw if need_dw else None
+        dscale = dscale.to(scale.dtype) if need_dscale else None
+    if need_dbias:
+        dbias = grad_logits.sum(dim=tuple(range(grad_logits.dim() - 1)), dtype=torch.float32).to(ctx.bias_dtype)
+    return dx, dw, dscale, dbias, None, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ============================================================================ public function
+def prototype_logits_and_contrastive(
+    x: Tensor,
+    prototypes: Tensor,
+    target: Tensor,
+    scale: Union[Tensor, float],
+    bias: Optional[Tensor],
+    *,
+    similarity: str,
+    pooling: str,
+    temperature: float,
+    positives: str,
+    ignore_index: int,
+) -> Tuple[Tensor, Tensor]:
+    """Fused :func:`torch_ppl.reference.prototype_logits` and
+    :func:`torch_ppl.reference.contrastive_loss` of the same rows.
+
+    Args:
+        x: ``(..., C)`` rows, any strides, float32/bfloat16/float16.
+        prototypes: ``(K, M, C)``.
+        target: ``(...)`` integer labels in ``[0, K)`` or ``ignore_index``, shaped like
+            ``x.shape[:-1]``.
+        scale: float or 0-d tensor (may require grad); ``bias``: ``(K,)`` or ``None``.
+
+    Returns:
+        ``(..., K)`` float32 logits and ``(...)`` float32 per-pixel losses (exactly 0, with zero
+        gradient, at ignored pixels).
+
+    Raises:
+        TypeError: float64 inputs (use ``backend="reference"``).
+    """
+    scale_t = scale if isinstance(scale, Tensor) else None
+    check_dtypes("prototype_logits_and_contrastive", x=x, prototypes=prototypes, bias=bias, scale=scale_t)
+    with torch.autocast(x.device.type, enabled=False):
+        w = prototypes.to(torch.float32)
+        # P x C, tiny: plain PyTorch, so autograd carries dŴ back through the normalisation.
+        w_hat = (F.normalize(w, p=2.0, dim=-1, eps=EPS) if similarity == "cosine" else w).contiguous()
+        if scale_t is None:
+            scale_t = torch.full((), float(scale), dtype=torch.float32, device=x.device)
+        else:
+            scale_t = scale_t.reshape(()).to(x.device)
+        logits, _, _, _, loss, _, _, _ = torch.ops.torch_ppl.prototype_logits_contrastive_fwd(
+            x, w_hat, scale_t, bias, target.reshape(x.shape[:-1]), similarity == "cosine", pooling,
+            1.0 / float(temperature), positives == "nearest", int(ignore_index))
+    return logits, loss.reshape(target.shape)
