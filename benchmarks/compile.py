@@ -43,7 +43,7 @@ DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("nchw", "nhwc")
 OPS = ("prototype_logits", "contrastive_loss", "prototype_attention", "prototype_logits_and_contrastive")
 # The head's other kernels and branches: the benchmarks' head is max pooling with a fixed scale;
-# logsumexp pooling has a dW kernel of its own and recomputes the similarities in dx, mean
+# logsumexp pooling takes the joint dW kernel and recomputes the similarities in dx, mean
 # pooling takes other branches, and a learnable scale adds its gradient to dx.
 HEAD_VARIANTS = {
     "prototype_logits-lse-scale": dict(pooling="logsumexp", learnable_scale=True),
@@ -55,8 +55,8 @@ ROLES = {
     "_logits_fwd_kernel": "head forward: similarity GEMM, pooled per class, logits (+ max winner)",
     "_logits_bwd_dx_kernel": "head backward: dx (and dscale partials) from the recomputed similarities",
     "_logits_bwd_dw_kernel": "head backward (max, mean pooling): prototype gradient per class tile and channel slice",
-    "_logits_bwd_dw_lse_kernel": "head backward (logsumexp pooling): prototype gradient, similarities recomputed",
-    "_logits_push_bwd_dw_kernel": "head + push backward: prototype gradient of both from one recomputed similarity tile",
+    "_logits_push_bwd_dw_kernel": "head + push backward, and the head's alone for logsumexp pooling: prototype "
+                                  "gradient from one recomputed similarity tile",
     "_contrastive_fwd_kernel": "push forward: similarity GEMM, online logsumexp, per-pixel loss",
     "_contrastive_bwd_dx_kernel": "push backward: dx, all channels on chip, written once in the features' dtype",
     "_contrastive_bwd_dw_kernel": "push backward: prototype gradient, one prototype tile per program, flushed once",

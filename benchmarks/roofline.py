@@ -203,8 +203,6 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
     if kernel.startswith("_logits_"):
         if "BLOCK_P" in meta:  # the flat prototype axis
             p_pad = _pad(p, int(meta["BLOCK_P"]))
-        elif "BLOCK_M" in meta:  # class tiles of BLOCK_K classes, each padded to BLOCK_M prototypes
-            p_pad = _pad(k, int(meta["BLOCK_K"])) * int(meta["BLOCK_M"])
         else:  # one GEMM per prototype index m against a tile of BLOCK_K classes
             p_pad = _pad(k, int(meta["BLOCK_K"])) * (p // k)
         x16 = _precision(meta, "PRECISION", s.feature_dtype)
@@ -217,7 +215,7 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         push_bytes = n * (8 + 4 * 4) if push else 0
         if kernel == "_logits_fwd_kernel":
             bytes_ = once = n * c * xb + p * c * xb + n * k * 4 + n * k + push_bytes
-            if push and meta.get("POOL") == 1:
+            if meta.get("POOL") == 1:
                 bytes_ = once = bytes_ + n * k * 4  # the pooled value, saved for the prototype gradient
             gemm(2 * n * p_pad * c, x16)
         elif kernel == "_logits_bwd_dx_kernel":
@@ -235,20 +233,17 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_push_bwd_dw_kernel":
             # every prototype tile re-reads all of x and the push's per-pixel values and
-            # recomputes s; g and the winners (or pooled values) of its classes once in all
+            # recomputes s; g and the winners (or pooled values) of its classes once in all.
+            # Without the push (the head's logsumexp pooling alone) no per-pixel values.
             tiles = grid[0]
             head = n * k * 4 + (n * k if meta.get("POOL") == 0 else 0) + (n * k * 4 if meta.get("POOL") == 1 else 0)
-            per_pixel = n * (8 + 4 * 4)
+            per_pixel = n * (8 + 4 * 4) if meta.get("PUSH", True) else 0
             bytes_ = tiles * (n * c * xb + per_pixel) + head + p * c * xb + p * c * 4
             once = n * c * xb + per_pixel + head + p * c * xb + p * c * 4
             gemm(2 * n * p_pad * c, x16)
             gemm(2 * n * p_pad * c, grad)
-        else:  # _logits_bwd_dw_lse_kernel: every class tile re-reads all of x and recomputes s
-            tiles = grid[0]
-            bytes_ = tiles * n * c * xb + n * k * 4 + n * k + p * c * 4
-            once = n * c * xb + n * k * 4 + n * k + p * c * 4
-            gemm(2 * n * p_pad * c, x16)
-            gemm(2 * n * p_pad * c, grad)
+        else:
+            raise KeyError(f"no traffic model for kernel {kernel!r}")
     elif kernel.startswith("_contrastive_"):
         p_pad = _pad(p, int(meta["BLOCK_P"]))
         dot = "16-bit" if xb == 2 else "ieee"  # the features' own dtype

@@ -184,13 +184,13 @@ def test_pixel_splits_fill_whole_waves(units, num_sms):
 
 def test_head_variants_compile(tmp_path):
     """The head's kernels that the benchmarks' max pooling with a fixed scale never launches:
-    logsumexp's own prototype gradient, and dx recomputing the similarities for a learnable
-    scale."""
+    logsumexp's prototype gradient (the joint kernel without the push), and dx recomputing the
+    similarities for a learnable scale."""
     from benchmarks import compile as gate
 
     rows = _compile(tmp_path, "sm_90", list(gate.HEAD_VARIANTS))
     kernels = {(r["op"], r["kernel"]) for r in rows}
-    assert ("prototype_logits-lse-scale", "_logits_bwd_dw_lse_kernel") in kernels
+    assert ("prototype_logits-lse-scale", "_logits_push_bwd_dw_kernel") in kernels
     assert ("prototype_logits-mean-scale", "_logits_bwd_dw_kernel") in kernels
     errors = [f"{r['op']}/{r['kernel']}: {r['error']}" for r in rows if "error" in r]
     assert not errors and len(rows) == 6, errors or rows

@@ -28,31 +28,11 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from ._common import EPS, as_blc, check_dtypes, new_rows, next_pow2, on_gpu, pixel_splits
-from .similarity import (_POOL_CODE, _Config, _argmax_dtype, _logits_bwd_dx_kernel, _logits_fwd_kernel,
-                         _logits_push_bwd_dw_kernel)
+from ._common import EPS, as_blc, check_dtypes, new_rows, on_gpu, pixel_splits
+from .similarity import (_POOL_CODE, _Config, _argmax_dtype, _joint_dw_config, _logits_bwd_dx_kernel,
+                         _logits_fwd_kernel, _logits_push_bwd_dw_kernel)
 
 __all__ = ["prototype_logits_and_contrastive"]
-
-
-def _dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict:
-    """Tiles of :func:`_logits_push_bwd_dw_kernel`: ``BLOCK_P`` prototypes of the flat axis x all
-    ``C`` channels of fp32 accumulator, ``BLOCK_N`` pixels per step.
-
-    On the GPU, 64 prototypes, 8 warps and one stage: compiled for sm_90 and sm_80 at voc
-    (C = 256) and ade (C = 512) with bf16 features, NCHW and NHWC, with Triton 3.9 and 3.8
-    (``python -m benchmarks compile``, docs/kernel-fused.md), without spills. 128 prototypes,
-    which halve the re-reads of ``x`` at voc, spilled 72 bytes per thread on sm_90 (16 warps,
-    the head's ``g`` and winner gathered per prototype on top of the contrastive dW kernel's
-    tile), two stages 320 bytes at ade."""
-    block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
-    if not on_gpu(device):
-        # small tiles on the interpreter, so that tests cross prototype tiles mid-class
-        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=4, num_stages=1)
-    if x_dtype == torch.float32:
-        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger
-        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=8, num_stages=1)
-    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, num_warps=8, num_stages=1)
 
 
 def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype) -> _Config:
@@ -175,7 +155,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
             dscale = partial.sum()
 
     if need_dw:
-        tiles = _dw_config(x.device, c, x.dtype)
+        tiles = _joint_dw_config(x.device, c, x.dtype)
         p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
         grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
         target_dw = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
@@ -184,7 +164,8 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
             nb, nl, c, k, m, ignore_index, inv_temperature,
             *x3.stride(), *g3.stride(), *y.stride(), *grad_loss.stride(),
             COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
-            GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic, **tiles,
+            GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic, PUSH=True,
+            **tiles,
         )
         if deterministic:
             dw = target_dw.sum(0)  # the splits' partials added in a fixed order

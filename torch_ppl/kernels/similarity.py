@@ -13,7 +13,8 @@ Layout of the work (one file, Liger-Kernel style):
   (against the ``m``-th prototype of each of its classes), pooled on the fly (running max and
   winner, online logsumexp, running sum). ``M`` is never padded to a power of two, only ``K`` to the
   class tile. It writes the ``(N, K)`` logits and, for ``pooling="max"``, the winning prototype index
-  (int8 when ``M <= 127``). Nothing of size ``N x P`` is ever written.
+  (int8 when ``M <= 127``), for ``"logsumexp"`` the pooled value (fp32). Nothing of size ``N x P``
+  is ever written.
 * ``_logits_bwd_dx_kernel``: same walk; turns the incoming ``dlogits`` into ``ds`` (pooling backward)
   and accumulates ``du = ds @ Ŵ``, then the normalisation backward. Max and mean pooling need no
   similarity for ``ds`` (the saved winner, ``1/M``), so the GEMMs of the forward are redone only for
@@ -22,9 +23,10 @@ Layout of the work (one file, Liger-Kernel style):
   ``P = K*M`` axis, channel slice, pixel split) reads only its channel slice of ``x`` in its own dtype,
   gathers ``g`` and the winner per prototype, folds the ``1/|x|`` the forward saved (4 bytes per pixel)
   into ``ds`` and accumulates ``dŴ_tile += dsᵀ @ x_slice``.
-* ``_logits_bwd_dw_lse_kernel`` (logsumexp pooling, whose ``ds`` needs the similarities): one
-  program per (class tile of ``BLOCK_K`` classes x ``BLOCK_M >= M`` prototypes, pixel split)
-  recomputes the similarity tile over all channels.
+* ``_logits_push_bwd_dw_kernel`` (logsumexp pooling, whose ``ds`` needs the similarities, and the
+  one-pass head + push of ``kernels/head_push.py``): one program per (prototype tile of the flat
+  axis, pixel split) recomputes the similarity tile over all channels; ``ds = scale g exp(s -
+  pooled)`` with the pooled value the forward saved.
 * Both dW kernels flush once per program: a relaxed ``tl.atomic_add``, or, in deterministic
   mode, a per-split partial summed in a fixed order.
 * Gradient GEMMs take ``ds`` rounded to bfloat16 for bfloat16 features (16-bit tensor-core
@@ -85,38 +87,6 @@ def _load_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
         norm = tl.full((BLOCK_N,), 1.0, tl.float32)
         inv = tl.full((BLOCK_N,), 1.0, tl.float32)
     return x, norm, inv
-
-
-@triton.jit
-def _load_tile(W, k0, K, M, C, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Prototype tile ``(BLOCK_K * BLOCK_M, BLOCK_C)`` in ``W``'s dtype: column ``j`` of the
-    similarity tile is class ``k0 + j // BLOCK_M``, prototype ``j % BLOCK_M`` (padding rows are zero)."""
-    j = tl.arange(0, BLOCK_K * BLOCK_M)
-    k = k0 + j // BLOCK_M
-    m = j % BLOCK_M
-    cols = tl.arange(0, BLOCK_C)
-    row_ok = (k < K) & (m < M)
-    ptrs = W + (k.to(tl.int64) * M + m)[:, None] * C + cols[None, :]
-    return tl.load(ptrs, mask=row_ok[:, None] & (cols < C)[None, :], other=0.0)
-
-
-@triton.jit
-def _similarity(x, w, inv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """``s[n, k, m]`` for one class tile, fp32, shaped ``(BLOCK_N, BLOCK_K, BLOCK_M)``.
-
-    The dot runs on the raw rows ``x`` (exact in their dtype) and the norm is applied after:
-    ``<x / |x|, Ŵ> = <x, Ŵ> / |x|``. ``w`` is the prototype tile already in ``x``'s dtype (the
-    host casts the tiny ``Ŵ`` once): low precision -> tensor cores with fp32 accumulation;
-    fp32 -> an fp32 dot (``PRECISION``).
-    ``UPCAST_DOT`` (CPU interpreter only, whose bf16 ``tl.dot`` returns garbage in Triton 3.9): the
-    same rounded operands, multiplied in fp32, which is what the tensor cores compute."""
-    if UPCAST_DOT:
-        s = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee", out_dtype=tl.float32)
-    else:
-        s = tl.dot(x, tl.trans(w), input_precision=PRECISION, out_dtype=tl.float32)
-    s = s * inv[:, None]
-    return tl.reshape(s, (BLOCK_N, BLOCK_K, BLOCK_M))
 
 
 @triton.jit
@@ -220,9 +190,9 @@ def _logits_fwd_kernel(
 ):
     # PUSH: the contrastive loss of the same pixels rides on the same similarity tiles
     # (_push_fwd_update). Its per-pixel loss and what its backward needs (lse, pos, best, as
-    # the contrastive kernel saves them) are written next to the logits, and for logsumexp
-    # pooling the pooled value too, which the flat prototype gradient
-    # (_logits_push_bwd_dw_kernel) cannot recompute from its prototype tile.
+    # the contrastive kernel saves them) are written next to the logits. For logsumexp pooling
+    # the pooled value is written too (with or without PUSH): the flat prototype gradient
+    # (_logits_push_bwd_dw_kernel) cannot recompute it from its prototype tile.
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
@@ -287,7 +257,7 @@ def _logits_fwd_kernel(
             # ARGMAX is a contiguous (B, L, K) buffer.
             am_ptrs = ARGMAX + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :]
             tl.store(am_ptrs, winner.to(ARGMAX.dtype.element_ty), mask=mask)
-        if PUSH and POOL == 1:
+        if POOL == 1:
             # POOLED is a contiguous (B, L, K) buffer, like ARGMAX
             tl.store(POOLED + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :], pooled, mask=mask)
     if PUSH:
@@ -304,42 +274,6 @@ def _logits_fwd_kernel(
         tl.store(LSE + stat, lse, mask=row_in)
         tl.store(POS + stat, pos, mask=row_in)
         tl.store(BEST + stat, p_best, mask=row_in)
-
-
-@triton.jit
-def _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
-                   stride_gb, stride_gl, stride_gk,
-                   POOL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-    """From the recomputed tile ``s`` (BLOCK_N, BLOCK_K, BLOCK_M) and ``g = dlogits``:
-    ``ds[n,k,m] = scale * g[n,k] * dpool/ds[n,k,m]`` (flattened to (BLOCK_N, BLOCK_K*BLOCK_M))
-    and ``sum_k g[n,k] * pooled[n,k]`` (the per-pixel share of ``dscale``).
-
-    dpool/ds: max -> one-hot of the forward's winner (saved, so ties and rounding cannot
-    disagree with the forward); logsumexp -> softmax_m(s) = exp(s - lse); mean -> 1/M."""
-    rows = l0 + tl.arange(0, BLOCK_N)
-    ks = k0 + tl.arange(0, BLOCK_K)
-    mask = (rows < L)[:, None] & (ks < K)[None, :]
-    g_ptrs = (G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None]
-              + ks.to(tl.int64)[None, :] * stride_gk)
-    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    m_idx = tl.arange(0, BLOCK_M)
-    m_ok = (m_idx < M)[None, None, :]
-    if POOL == 0:
-        am_ptrs = ARGMAX + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :]
-        winner = tl.load(am_ptrs, mask=mask, other=0).to(tl.int32)
-        dpool = tl.where(m_idx[None, None, :] == winner[:, :, None], 1.0, 0.0)
-        pooled = tl.sum(dpool * s, axis=2)
-    elif POOL == 1:
-        s = tl.where(m_ok, s, float("-inf"))
-        peak = tl.max(s, axis=2)
-        pooled = peak + tl.log(tl.sum(tl.exp(s - peak[:, :, None]), axis=2))
-        dpool = tl.exp(s - pooled[:, :, None])
-    else:
-        dpool = tl.where(m_ok, 1.0 / M, 0.0)
-        pooled = tl.sum(tl.where(m_ok, s, 0.0), axis=2) / M
-    ds = (scale * g)[:, :, None] * dpool
-    gp = tl.sum(tl.where(mask, g * pooled, 0.0), axis=1)
-    return tl.reshape(ds, (BLOCK_N, BLOCK_K * BLOCK_M)), gp
 
 
 @triton.jit
@@ -490,49 +424,6 @@ def _flush_dw(DW, dw, offs, mask, split, P, C, DETERMINISTIC: tl.constexpr):
 
 
 @triton.jit
-def _logits_bwd_dw_lse_kernel(
-    X, WD, SCALE, G, ARGMAX, DW,
-    B, L, C, K, M,
-    stride_xb, stride_xl, stride_xc,
-    stride_gb, stride_gl, stride_gk,
-    COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
-    GRAD_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_k = tl.program_id(0)
-    split = tl.program_id(1)
-    num_splits = tl.num_programs(1)
-    k0 = pid_k * BLOCK_K
-    wd = _load_tile(WD, k0, K, M, C, BLOCK_K, BLOCK_M, BLOCK_C)
-    scale = tl.load(SCALE).to(tl.float32)
-    num_blocks = tl.cdiv(L, BLOCK_N)
-
-    dw = tl.zeros((BLOCK_K * BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for blk in range(split, B * num_blocks, num_splits):
-        b = blk // num_blocks
-        l0 = (blk % num_blocks) * BLOCK_N
-        x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc,
-                                  BLOCK_N, BLOCK_C, COSINE)
-        s = _similarity(x, wd, inv, BLOCK_N, BLOCK_K, BLOCK_M, PRECISION, UPCAST_DOT)
-        ds, gp = _pool_backward(s, G, ARGMAX, b, l0, k0, L, K, M, scale,
-                                stride_gb, stride_gl, stride_gk, POOL, BLOCK_N, BLOCK_K, BLOCK_M)
-        # s = u Ŵᵀ  =>  dŴ += dsᵀ u = (ds * inv)ᵀ x: inv folded into ds keeps x an exact operand
-        # (padded rows have ds = 0)
-        ds = ds * inv[:, None]
-        dw = tl.dot(tl.trans(dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)), dot_operand(x, GRAD_DTYPE, UPCAST_DOT), dw,
-                    input_precision=GRAD_PRECISION, out_dtype=tl.float32)
-
-    j = tl.arange(0, BLOCK_K * BLOCK_M)
-    k = k0 + j // BLOCK_M
-    m = j % BLOCK_M
-    cols = tl.arange(0, BLOCK_C)
-    mask = ((k < K) & (m < M))[:, None] & (cols < C)[None, :]
-    offs = (k.to(tl.int64) * M + m)[:, None] * C + cols[None, :]
-    _flush_dw(DW, dw, offs, mask, split, K * M, C, DETERMINISTIC)
-
-
-@triton.jit
 def _logits_bwd_dw_kernel(
     X, INV, SCALE, G, ARGMAX, DW,
     B, L, C, K, M,
@@ -599,10 +490,11 @@ def _logits_push_bwd_dw_kernel(
     stride_yb, stride_yl, stride_lb, stride_ll,
     COSINE: tl.constexpr, POOL: tl.constexpr, NEAREST: tl.constexpr, PRECISION: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DETERMINISTIC: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, PUSH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    # The prototype gradient of the head and the push together: the push's ds needs the
+    # The prototype gradient of the head and the push together (without PUSH, the head's
+    # alone: logsumexp pooling, whose ds needs the similarities, runs here too): the push's ds needs the
     # similarities, so this kernel recomputes them, as the contrastive dW kernel does, over a
     # tile of BLOCK_P prototypes of the flat P = K*M axis with all C channels on chip, and
     # adds the head's ds, gathered per prototype as in _logits_bwd_dw_kernel:
@@ -632,12 +524,21 @@ def _logits_push_bwd_dw_kernel(
     dw0 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
     dw1 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
     for tile in range(split, B * num_blocks, splits):
-        b, rows64, row_in, valid, y, lse, pos, p_best, g_tau = _pixel_tile(
-            tile, L, Y, GL, LSE, POS, BEST, ignore_index, inv_tau, stride_yb, stride_yl, stride_lb, stride_ll, BLOCK_N)
+        if PUSH:
+            b, rows64, row_in, valid, y, lse, pos, p_best, g_tau = _pixel_tile(
+                tile, L, Y, GL, LSE, POS, BEST, ignore_index, inv_tau, stride_yb, stride_yl, stride_lb, stride_ll,
+                BLOCK_N)
+        else:
+            b = (tile // num_blocks).to(tl.int64)
+            rows64 = ((tile % num_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+            row_in = rows64 < L
         x0, x1, _, inv = _load_half_rows(X, b, (tile % num_blocks) * BLOCK_N, L, C, stride_xb, stride_xl, stride_xc,
                                          BLOCK_N, HALF, COSINE)
         s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
-        ds = g_tau[:, None] * _dz_tile(s, ones, inv_tau, protos, p_in, valid, y, lse, pos, p_best, M, NEAREST)
+        if PUSH:
+            ds = g_tau[:, None] * _dz_tile(s, ones, inv_tau, protos, p_in, valid, y, lse, pos, p_best, M, NEAREST)
+        else:
+            ds = tl.zeros((BLOCK_N, BLOCK_P), tl.float32)
         mask = row_in[:, None] & p_in[None, :]
         # g[n, k] once per prototype of class k: repeated addresses, served by L1
         g = tl.load((G + b * stride_gb + rows64 * stride_gl)[:, None] + k_of.to(tl.int64)[None, :] * stride_gk,
@@ -662,6 +563,26 @@ def _logits_push_bwd_dw_kernel(
 
 
 # ============================================================================ host helpers
+def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict:
+    """Tiles of :func:`_logits_push_bwd_dw_kernel`: ``BLOCK_P`` prototypes of the flat axis x all
+    ``C`` channels of fp32 accumulator, ``BLOCK_N`` pixels per step.
+
+    On the GPU, 64 prototypes, 8 warps and one stage: compiled for sm_90 and sm_80 at voc
+    (C = 256) and ade (C = 512) with bf16 features, NCHW and NHWC, with Triton 3.9 and 3.8
+    (``python -m benchmarks compile``, docs/kernel-fused.md), without spills on sm_90. 128
+    prototypes, which halve the re-reads of ``x`` at voc, spilled 72 bytes per thread on sm_90
+    (16 warps, the head's ``g`` and winner gathered per prototype on top of the contrastive dW
+    kernel's tile), two stages 320 bytes at ade."""
+    block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
+    if not on_gpu(device):
+        # small tiles on the interpreter, so that tests cross prototype tiles mid-class
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=4, num_stages=1)
+    if x_dtype == torch.float32:
+        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, num_warps=8, num_stages=1)
+
+
 # The push's pointers of the forward kernel (labels, saved pooled value, loss, lse, pos, best),
 # absent from the head alone; the dx kernel takes the same minus one (labels, dloss, lse, pos, best).
 _NO_PUSH = (None,) * 6
@@ -689,17 +610,6 @@ class _Config:
         gpu = on_gpu(device)
         # forward and dx: BLOCK_K classes per GEMM, one GEMM per prototype index m
         self.block_k = _class_tile(k) if gpu else 16
-        # logsumexp prototype gradient: class tiles of LSE_BLOCK_K classes x BLOCK_M >= M
-        # prototypes, pooled on chip (the softmax over m needs all of a class's similarities).
-        # On the GPU its (LSE_BLOCK_K*BLOCK_M, BLOCK_C) fp32 tiles (dW accumulator, recomputed
-        # similarities) are kept at 8K elements; every tile has >= 16 columns (tl.dot).
-        self.block_m = triton.next_power_of_2(m)
-        lse_k = max(1, min(triton.next_power_of_2(k), max(64 if gpu else 16, self.block_m) // self.block_m))
-        while gpu and lse_k > 1 and lse_k * self.block_m * self.block_c > 8192:
-            lse_k //= 2
-        while lse_k * self.block_m < 16:
-            lse_k *= 2
-        self.lse_block_k = lse_k
         if gpu:
             # 64 rows: one warpgroup's wgmma tile on sm_90
             self.block_n = 64
@@ -716,7 +626,6 @@ class _Config:
                 # channels needed 193 KB of shared memory, over an A100's 163 KB
                 self.block_n = self.bwd_block_n = 16
             self.num_stages = 2
-            self.lse_block_n = 32 if self.block_c <= 256 else 16
             # the sliced prototype gradient (max / mean pooling): BLOCK_P prototypes of the flat
             # P axis x BLOCK_C channels of fp32 accumulator per program, as wide as sixteen warps
             # hold without spilling (x is re-read once per prototype tile, g and the winners
@@ -730,7 +639,7 @@ class _Config:
                 # channels spilled 0.4 to 0.5 KB per thread there
                 self.dw_block_c, self.dw_num_warps = min(64, self.block_c), 8
         else:
-            self.block_n = self.bwd_block_n = self.lse_block_n = self.recompute_block_n = 16
+            self.block_n = self.bwd_block_n = self.recompute_block_n = 16
             self.num_warps = self.bwd_num_warps = 4
             self.num_stages = self.recompute_stages = 1
             # small tiles on the interpreter, so tests cross several prototype tiles (classes
@@ -752,23 +661,25 @@ class _Config:
 @torch.library.custom_op("torch_ppl::prototype_logits_fwd", mutates_args=())
 def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cosine: bool,
             pooling: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Logits ``(..., K)`` float32; for ``pooling="max"`` the winners ``(B, L, K)``; for cosine
-    similarity each pixel's ``1 / max(|x|, eps)`` ``(B, L)`` float32 (empty tensors otherwise).
-    ``w_hat`` is the ``(K, M, C)`` fp32 prototype tensor, already normalised for cosine."""
+    """Logits ``(..., K)`` float32; ``stat`` ``(B, L, K)``, what the prototype gradient needs of
+    each pixel and class: the winner (int8/16/32) for ``pooling="max"``, the pooled logsumexp
+    of the similarities (float32) for ``"logsumexp"``; for cosine similarity each pixel's
+    ``1 / max(|x|, eps)`` ``(B, L)`` float32 (empty tensors otherwise). ``w_hat`` is the
+    ``(K, M, C)`` fp32 prototype tensor, already normalised for cosine."""
     k, m, c = w_hat.shape
     out = new_rows(x, k, torch.float32)
     x3, out3 = as_blc(x), as_blc(out)
     nb, nl, _ = x3.shape
     pool = _POOL_CODE[pooling]
-    winners = x.new_empty((nb, nl, k) if pool == 0 else (0,), dtype=_argmax_dtype(m))
+    stat = _new_stat(x, nb, nl, k, m, pool)
     inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
     if out.numel() == 0:
-        return out, winners, inv
+        return out, stat, inv
     cfg = _Config(x.device, c, k, m, x.dtype)
     grid = (nb * triton.cdiv(nl, cfg.block_n),)
     _logits_fwd_kernel[grid](
-        x3, w_hat.to(x.dtype), scale, bias, out3, winners if pool == 0 else None, inv if cosine else None,
-        *_NO_PUSH,
+        x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool == 0 else None, inv if cosine else None,
+        None, stat if pool == 1 else None, None, None, None, None,
         nl, c, k, m, 0, 1.0,
         *x3.stride(), *out3.stride(), 0, 0,
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
@@ -776,25 +687,31 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, winners, inv
+    return out, stat, inv
+
+
+def _new_stat(x: Tensor, nb: int, nl: int, k: int, m: int, pool: int) -> Tensor:
+    """The forward's per-(pixel, class) statistic for the prototype gradient: the winner of max
+    pooling, the pooled value of logsumexp pooling, nothing for mean pooling."""
+    if pool == 0:
+        return x.new_empty((nb, nl, k), dtype=_argmax_dtype(m))
+    if pool == 1:
+        return x.new_empty((nb, nl, k), dtype=torch.float32)
+    return x.new_empty((0,), dtype=_argmax_dtype(m))
 
 
 @_fwd_op.register_fake
 def _fwd_fake(x, w_hat, scale, bias, cosine, pooling):
     k, m, _ = w_hat.shape
     out = new_rows(x, k, torch.float32)
-    if pooling == "max":
-        nb, nl, _ = as_blc(x).shape
-        winners = x.new_empty((nb, nl, k), dtype=_argmax_dtype(m))
-    else:
-        winners = x.new_empty((0,), dtype=_argmax_dtype(m))
     nb, nl, _ = as_blc(x).shape
+    stat = _new_stat(x, nb, nl, k, m, _POOL_CODE[pooling])
     inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
-    return out, winners, inv
+    return out, stat, inv
 
 
 @torch.library.custom_op("torch_ppl::prototype_logits_bwd", mutates_args=())
-def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tensor, inv: Tensor, cosine: bool,
+def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor, inv: Tensor, cosine: bool,
             pooling: str, need_dx: bool, need_dw: bool, need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx in x.dtype, dŴ (K, M, C) fp32, dscale 0-d fp32)``. A gradient that is not asked
     for is not computed: dx and dŴ come back as empty ``(0,)`` tensors, dscale as 0."""
@@ -806,7 +723,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     dx3 = as_blc(dx) if need_dx else None
     nb, nl, _ = x3.shape
     pool = _POOL_CODE[pooling]
-    winners = winners if pool == 0 else None
+    winners = stat if pool == 0 else None
     if x.numel() == 0 or k == 0:
         if need_dx:
             dx.zero_()
@@ -838,16 +755,19 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
     if need_dw:
         deterministic = torch.are_deterministic_algorithms_enabled()
         if pool == 1:
-            # logsumexp: ds needs the similarities, recomputed over all channels per class tile
-            tiles = triton.cdiv(k, cfg.lse_block_k)
-            grid = (tiles, pixel_splits(x.device, tiles, nb * triton.cdiv(nl, cfg.lse_block_n)))
+            # logsumexp: ds = scale g exp(s - pooled) needs the similarities, recomputed over all
+            # channels per flat prototype tile by the joint kernel without the push
+            tiles = _joint_dw_config(x.device, c, x.dtype)
+            p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
+            grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
             target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
-            _logits_bwd_dw_lse_kernel[grid](
-                x3, w_dot, scale, g3, winners, target,
-                nb, nl, c, k, m,
-                *x3.stride(), *g3.stride(),
-                DETERMINISTIC=deterministic,
-                BLOCK_N=cfg.lse_block_n, BLOCK_K=cfg.lse_block_k, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, **common,
+            _logits_push_bwd_dw_kernel[grid](
+                x3, w_dot, scale, g3, None, stat, None, None, None, None, None, target,
+                nb, nl, c, k, m, 0, 1.0,
+                *x3.stride(), *g3.stride(), 0, 0, 0, 0,
+                COSINE=cosine, POOL=pool, NEAREST=False, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
+                GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
+                PUSH=False, **tiles,
             )
         else:
             p_tiles, c_slices = triton.cdiv(k * m, cfg.dw_block_p), triton.cdiv(c, cfg.dw_block_c)
@@ -869,7 +789,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, winners: Tens
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad, x, w_hat, scale, winners, inv, cosine, pooling, need_dx, need_dw, need_dscale):
+def _bwd_fake(grad, x, w_hat, scale, stat, inv, cosine, pooling, need_dx, need_dw, need_dscale):
     dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
     dw = torch.empty_like(w_hat) if need_dw else w_hat.new_empty((0,))
     return dx, dw, x.new_empty((), dtype=torch.float32)
@@ -877,20 +797,20 @@ def _bwd_fake(grad, x, w_hat, scale, winners, inv, cosine, pooling, need_dx, nee
 
 def _setup_context(ctx, inputs, output):
     x, w_hat, scale, bias, cosine, pooling = inputs
-    _, winners, inv = output
-    ctx.save_for_backward(x, w_hat, scale, winners, inv)
-    ctx.mark_non_differentiable(winners, inv)
+    _, stat, inv = output
+    ctx.save_for_backward(x, w_hat, scale, stat, inv)
+    ctx.mark_non_differentiable(stat, inv)
     ctx.cosine, ctx.pooling = cosine, pooling
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, grad, _grad_winners, _grad_inv):
-    x, w_hat, scale, winners, inv = ctx.saved_tensors
+def _backward(ctx, grad, _grad_stat, _grad_inv):
+    x, w_hat, scale, stat, inv = ctx.saved_tensors
     need_dx, need_dw, need_dscale, need_dbias = ctx.needs_input_grad[:4]
     dx = dw = dscale = dbias = None
     if need_dx or need_dw or need_dscale:
         dx, dw, dscale = torch.ops.torch_ppl.prototype_logits_bwd(
-            grad, x, w_hat, scale, winners, inv, ctx.cosine, ctx.pooling,
+            grad, x, w_hat, scale, stat, inv, ctx.cosine, ctx.pooling,
             bool(need_dx), bool(need_dw), bool(need_dscale))
         dx = dx if need_dx else None
         dw = dw if need_dw else None
