@@ -220,8 +220,10 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             gemm(2 * n * p_pad * c, x16)
         elif kernel == "_logits_bwd_dx_kernel":
             bytes_ = once = 2 * n * c * xb + n * k * 4 + n * k + 2 * p * c * 4 + push_bytes
-            # similarities recomputed only for logsumexp (two passes), for dscale and for the push
-            recompute = 2 if meta.get("POOL") == 1 else int(bool(meta.get("NEED_DSCALE")) or push)
+            if meta.get("POOL") == 1:
+                bytes_ = once = bytes_ + n * k * 4  # the forward's pooled value
+            # similarities recomputed only for logsumexp, for dscale and for the push
+            recompute = int(meta.get("POOL") == 1 or bool(meta.get("NEED_DSCALE")) or push)
             if recompute:
                 gemm(recompute * 2 * n * p_pad * c, x16)
             if meta.get("NEED_DX", True):

@@ -141,7 +141,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
         partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
         # without dx the push adds nothing (dscale is the head's alone)
         _logits_bwd_dx_kernel[(n_blocks,)](
-            x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
+            x3, w_hat, w_dot, scale, g3, winners if pool == 0 else pooled, dx3, partial,
             *(push if need_dx else (None,) * 5),
             nl, c, k, m, ignore_index, inv_temperature,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), *y.stride(), *grad_loss.stride(),

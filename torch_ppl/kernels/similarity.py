@@ -294,7 +294,7 @@ def _push_ds(s, ks, K, m, M, y, valid, lse, pos, p_best, g_tau, inv_tau, NEAREST
 
 @triton.jit
 def _logits_bwd_dx_kernel(
-    X, W, WD, SCALE, G, ARGMAX, DX, DSCALE,
+    X, W, WD, SCALE, G, STAT, DX, DSCALE,
     Y, GL, LSE, POS, BEST,
     L, C, K, M, ignore_index, inv_tau,
     stride_xb, stride_xl, stride_xc,
@@ -308,8 +308,10 @@ def _logits_bwd_dx_kernel(
 ):
     # ds[n, k, m] = scale * g[n, k] * dpool[n, k, m] and du = sum_{k,m} ds[n, k, m] Ŵ[k, m], one
     # GEMM per (class tile, m) as in the forward. dpool needs no similarity for max (the saved
-    # winner) and mean (1/M) pooling: s is recomputed only for logsumexp (its softmax weights,
-    # after a first pass for the pooled value) and when dscale (sum g * pooled) is asked for.
+    # winner) and mean (1/M) pooling: s is recomputed only for logsumexp (its softmax weights
+    # exp(s - pooled), with the pooled value the forward saved) and when dscale (sum g *
+    # pooled) is asked for. STAT is the forward's (B, L, K) statistic: the winner for max
+    # pooling, the pooled value for logsumexp.
     # The channels are held as two halves (du0, du1; x0, x1): the normalisation backward at
     # the end then needs one half of x next to du at a time, which kept 64 x 256 tiles from
     # spilling on sm_90.
@@ -338,21 +340,12 @@ def _logits_bwd_dx_kernel(
         g = tl.load(G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None] + ks.to(tl.int64)[None, :] * stride_gk,
                     mask=mask, other=0.0).to(tl.float32)
         sg = scale * g
+        stat = (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :]
         if POOL == 0:
-            winner = tl.load(ARGMAX + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :],
-                             mask=mask, other=-1).to(tl.int32)
+            winner = tl.load(STAT + stat, mask=mask, other=-1).to(tl.int32)
         pooled = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         if POOL == 1:
-            # first pass: the pooled logsumexp, online as in the forward
-            best = tl.full((BLOCK_N, BLOCK_K), float("-inf"), tl.float32)
-            total = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-            for m in range(M):
-                s = _half_similarity(x0, x1, _load_class_rows(WD, ks, m, K, M, C, 0, HALF),
-                                     _load_class_rows(WD, ks, m, K, M, C, HALF, HALF), inv, PRECISION, UPCAST_DOT)
-                peak = tl.where(m == 0, s, tl.maximum(best, s))
-                total = tl.where(m == 0, 1.0, total * tl.exp(best - peak) + tl.exp(s - peak))
-                best = peak
-            pooled = best + tl.log(total)
+            pooled = tl.load(STAT + stat, mask=mask, other=0.0)
         for m in range(M):
             wd0 = _load_class_rows(WD, ks, m, K, M, C, 0, HALF)
             wd1 = _load_class_rows(WD, ks, m, K, M, C, HALF, HALF)
@@ -741,7 +734,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
         n_blocks = nb * triton.cdiv(nl, block_n)
         partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
         _logits_bwd_dx_kernel[(n_blocks,)](
-            x3, w_hat, w_dot, scale, g3, winners, dx3, partial,
+            x3, w_hat, w_dot, scale, g3, stat if pool in (0, 1) else None, dx3, partial,
             *_NO_PUSH[:-1],
             nl, c, k, m, 0, 1.0,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
