@@ -11,8 +11,6 @@ All cases run in one pair of processes, since start-up dominates the time.
 from __future__ import annotations
 
 import datetime
-import os
-import socket
 
 import pytest
 import torch
@@ -114,14 +112,15 @@ def _expect_clear_error(run, *needles):
         assert needle in message, message
 
 
-def _fsdp_worker(rank: int, world: int, port: int) -> None:
+def _fsdp_worker(rank: int, world: int, rendezvous: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    # A short timeout: a collective that hangs fails the test instead of stalling CI.
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    # A file rendezvous, not a TCP port: a port picked free here can be taken by a test running
+    # beside this one before the store binds it. A short timeout: a collective that hangs fails
+    # the test instead of stalling CI.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=120))
     try:
         img, y, w = _batch()
         half = slice(2 * rank, 2 * rank + 2)
@@ -176,12 +175,6 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
         torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_fsdp2_two_processes_match_one_process_or_raise_a_clear_error():
+def test_fsdp2_two_processes_match_one_process_or_raise_a_clear_error(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
-    torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_fsdp_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)

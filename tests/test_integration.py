@@ -17,7 +17,6 @@ import importlib.util
 import io
 import os
 import pickle
-import socket
 import subprocess
 import sys
 
@@ -222,12 +221,6 @@ def test_state_dict_names_are_stable():
 STEPS = 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_batch():
     """Labels whose two halves have the same number of valid pixels.
 
@@ -257,12 +250,13 @@ def _train(model, crit, opt, img, y, w):
     return grads
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    # A short timeout: a collective that hangs fails the test instead of stalling CI.
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    # A file rendezvous, not a TCP port: a port picked free here can be taken by a test running
+    # beside this one before the store binds it. A short timeout: a collective that hangs fails
+    # the test instead of stalling CI.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                                         world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(0)
         model = nn.parallel.DistributedDataParallel(TinySegNet(), find_unused_parameters=False)
@@ -314,7 +308,7 @@ def test_first_compiled_call_imports_the_kernels_inside_the_trace():
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available")
 def test_ddp_two_processes_match_one_process_on_the_full_batch(tmp_path):
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
 
     torch.manual_seed(0)
     model = TinySegNet()
