@@ -24,13 +24,12 @@ from __future__ import annotations
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from ._common import EPS, as_blc, check_dtypes, new_rows, on_gpu, pixel_splits
+from ._common import as_blc, check_dtypes, new_rows, on_gpu, pixel_splits
 from .similarity import (_POOL_CODE, _Config, _argmax_dtype, _joint_dw_config, _logits_bwd_dx_kernel,
-                         _logits_fwd_kernel, _logits_push_bwd_dw_kernel)
+                         _logits_fwd_kernel, _logits_push_bwd_dw_kernel, prototype_operands)
 
 __all__ = ["prototype_logits_and_contrastive"]
 
@@ -241,16 +240,10 @@ def prototype_logits_and_contrastive(
     Raises:
         TypeError: float64 inputs (use ``backend="reference"``).
     """
-    scale_t = scale if isinstance(scale, Tensor) else None
-    check_dtypes("prototype_logits_and_contrastive", x=x, prototypes=prototypes, bias=bias, scale=scale_t)
+    check_dtypes("prototype_logits_and_contrastive", x=x, prototypes=prototypes, bias=bias,
+                 scale=scale if isinstance(scale, Tensor) else None)
     with torch.autocast(x.device.type, enabled=False):
-        w = prototypes.to(torch.float32)
-        # P x C, tiny: plain PyTorch, so autograd carries dŴ back through the normalisation.
-        w_hat = (F.normalize(w, p=2.0, dim=-1, eps=EPS) if similarity == "cosine" else w).contiguous()
-        if scale_t is None:
-            scale_t = torch.full((), float(scale), dtype=torch.float32, device=x.device)
-        else:
-            scale_t = scale_t.reshape(()).to(x.device)
+        w_hat, scale_t = prototype_operands(prototypes, scale, similarity, x.device)
         logits, _, _, _, loss, _, _, _ = torch.ops.torch_ppl.prototype_logits_contrastive_fwd(
             x, w_hat, scale_t, bias, target.reshape(x.shape[:-1]), similarity == "cosine", pooling,
             1.0 / float(temperature), positives == "nearest", int(ignore_index))

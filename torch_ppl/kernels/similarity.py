@@ -839,16 +839,23 @@ def prototype_logits(
         TypeError: an input is float64 (or another non-supported dtype); the fused path takes
             float32 / bfloat16 / float16, ``backend="reference"`` takes float64.
     """
-    scale_t = scale if isinstance(scale, Tensor) else None
-    check_dtypes("prototype_logits", x=x, prototypes=prototypes, bias=bias, scale=scale_t)
+    check_dtypes("prototype_logits", x=x, prototypes=prototypes, bias=bias,
+                 scale=scale if isinstance(scale, Tensor) else None)
     with torch.autocast(x.device.type, enabled=False):
-        w = prototypes.to(torch.float32)
-        # P x C, tiny: plain PyTorch, so autograd carries dŴ back through the normalisation.
-        w_hat = (F.normalize(w, p=2.0, dim=-1, eps=EPS) if similarity == "cosine" else w).contiguous()
-        if scale_t is None:
-            scale_t = torch.full((), float(scale), dtype=torch.float32, device=x.device)
-        else:
-            scale_t = scale_t.reshape(()).to(x.device)  # a no-op for the head's own scale
+        w_hat, scale_t = prototype_operands(prototypes, scale, similarity, x.device)
         logits, _, _ = torch.ops.torch_ppl.prototype_logits_fwd(
             x, w_hat, scale_t, bias, similarity == "cosine", pooling)
     return logits
+
+
+def prototype_operands(prototypes: Tensor, scale: Union[Tensor, float], similarity: str,
+                       device: torch.device) -> Tuple[Tensor, Tensor]:
+    """What the kernels take of the prototypes and the scale (call with autocast off): ``Ŵ``
+    ``(K, M, C)`` float32, normalised for cosine, and the scale as a 0-d float32 tensor. Plain
+    PyTorch on ``P x C`` (tiny), so autograd carries ``dŴ`` back through the normalisation and
+    ``dscale`` to a scale tensor."""
+    w = prototypes.to(torch.float32)
+    w_hat = (F.normalize(w, p=2.0, dim=-1, eps=EPS) if similarity == "cosine" else w).contiguous()
+    if isinstance(scale, Tensor):
+        return w_hat, scale.reshape(()).to(device)  # a no-op for the head's own scale
+    return w_hat, torch.full((), float(scale), dtype=torch.float32, device=device)
