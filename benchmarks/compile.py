@@ -494,8 +494,8 @@ cubin of every kernel:
 python -m benchmarks compile --target sm_90 --shape ade --dtype bf16 --layout nhwc --out compile-out
 ```
 
-CI runs that command for sm_90 and sm_80, NCHW and NHWC, at the voc shape with the newest
-Triton and with Triton 3.8.0, and fails on any compile error.
+CI runs that command for sm_90 and sm_80, NCHW and NHWC, and in deterministic mode, at the voc
+shape with the newest Triton and with Triton 3.8.0, and fails on any compile error.
 
 ## The kernels
 
