@@ -194,3 +194,13 @@ def test_head_variants_compile(tmp_path):
     assert ("prototype_logits-mean-scale", "_logits_bwd_dw_kernel") in kernels
     errors = [f"{r['op']}/{r['kernel']}: {r['error']}" for r in rows if "error" in r]
     assert not errors and len(rows) == 6, errors or rows
+
+
+def test_max_stack_flags_spilling_kernels():
+    from benchmarks import compile as gate
+
+    rows = [dict(kernel="a", stack=0), dict(kernel="b", stack=8), dict(kernel="c", stack=440),
+            dict(kernel="d", error="compile error")]
+    assert [r["kernel"] for r in gate.over_stack(rows, 0)] == ["b", "c"]
+    assert [r["kernel"] for r in gate.over_stack(rows, 8)] == ["c"]
+    assert gate.over_stack(rows, None) == []
