@@ -42,7 +42,7 @@ def kernel_picks(x, protos, target, similarity, temperature):
     out = torch.ops.torch_ppl.prototype_logits_contrastive_fwd(
         x.detach(), w_hat.contiguous(), torch.ones((), device=x.device), None, target, similarity == "cosine",
         "max", 1.0 / temperature, True, IGNORE)
-    winners, best = out[1], out[7]
+    winners, best = out[1], out[6]
     return winners.long().reshape(*x.shape[:-1], protos.shape[0]), best.long().reshape(target.shape)
 
 
@@ -331,8 +331,8 @@ def test_opcheck(pooling, nearest):
     torch.library.opcheck(torch.ops.torch_ppl.prototype_logits_contrastive_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor"))
     out = torch.ops.torch_ppl.prototype_logits_contrastive_fwd(*args)
-    bwd = (torch.randn_like(out[0]), torch.randn_like(out[4]), x, w_hat, scale, target, out[1], out[3], out[5],
-           out[6], out[7], True, pooling, 10.0, nearest, IGNORE, False, True, True, True)
+    bwd = (torch.randn_like(out[0]), torch.randn_like(out[3]), x, w_hat, scale, target, out[1], out[4], out[5],
+           out[6], True, pooling, 10.0, nearest, IGNORE, False, True, True, True)
     torch.library.opcheck(torch.ops.torch_ppl.prototype_logits_contrastive_bwd.default, bwd,
                           test_utils=("test_schema", "test_faketensor"))
 

@@ -9,7 +9,7 @@ one similarity GEMM serves both (see ``docs/kernel-fused.md``):
   ``z = s / tau`` over all ``P`` prototypes and the positive statistic at the pixel's class
   (logsumexp over its ``M`` prototypes, or the maximum and its index for
   ``positives="nearest"``); it writes the per-pixel loss and ``lse``, ``pos``, ``best``, and
-  for logsumexp pooling the pooled ``(B, L, K)`` value.
+  the head's ``(B, L, K)`` statistic (the winner, or for logsumexp pooling the pooled value).
 * ``_logits_bwd_dx_kernel`` with ``PUSH``: ``ds = ds_head + ds_push`` per prototype index, one
   ``du = ds @ Ŵ`` GEMM, one normalisation backward.
 * ``_logits_push_bwd_dw_kernel``: flat prototype tiles with all channels, ``s`` recomputed
@@ -28,8 +28,8 @@ import triton
 from torch import Tensor
 
 from ._common import as_blc, check_dtypes, new_rows, on_gpu, pixel_splits
-from .similarity import (_POOL_CODE, _Config, _argmax_dtype, _joint_dw_config, _logits_bwd_dx_kernel,
-                         _logits_fwd_kernel, _logits_push_bwd_dw_kernel, prototype_operands)
+from .similarity import (_POOL_CODE, _Config, _joint_dw_config, _logits_bwd_dx_kernel, _logits_fwd_kernel,
+                         _logits_push_bwd_dw_kernel, _new_stat, prototype_operands)
 
 __all__ = ["prototype_logits_and_contrastive"]
 
@@ -51,7 +51,7 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype) 
 @torch.library.custom_op("torch_ppl::prototype_logits_contrastive_fwd", mutates_args=())
 def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], target: Tensor, cosine: bool,
             pooling: str, inv_temperature: float, nearest: bool,
-            ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+            ignore_index: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Logits and per-pixel contrastive loss, and what the backward needs.
 
     Args:
@@ -61,10 +61,10 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
         target: ``(...)`` labels shaped like ``x.shape[:-1]``.
 
     Returns:
-        ``logits`` ``(..., K)`` float32; ``winners`` ``(B, L, K)`` (max pooling); ``inv``
-        ``(B, L)`` float32 (cosine); ``pooled`` ``(B, L, K)`` float32 (logsumexp pooling);
-        ``loss``, ``lse``, ``pos`` ``(B, L)`` float32 and ``best`` ``(B, L)`` int32. The
-        tensors a configuration does not use are empty.
+        ``logits`` ``(..., K)`` float32; ``stat`` ``(B, L, K)``, the winners (max pooling) or
+        the pooled values (logsumexp), as the head alone saves them; ``inv`` ``(B, L)``
+        float32 (cosine); ``loss``, ``lse``, ``pos`` ``(B, L)`` float32 and ``best`` ``(B, L)``
+        int32. The tensors a configuration does not use are empty.
     """
     k, m, c = w_hat.shape
     out = new_rows(x, k, torch.float32)
@@ -72,18 +72,17 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
     nb, nl, _ = x3.shape
     y = target.reshape(nb, nl)
     pool = _POOL_CODE[pooling]
-    winners = x.new_empty((nb, nl, k) if pool == 0 else (0,), dtype=_argmax_dtype(m))
+    stat = _new_stat(x, nb, nl, k, m, pool)
     inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
-    pooled = x.new_empty((nb, nl, k) if pool == 1 else (0,), dtype=torch.float32)
     loss = x.new_empty((nb, nl), dtype=torch.float32)
     lse, pos = torch.empty_like(loss), torch.empty_like(loss)
     best = x.new_empty((nb, nl), dtype=torch.int32)
     if out.numel() == 0:
-        return out, winners, inv, pooled, loss, lse, pos, best
+        return out, stat, inv, loss, lse, pos, best
     cfg = _config(x.device, c, k, m, x.dtype)
     _logits_fwd_kernel[(nb * triton.cdiv(nl, cfg.block_n),)](
-        x3, w_hat.to(x.dtype), scale, bias, out3, winners if pool == 0 else None, inv if cosine else None,
-        y, pooled if pool == 1 else None, loss, lse, pos, best,
+        x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
+        y, loss, lse, pos, best,
         nl, c, k, m, ignore_index, inv_temperature,
         *x3.stride(), *out3.stride(), *y.stride(),
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
@@ -91,7 +90,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, winners, inv, pooled, loss, lse, pos, best
+    return out, stat, inv, loss, lse, pos, best
 
 
 @_fwd_op.register_fake
@@ -100,16 +99,14 @@ def _fwd_fake(x, w_hat, scale, bias, target, cosine, pooling, inv_temperature, n
     nb, nl, _ = as_blc(x).shape
     pool = _POOL_CODE[pooling]
     loss = x.new_empty((nb, nl), dtype=torch.float32)
-    return (new_rows(x, k, torch.float32),
-            x.new_empty((nb, nl, k) if pool == 0 else (0,), dtype=_argmax_dtype(m)),
+    return (new_rows(x, k, torch.float32), _new_stat(x, nb, nl, k, m, pool),
             x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32),
-            x.new_empty((nb, nl, k) if pool == 1 else (0,), dtype=torch.float32),
             loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss, dtype=torch.int32))
 
 
 @torch.library.custom_op("torch_ppl::prototype_logits_contrastive_bwd", mutates_args=())
 def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, target: Tensor,
-            winners: Tensor, pooled: Tensor, lse: Tensor, pos: Tensor, best: Tensor, cosine: bool, pooling: str,
+            stat: Tensor, lse: Tensor, pos: Tensor, best: Tensor, cosine: bool, pooling: str,
             inv_temperature: float, nearest: bool, ignore_index: int, deterministic: bool, need_dx: bool,
             need_dw: bool, need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx in x.dtype, dŴ (K, M, C) fp32, dscale 0-d fp32)`` of ``logits`` and ``loss``
@@ -124,8 +121,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
     nb, nl, _ = x3.shape
     y = target.reshape(nb, nl)
     pool = _POOL_CODE[pooling]
-    winners = winners if pool == 0 else None
-    pooled = pooled if pool == 1 else None
+    stat = stat if pool != 2 else None
     if x.numel() == 0 or k == 0:
         if need_dx:
             dx.zero_()
@@ -140,7 +136,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
         partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
         # without dx the push adds nothing (dscale is the head's alone)
         _logits_bwd_dx_kernel[(n_blocks,)](
-            x3, w_hat, w_dot, scale, g3, winners if pool == 0 else pooled, dx3, partial,
+            x3, w_hat, w_dot, scale, g3, stat, dx3, partial,
             *(push if need_dx else (None,) * 5),
             nl, c, k, m, ignore_index, inv_temperature,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), *y.stride(), *grad_loss.stride(),
@@ -159,7 +155,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
         grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
         target_dw = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
         _logits_push_bwd_dw_kernel[grid](
-            x3, w_dot, scale, g3, winners, pooled, *push, target_dw,
+            x3, w_dot, scale, g3, stat, *push, target_dw,
             nb, nl, c, k, m, ignore_index, inv_temperature,
             *x3.stride(), *g3.stride(), *y.stride(), *grad_loss.stride(),
             COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
@@ -172,7 +168,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad_logits, grad_loss, x, w_hat, scale, target, winners, pooled, lse, pos, best, cosine, pooling,
+def _bwd_fake(grad_logits, grad_loss, x, w_hat, scale, target, stat, lse, pos, best, cosine, pooling,
               inv_temperature, nearest, ignore_index, deterministic, need_dx, need_dw, need_dscale):
     dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
     dw = torch.empty_like(w_hat) if need_dw else w_hat.new_empty((0,))
@@ -181,21 +177,21 @@ def _bwd_fake(grad_logits, grad_loss, x, w_hat, scale, target, winners, pooled, 
 
 def _setup_context(ctx, inputs, output):
     x, w_hat, scale, bias, target, cosine, pooling, inv_temperature, nearest, ignore_index = inputs
-    _, winners, _, pooled, _, lse, pos, best = output
-    ctx.save_for_backward(x, w_hat, scale, target, winners, pooled, lse, pos, best)
-    ctx.mark_non_differentiable(*output[1:4], *output[5:])
+    _, stat, _, _, lse, pos, best = output
+    ctx.save_for_backward(x, w_hat, scale, target, stat, lse, pos, best)
+    ctx.mark_non_differentiable(*output[1:3], *output[4:])
     ctx.options = (cosine, pooling, inv_temperature, nearest, ignore_index)
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
-def _backward(ctx, grad_logits, _g_winners, _g_inv, _g_pooled, grad_loss, *_g_stats):
-    x, w_hat, scale, target, winners, pooled, lse, pos, best = ctx.saved_tensors
+def _backward(ctx, grad_logits, _g_stat, _g_inv, grad_loss, *_g_stats):
+    x, w_hat, scale, target, stat, lse, pos, best = ctx.saved_tensors
     cosine, pooling, inv_temperature, nearest, ignore_index = ctx.options
     need_dx, need_dw, need_dscale, need_dbias = ctx.needs_input_grad[:4]
     dx = dw = dscale = dbias = None
     if need_dx or need_dw or need_dscale:
         dx, dw, dscale = torch.ops.torch_ppl.prototype_logits_contrastive_bwd(
-            grad_logits, grad_loss, x, w_hat, scale, target, winners, pooled, lse, pos, best, cosine, pooling,
+            grad_logits, grad_loss, x, w_hat, scale, target, stat, lse, pos, best, cosine, pooling,
             inv_temperature, nearest, ignore_index, torch.are_deterministic_algorithms_enabled(),
             bool(need_dx), bool(need_dw), bool(need_dscale))
         dx = dx if need_dx else None
@@ -244,7 +240,7 @@ def prototype_logits_and_contrastive(
                  scale=scale if isinstance(scale, Tensor) else None)
     with torch.autocast(x.device.type, enabled=False):
         w_hat, scale_t = prototype_operands(prototypes, scale, similarity, x.device)
-        logits, _, _, _, loss, _, _, _ = torch.ops.torch_ppl.prototype_logits_contrastive_fwd(
+        logits, _, _, loss, _, _, _ = torch.ops.torch_ppl.prototype_logits_contrastive_fwd(
             x, w_hat, scale_t, bias, target.reshape(x.shape[:-1]), similarity == "cosine", pooling,
             1.0 / float(temperature), positives == "nearest", int(ignore_index))
     return logits, loss.reshape(target.shape)

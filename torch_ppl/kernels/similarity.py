@@ -132,7 +132,7 @@ def _store_half_rows(DX, dx, b, l0, c0, L, C, stride_b, stride_l, stride_c,
 def _class_similarity(x, w, inv, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     """``s[n, k] = <x_n, Ŵ_km> / |x_n|`` for one prototype index ``m`` of a class tile, fp32,
     ``(BLOCK_N, BLOCK_K)``: the dot on the raw rows (exact in their dtype), the norm after, as
-    in :func:`_similarity`."""
+    in the reference."""
     if UPCAST_DOT:
         s = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee", out_dtype=tl.float32)
     else:
@@ -178,8 +178,8 @@ def _push_fwd_update(s, ks, K, y, m, M, inv_tau, m_all, l_all, m_pos, l_pos, p_b
 
 @triton.jit
 def _logits_fwd_kernel(
-    X, WD, SCALE, BIAS, OUT, ARGMAX, INV,
-    Y, POOLED, LOSS, LSE, POS, BEST,
+    X, WD, SCALE, BIAS, OUT, STAT, INV,
+    Y, LOSS, LSE, POS, BEST,
     L, C, K, M, ignore_index, inv_tau,
     stride_xb, stride_xl, stride_xc,
     stride_ob, stride_ol, stride_ok,
@@ -190,9 +190,10 @@ def _logits_fwd_kernel(
 ):
     # PUSH: the contrastive loss of the same pixels rides on the same similarity tiles
     # (_push_fwd_update). Its per-pixel loss and what its backward needs (lse, pos, best, as
-    # the contrastive kernel saves them) are written next to the logits. For logsumexp pooling
-    # the pooled value is written too (with or without PUSH): the flat prototype gradient
-    # (_logits_push_bwd_dw_kernel) cannot recompute it from its prototype tile.
+    # the contrastive kernel saves them) are written next to the logits. STAT, a contiguous
+    # (B, L, K) buffer, gets what the backward needs of each pixel and class: the winner for
+    # max pooling, the pooled value for logsumexp (the flat prototype gradient,
+    # _logits_push_bwd_dw_kernel, cannot recompute it from its prototype tile).
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
@@ -253,13 +254,12 @@ def _logits_fwd_kernel(
         out_ptrs = (OUT + _pixel_offsets(b, rows, stride_ob, stride_ol)[:, None]
                     + ks.to(tl.int64)[None, :] * stride_ok)
         tl.store(out_ptrs, logits, mask=mask)
-        if POOL == 0:
-            # ARGMAX is a contiguous (B, L, K) buffer.
-            am_ptrs = ARGMAX + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :]
-            tl.store(am_ptrs, winner.to(ARGMAX.dtype.element_ty), mask=mask)
-        if POOL == 1:
-            # POOLED is a contiguous (B, L, K) buffer, like ARGMAX
-            tl.store(POOLED + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :], pooled, mask=mask)
+        if POOL != 2:
+            stat_ptrs = STAT + (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :]
+            if POOL == 0:
+                tl.store(stat_ptrs, winner.to(STAT.dtype.element_ty), mask=mask)
+            else:
+                tl.store(stat_ptrs, pooled, mask=mask)
     if PUSH:
         lse = m_all + tl.log(l_all)
         if NEAREST:
@@ -476,7 +476,7 @@ def _logits_bwd_dw_kernel(
 
 @triton.jit
 def _logits_push_bwd_dw_kernel(
-    X, WD, SCALE, G, ARGMAX, POOLED, Y, GL, LSE, POS, BEST, DW,
+    X, WD, SCALE, G, STAT, Y, GL, LSE, POS, BEST, DW,
     B, L, C, K, M, ignore_index, inv_tau,
     stride_xb, stride_xl, stride_xc,
     stride_gb, stride_gl, stride_gk,
@@ -538,10 +538,10 @@ def _logits_push_bwd_dw_kernel(
                     mask=mask, other=0.0).to(tl.float32) * scale
         stat = ((b * L + rows64) * K)[:, None] + k_of[None, :]
         if POOL == 0:
-            winner = tl.load(ARGMAX + stat, mask=mask, other=-1).to(tl.int32)
+            winner = tl.load(STAT + stat, mask=mask, other=-1).to(tl.int32)
             g = tl.where(winner == m_of[None, :], g, 0.0)
         elif POOL == 1:
-            g = g * tl.exp(s - tl.load(POOLED + stat, mask=mask, other=0.0))
+            g = g * tl.exp(s - tl.load(STAT + stat, mask=mask, other=0.0))
         # s = u Ŵᵀ  =>  dŴ += dsᵀ u = (ds * inv)ᵀ x: x stays the GEMM operand as loaded
         ds = tl.trans(dot_operand((ds + g) * inv[:, None], GRAD_DTYPE, UPCAST_DOT))
         dw0 = tl.dot(ds, dot_operand(x0, GRAD_DTYPE, UPCAST_DOT), dw0, input_precision=GRAD_PRECISION,
@@ -576,9 +576,9 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict
     return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, num_warps=8, num_stages=1)
 
 
-# The push's pointers of the forward kernel (labels, saved pooled value, loss, lse, pos, best),
-# absent from the head alone; the dx kernel takes the same minus one (labels, dloss, lse, pos, best).
-_NO_PUSH = (None,) * 6
+# The push's pointers of the forward and dx kernels (labels, loss or its gradient, lse, pos,
+# best), absent from the head alone.
+_NO_PUSH = (None,) * 5
 
 
 def _argmax_dtype(m: int) -> torch.dtype:
@@ -673,8 +673,8 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
     cfg = _Config(x.device, c, k, m, x.dtype)
     grid = (nb * triton.cdiv(nl, cfg.block_n),)
     _logits_fwd_kernel[grid](
-        x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool == 0 else None, inv if cosine else None,
-        None, stat if pool == 1 else None, None, None, None, None,
+        x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
+        *_NO_PUSH,
         nl, c, k, m, 0, 1.0,
         *x3.stride(), *out3.stride(), 0, 0,
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
@@ -737,7 +737,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
         partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
         _logits_bwd_dx_kernel[(n_blocks,)](
             x3, w_hat, w_dot, scale, g3, stat if pool in (0, 1) else None, dx3, partial,
-            *_NO_PUSH[:-1],
+            *_NO_PUSH,
             nl, c, k, m, 0, 1.0,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
             NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype == torch.bfloat16,
@@ -757,7 +757,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
             grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
             target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
             _logits_push_bwd_dw_kernel[grid](
-                x3, w_dot, scale, g3, None, stat, None, None, None, None, None, target,
+                x3, w_dot, scale, g3, stat, *_NO_PUSH, target,
                 nb, nl, c, k, m, 0, 1.0,
                 *x3.stride(), *g3.stride(), 0, 0, 0, 0,
                 COSINE=cosine, POOL=pool, NEAREST=False, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
