@@ -213,15 +213,14 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         push = bool(meta.get("PUSH"))
         # the push's per pixel: the label (int64), loss or its gradient, lse, pos, best
         push_bytes = n * (8 + 4 * 4) if push else 0
+        # the (B, L, K) statistic the forward saves: the max winner (int8), the logsumexp pooled
+        # value (fp32), nothing for mean pooling
+        stat = {0: n * k, 1: n * k * 4}.get(meta.get("POOL"), 0)
         if kernel == "_logits_fwd_kernel":
-            bytes_ = once = n * c * xb + p * c * xb + n * k * 4 + n * k + push_bytes
-            if meta.get("POOL") == 1:
-                bytes_ = once = bytes_ + n * k * 4  # the pooled value, saved for the prototype gradient
+            bytes_ = once = n * c * xb + p * c * xb + n * k * 4 + stat + push_bytes
             gemm(2 * n * p_pad * c, x16)
         elif kernel == "_logits_bwd_dx_kernel":
-            bytes_ = once = 2 * n * c * xb + n * k * 4 + n * k + 2 * p * c * 4 + push_bytes
-            if meta.get("POOL") == 1:
-                bytes_ = once = bytes_ + n * k * 4  # the forward's pooled value
+            bytes_ = once = 2 * n * c * xb + n * k * 4 + stat + 2 * p * c * 4 + push_bytes
             # similarities recomputed only for logsumexp, for dscale and for the push
             recompute = int(meta.get("POOL") == 1 or bool(meta.get("NEED_DSCALE")) or push)
             if recompute:
@@ -230,15 +229,15 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
                 gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_bwd_dw_kernel":  # max / mean: no recompute, channel slices
             p_tiles, c_slices = grid[0], grid[1]
-            bytes_ = p_tiles * (n * c * xb + c_slices * n * 4) + c_slices * (n * k * 4 + n * k) + p * c * 4
-            once = n * c * xb + n * 4 + n * k * 4 + n * k + p * c * 4
+            bytes_ = p_tiles * (n * c * xb + c_slices * n * 4) + c_slices * (n * k * 4 + stat) + p * c * 4
+            once = n * c * xb + n * 4 + n * k * 4 + stat + p * c * 4
             gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_push_bwd_dw_kernel":
             # every prototype tile re-reads all of x and the push's per-pixel values and
             # recomputes s; g and the winners (or pooled values) of its classes once in all.
             # Without the push (the head's logsumexp pooling alone) no per-pixel values.
             tiles = grid[0]
-            head = n * k * 4 + (n * k if meta.get("POOL") == 0 else 0) + (n * k * 4 if meta.get("POOL") == 1 else 0)
+            head = n * k * 4 + stat
             per_pixel = n * (8 + 4 * 4) if meta.get("PUSH", True) else 0
             bytes_ = tiles * (n * c * xb + per_pixel) + head + p * c * xb + p * c * 4
             once = n * c * xb + per_pixel + head + p * c * xb + p * c * 4
