@@ -365,8 +365,9 @@ def _h100():
     return dict(roofline.PEAKS)["H100"]
 
 
-def resolve_shape(shape, dtype: str):
-    """The :class:`~benchmarks.shapes.Shape` a name (or shape) and dtype stand for."""
+def resolve_shape(shape, dtype: str, channels: Optional[int] = None):
+    """The :class:`~benchmarks.shapes.Shape` a name (or shape) and dtype stand for, with
+    ``channels`` features if given (the shape's own ``C`` otherwise)."""
     import torch
 
     from . import shapes
@@ -374,6 +375,8 @@ def resolve_shape(shape, dtype: str):
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     if isinstance(shape, str):
         shape = next(s for s in shapes.headline() if s.name == shape)
+    if channels is not None and channels != shape.C:
+        shape = dataclasses.replace(shape, name=f"{shape.name}-C{channels}", C=channels)
     return dataclasses.replace(shape, feature_dtype=dt)
 
 
@@ -463,14 +466,14 @@ def run(args) -> int:
     out_dir.mkdir(parents=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.monotonic()
-    launches = compile_ops(args.target, args.shape, args.dtype, args.layout, args.ops, args.deterministic)
-    shape = resolve_shape(args.shape, args.dtype)
+    shape = resolve_shape(args.shape, args.dtype, args.channels)
+    launches = compile_ops(args.target, shape, args.dtype, args.layout, args.ops, args.deterministic)
     rows = analyse(launches, out_dir, shape, TARGETS[args.target][0])
-    title = (f"{args.shape}, {args.dtype} features ({args.layout.upper()}), {args.target}, "
+    title = (f"{shape.name}, {args.dtype} features ({args.layout.upper()}), {args.target}, "
              f"triton {triton.__version__}" + (", deterministic" if args.deterministic else ""))
     table = markdown(rows, title) + "\n" + "\n".join(predictions(rows, shape)) + "\n"
     (out_dir / "table.md").write_text(table)
-    meta = dict(target=args.target, shape=args.shape, dtype=args.dtype, layout=args.layout,
+    meta = dict(target=args.target, shape=args.shape, channels=shape.C, dtype=args.dtype, layout=args.layout,
                 deterministic=args.deterministic, triton=triton.__version__, torch=torch.__version__)
     (out_dir / "table.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     print(table)
@@ -596,6 +599,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="sm_90", choices=tuple(TARGETS), help="GPU to compile for (default: %(default)s)")
     p.add_argument("--shape", default="voc", choices=("voc", "cityscapes", "ade", "voc-fullres"),
                    help="benchmark shape (default: %(default)s)")
+    p.add_argument("--channels", type=int, default=None, metavar="C",
+                   help="feature channels instead of the shape's own (wide features: 720, 2048, ...)")
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="feature dtype (default: %(default)s)")
     p.add_argument("--layout", default="nchw", choices=LAYOUTS,
                    help="feature memory layout: nchw (contiguous) or nhwc (channels_last)")
