@@ -449,6 +449,17 @@ def _model(r) -> str:
     return f"{m['bytes'] / 1e6:.0f} | {gflop:.1f} ({precisions}) | {r['ideal_us']:.0f}"
 
 
+def fitting_ops(ops, channels: int) -> Tuple[List[str], List[str]]:
+    """``ops`` split into those whose kernels take ``channels``-wide features and the others
+    (``torch_ppl._backend.MAX_TRITON_CHANNELS``; the head variants run the head's kernels)."""
+    from torch_ppl import _backend
+
+    def widest(op: str) -> int:
+        return _backend.MAX_TRITON_CHANNELS["prototype_logits" if op in HEAD_VARIANTS else op]
+
+    return [op for op in ops if channels <= widest(op)], [op for op in ops if channels > widest(op)]
+
+
 def over_stack(rows: List[Dict[str, object]], max_stack: Optional[int]) -> List[Dict[str, object]]:
     """The compiled kernels that use more than ``max_stack`` bytes of stack per thread (spill);
     none when ``max_stack`` is ``None``."""
@@ -467,7 +478,10 @@ def run(args) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.monotonic()
     shape = resolve_shape(args.shape, args.dtype, args.channels)
-    launches = compile_ops(args.target, shape, args.dtype, args.layout, args.ops, args.deterministic)
+    ops, too_wide = fitting_ops(args.ops, shape.C)
+    for op in too_wide:
+        print(f"{op}: skipped, C = {shape.C} is wider than its kernels take (the reference runs it)")
+    launches = compile_ops(args.target, shape, args.dtype, args.layout, ops, args.deterministic)
     rows = analyse(launches, out_dir, shape, TARGETS[args.target][0])
     title = (f"{shape.name}, {args.dtype} features ({args.layout.upper()}), {args.target}, "
              f"triton {triton.__version__}" + (", deterministic" if args.deterministic else ""))

@@ -67,6 +67,51 @@ def test_triton_on_cpu_without_interpreter_raises(clean_env, interpret):
         PushPullLoss(ce_weight=0.0, backend="triton")(None, X, TARGET, PROTOS)
 
 
+def test_features_wider_than_the_kernels_take_auto_to_reference(clean_env):
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+    for op, widest in _backend.MAX_TRITON_CHANNELS.items():
+        assert _backend.resolve("auto", fake_cuda_tensor(), op=op, channels=widest) == "triton"
+        assert _backend.resolve("auto", fake_cuda_tensor(), op=op, channels=widest + 1) == "reference"
+        assert _backend.resolve("triton", fake_cuda_tensor(), op=op, channels=widest) == "triton"
+        with pytest.raises(ValueError, match=rf"{op}: backend='triton' takes features of at most "
+                                             rf"{widest} channels .*got {widest + 1}"):
+            _backend.resolve("triton", fake_cuda_tensor(), op=op, channels=widest + 1)
+    # the push inside push_pull_loss runs the contrastive kernels: their limit, the caller's name
+    widest = _backend.MAX_TRITON_CHANNELS["contrastive_loss"]
+    with pytest.raises(ValueError, match=rf"push_pull_loss: .* at most {widest} channels"):
+        _backend.resolve("triton", fake_cuda_tensor(), op="push_pull_loss", kernel="contrastive_loss",
+                         channels=widest + 1)
+
+
+def test_every_entry_point_refuses_too_wide_features_for_triton_before_a_launch(clean_env):
+    """On the interpreter, so that only the width is wrong: each op names it, and no kernel runs."""
+    clean_env.setenv("TRITON_INTERPRET", "1")
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+
+    def case(op):
+        c = _backend.MAX_TRITON_CHANNELS[op] + 1
+        return torch.randn(1, c, 2, 2), torch.randn(3, 2, c), torch.randint(0, 3, (1, 2, 2))
+
+    def match(op):
+        return f"{op}: backend='triton' takes features of at most {_backend.MAX_TRITON_CHANNELS[op]} channels"
+
+    x, protos, target = case("prototype_logits")
+    with pytest.raises(ValueError, match=match("prototype_logits")):
+        PF.prototype_logits(x, protos, backend="triton")
+    assert PF.prototype_logits(x, protos).shape == (1, 3, 2, 2)  # auto: the reference
+    x, protos, target = case("contrastive_loss")
+    with pytest.raises(ValueError, match=match("contrastive_loss")):
+        PF.contrastive_loss(x, target, protos, backend="triton")
+    with pytest.raises(ValueError, match="push_pull_loss: backend='triton' takes features of at most"):
+        PF.push_pull_loss(None, x, target, protos, ce_weight=0.0, backend="triton")
+    x, protos, target = case("prototype_logits_and_contrastive")
+    with pytest.raises(ValueError, match=match("prototype_logits_and_contrastive")):
+        PF.prototype_logits_and_contrastive(x, protos, target, backend="triton")
+    x, protos, target = case("prototype_attention")
+    with pytest.raises(ValueError, match=match("prototype_attention")):
+        PPLAttention(x.shape[1], backend="triton")(x, protos)
+
+
 def test_triton_on_cpu_with_interpreter_resolves(clean_env):
     clean_env.setenv("TRITON_INTERPRET", "1")
     clean_env.setattr(_backend, "triton_available", lambda: True)
@@ -137,7 +182,7 @@ def test_modules_pass_their_backend_through(clean_env, monkeypatch):
     seen = []
     real = _backend.resolve
 
-    def spy(backend, *tensors, op=""):
+    def spy(backend, *tensors, op="", channels=None, kernel=None):
         seen.append((op, backend))
         return real("reference", *tensors, op=op)
 

@@ -204,3 +204,20 @@ def test_max_stack_flags_spilling_kernels():
     assert [r["kernel"] for r in gate.over_stack(rows, 0)] == ["b", "c"]
     assert [r["kernel"] for r in gate.over_stack(rows, 8)] == ["c"]
     assert gate.over_stack(rows, None) == []
+
+
+def test_wide_features_compile_only_the_ops_that_take_them():
+    from benchmarks import compile as gate
+
+    from torch_ppl import _backend
+
+    widest = _backend.MAX_TRITON_CHANNELS
+    ops = list(gate.OPS) + list(gate.HEAD_VARIANTS)
+    assert gate.fitting_ops(ops, 512) == (ops, [])
+    c = widest["prototype_attention"] + 1
+    fits, skipped = gate.fitting_ops(ops, c)
+    assert skipped == [op for op in ops if widest.get(op, widest["prototype_logits"]) < c]
+    assert "prototype_attention" in skipped and "prototype_logits-lse-scale" in fits
+    assert gate.fitting_ops(ops, max(widest.values()) + 1) == ([], ops)
+    shape = gate.resolve_shape("voc", "fp16", channels=720)
+    assert (shape.C, shape.name, shape.N) == (720, "voc-C720", gate.resolve_shape("voc", "fp16").N)

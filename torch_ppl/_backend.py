@@ -24,6 +24,18 @@ from . import reference
 BACKENDS = ("auto", "reference", "triton")
 ENV_VAR = "TORCH_PPL_BACKEND"
 
+# The widest features each op's kernels take. They keep a pixel tile's whole channel axis on
+# chip; up to these widths their tiles fit an H100's and an A100's shared memory (CI compiles
+# them there). The attention also holds float32 prototype-side tiles as wide as the features.
+# Wider features run on the reference ("auto") or are refused ("triton") before any launch,
+# where a GPU would otherwise fail the launch for want of shared memory.
+MAX_TRITON_CHANNELS = {
+    "prototype_logits": 1024,
+    "contrastive_loss": 1024,
+    "prototype_logits_and_contrastive": 1024,
+    "prototype_attention": 512,
+}
+
 _TRITON_IMPORTS: Optional[bool] = None  # found out on first use, then a constant of the process
 
 
@@ -70,14 +82,17 @@ def check_backend(backend: object, name: str = "backend") -> str:
     return backend
 
 
-def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
+def resolve(backend: str, *tensors: Optional[Tensor], op: str = "", channels: Optional[int] = None,
+            kernel: Optional[str] = None) -> str:
     """Turn ``"auto"`` into a concrete backend and check that the choice can run.
 
     While :func:`exporting`, every backend (``"triton"`` included) resolves to
     ``"reference"``.
 
     Raises:
-        ValueError: unknown backend, or ``"triton"`` for tensors it cannot run on.
+        ValueError: unknown backend, or ``"triton"`` for tensors it cannot run on (not on CUDA,
+            or features of more ``channels`` than :data:`MAX_TRITON_CHANNELS` allows the op
+            whose kernels run: ``kernel``, else ``op``, the name errors start with).
         RuntimeError: ``"triton"`` asked for but Triton does not import.
     """
     check_backend(backend)
@@ -93,7 +108,8 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
             backend = env
         else:
             on_cuda = all(t.is_cuda for t in tensors if t is not None)
-            return "triton" if on_cuda and triton_available() else "reference"
+            fits = channels is None or channels <= MAX_TRITON_CHANNELS[kernel or op]
+            return "triton" if on_cuda and fits and triton_available() else "reference"
     if backend == "triton":
         where = f"{op}: " if op else ""
         if not triton_available():
@@ -106,6 +122,13 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "") -> str:
             raise ValueError(
                 f"{where}backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
                 f"on the CPU interpreter); got tensors on {sorted(devices)}. Use backend='reference' on CPU."
+            )
+        widest = None if channels is None else MAX_TRITON_CHANNELS[kernel or op]
+        if widest is not None and channels > widest:
+            raise ValueError(
+                f"{where}backend='triton' takes features of at most {widest} channels (the "
+                f"kernels hold a pixel's channels on chip); got {channels}. Use backend='reference' or "
+                f"'auto', which picks it for features this wide."
             )
     return backend
 

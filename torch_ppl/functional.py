@@ -174,7 +174,7 @@ def prototype_logits(
     scale = _scale(fn, scale)
     bias = _bias(fn, bias, prototypes)
     _checks.same_device(fn, x=x, prototypes=prototypes, bias=bias)
-    resolved = _backend.resolve(backend, x, prototypes, bias, op=fn)
+    resolved = _backend.resolve(backend, x, prototypes, bias, op=fn, channels=x.shape[1])
     impl = _backend.implementation(fn, resolved)
     out = impl(_rows(x), prototypes, scale, bias, similarity=similarity, pooling=pooling)
     return _unrows(out, x)
@@ -263,7 +263,7 @@ def prototype_attention(
                    out_weight=out_weight, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias, out_bias=out_bias,
                    gamma=gamma, exclude=exclude)
     _checks.same_device(fn, **tensors)
-    resolved = _backend.resolve(backend, *tensors.values(), op=fn)
+    resolved = _backend.resolve(backend, *tensors.values(), op=fn, channels=x.shape[1])
     impl = _backend.implementation(fn, resolved)
 
     if exclude is not None:
@@ -293,7 +293,8 @@ def _contrastive(features, target, prototypes, weight, *, temperature, positives
     if features.dim() == 4:
         target = _resize_nearest(target, features.shape[2:])
         weight = _resize_nearest(weight, features.shape[2:])
-    resolved = _backend.resolve(backend, features, prototypes, target, weight, op=fn)
+    resolved = _backend.resolve(backend, features, prototypes, target, weight, op=fn,
+                                channels=features.shape[1], kernel="contrastive_loss")
     impl = _backend.implementation("contrastive_loss", resolved)
     per_pixel = impl(_rows(features), prototypes, target, temperature=temperature, positives=positives,
                      similarity=similarity, ignore_index=ignore_index)
@@ -402,7 +403,7 @@ def prototype_logits_and_contrastive(
     if x.dim() == 4:
         target = _resize_nearest(target, x.shape[2:])
         weight = _resize_nearest(weight, x.shape[2:])
-    resolved = _backend.resolve(backend, x, prototypes, bias, target, weight, op=fn)
+    resolved = _backend.resolve(backend, x, prototypes, bias, target, weight, op=fn, channels=x.shape[1])
     impl = _backend.implementation(fn, resolved)
     logits, per_pixel = impl(_rows(x), prototypes, target, scale, bias, similarity=similarity, pooling=pooling,
                              temperature=temperature, positives=positives, ignore_index=ignore_index)

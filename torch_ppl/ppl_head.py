@@ -174,7 +174,9 @@ class PPLHead(nn.Module):
         if crit.reduction == "none" and features.dim() == 4 and features.shape[2:] != target.shape[1:]:
             return False  # the two-op path raises the error that explains it
         try:
-            backends = {_backend.resolve(b, features, c.prototypes, target) for b in (c.backend, crit.backend)}
+            backends = {_backend.resolve(b, features, c.prototypes, target, op="prototype_logits_and_contrastive",
+                                         channels=features.shape[1])
+                        for b in (c.backend, crit.backend)}
         except (ValueError, RuntimeError):
             return False
         return backends == {"triton"}

@@ -351,6 +351,13 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
         cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c)
         return cfg, cfg
     gpu = dict(BLOCK_C=block_c, num_warps=8, num_stages=2)
+    if block_c > 512:
+        # wider features (torch_ppl._backend.MAX_TRITON_CHANNELS): with the tiles below, 720 to
+        # 1024 channels asked for 196 to 295 KB of shared memory, over an H100's 227 and an
+        # A100's 163; 16 prototypes and one stage need 64 to 132 KB (float32 features spill
+        # 5.7 KB per thread in dx there)
+        wide = dict(gpu, BLOCK_N=16, BLOCK_P=min(16, next_pow2(P)), num_stages=1)
+        return wide, dict(wide)
     if dtype == torch.float32:
         # fp32 GEMMs run on the CUDA cores, whose register tiles are larger: the bf16 tiles
         # spilled 2 to 10 KB per thread on sm_90; these leave 0.5 to 3 KB in dW (docs/kernels.md)

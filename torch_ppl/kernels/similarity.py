@@ -570,8 +570,9 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict
     if not on_gpu(device):
         # small tiles on the interpreter, so that tests cross prototype tiles mid-class
         return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=4, num_stages=1)
-    if x_dtype == torch.float32:
-        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger
+    if x_dtype == torch.float32 or block_c > 512:
+        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger; wider features
+        # (up to 1024 channels) asked 64 prototypes for 168 to 197 KB of shared memory
         return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=8, num_stages=1)
     return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, num_warps=8, num_stages=1)
 
@@ -650,6 +651,13 @@ class _Config:
         self.grad_dtype = tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float32
         self.grad_precision = "ieee" if x_dtype == torch.float32 else "tf32"
         self.upcast = x_dtype != torch.float32 and upcast_dot()
+        if gpu and self.block_c > 512:
+            # wider features (torch_ppl._backend.MAX_TRITON_CHANNELS): at 720 to 1024 channels
+            # the forward's 64 rows, 32-class tiles and two stages asked for 192 KB of shared
+            # memory, over an A100's 163; these need 96 to 131 KB (float32 features spill 4 KB
+            # per thread in the forward and 2 KB in dx there)
+            self.block_n, self.block_k, self.num_stages = min(self.block_n, 32), 16, 1
+            self.bwd_block_n = 16
 
 
 # ============================================================================ custom ops
