@@ -87,8 +87,8 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
         *x3.stride(), *out3.stride(), *y.stride(),
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
         PUSH=True, NEAREST=nearest,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
+        num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
     )
     return out, stat, inv, loss, lse, pos, best
 
@@ -141,10 +141,10 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
             nl, c, k, m, ignore_index, inv_temperature,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), *y.stride(), *grad_loss.stride(),
             COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
-            GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype == torch.bfloat16, UPCAST_DOT=cfg.upcast,
+            GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype != torch.float16, UPCAST_DOT=cfg.upcast,
             NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest,
-            BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c),
-            num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages,
+            BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
+            num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
         )
         if need_dscale:
             dscale = partial.sum()

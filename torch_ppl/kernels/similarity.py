@@ -32,6 +32,10 @@ Layout of the work (one file, Liger-Kernel style):
 * Gradient GEMMs take ``ds`` rounded to bfloat16 for bfloat16 features (16-bit tensor-core
   operands; bfloat16 keeps fp32's exponent range) and fp32 operands otherwise (float16 would
   flush small gradients to zero).
+* fp32 features multiply on the CUDA cores, whose GEMM operand registers grow with the
+  reduction length: their similarity GEMMs (forward, dx, the flat prototype gradient) walk the
+  channels in 64-channel chunks read from memory (``_chunk_similarity``, ``S_CHUNK``) instead of
+  one GEMM over the rows held on chip.
 
 The prototypes are normalised (cosine) outside the kernels by plain PyTorch: they are ``P x C``
 (tiny), and autograd then carries ``dŴ`` back through ``F.normalize`` to ``W``.
@@ -120,6 +124,51 @@ def _load_half_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
 
 
 @triton.jit
+def _row_norms(X, b, l0, L, C, stride_b, stride_l, stride_c,
+               BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, COSINE: tl.constexpr):
+    """The ``norm, inv`` of :func:`_load_rows`, walking the channels in chunks of ``CHUNK``
+    (nothing of the rows stays live)."""
+    if COSINE:
+        rows = l0 + tl.arange(0, BLOCK_N)
+        base = X + _pixel_offsets(b, rows, stride_b, stride_l)
+        sumsq = tl.zeros((BLOCK_N,), tl.float32)
+        for c0 in range(0, C, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            xf = tl.load(base[:, None] + cols.to(tl.int64)[None, :] * stride_c,
+                         mask=(rows < L)[:, None] & (cols < C)[None, :], other=0.0).to(tl.float32)
+            sumsq += tl.sum(xf * xf, axis=1)
+        norm = tl.sqrt(sumsq)
+        inv = 1.0 / tl.maximum(norm, EPS_C)
+    else:
+        norm = tl.full((BLOCK_N,), 1.0, tl.float32)
+        inv = tl.full((BLOCK_N,), 1.0, tl.float32)
+    return norm, inv
+
+
+@triton.jit
+def _chunk_similarity(X, b, l0, L, C, stride_b, stride_l, stride_c, WD, ks, m, K, M, inv,
+                      PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
+    """:func:`_class_similarity` with the rows read from ``X`` in chunks of ``CHUNK`` channels
+    (one GEMM step each) instead of held on chip: fp32 GEMMs run on the CUDA cores, whose
+    operand registers grow with the reduction length, so a 256- or 512-channel step spills."""
+    rows = l0 + tl.arange(0, BLOCK_N)
+    base = X + _pixel_offsets(b, rows, stride_b, stride_l)
+    s = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for c0 in range(0, C, CHUNK):
+        cols = c0 + tl.arange(0, CHUNK)
+        x = tl.load(base[:, None] + cols.to(tl.int64)[None, :] * stride_c,
+                    mask=(rows < L)[:, None] & (cols < C)[None, :], other=0.0)
+        w = _load_class_rows(WD, ks, m, K, M, C, c0, CHUNK)
+        if UPCAST_DOT:
+            s = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), s, input_precision="ieee",
+                       out_dtype=tl.float32)
+        else:
+            s = tl.dot(x, tl.trans(w), s, input_precision=PRECISION, out_dtype=tl.float32)
+    return s * inv[:, None]
+
+
+@triton.jit
 def _store_half_rows(DX, dx, b, l0, c0, L, C, stride_b, stride_l, stride_c,
                      BLOCK_N: tl.constexpr, HALF: tl.constexpr):
     rows = l0 + tl.arange(0, BLOCK_N)
@@ -186,7 +235,7 @@ def _logits_fwd_kernel(
     stride_yb, stride_yl,
     COSINE: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, PUSH: tl.constexpr, NEAREST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
 ):
     # PUSH: the contrastive loss of the same pixels rides on the same similarity tiles
     # (_push_fwd_update). Its per-pixel loss and what its backward needs (lse, pos, best, as
@@ -198,8 +247,12 @@ def _logits_fwd_kernel(
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
     l0 = (pid % num_blocks) * BLOCK_N
-    x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc,
-                              BLOCK_N, BLOCK_C, COSINE)
+    if S_CHUNK == 0:
+        x, norm, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc,
+                                  BLOCK_N, BLOCK_C, COSINE)
+    else:
+        # the similarity GEMMs read the rows in chunks of S_CHUNK channels (_chunk_similarity)
+        norm, inv = _row_norms(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, S_CHUNK, COSINE)
     scale = tl.load(SCALE).to(tl.float32)
 
     rows = l0 + tl.arange(0, BLOCK_N)
@@ -222,8 +275,12 @@ def _logits_fwd_kernel(
         winner = tl.zeros((BLOCK_N, BLOCK_K), tl.int32)
         total = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for m in range(M):
-            w = _load_class_rows(WD, ks, m, K, M, C, 0, BLOCK_C)
-            s = _class_similarity(x, w, inv, PRECISION, UPCAST_DOT)
+            if S_CHUNK == 0:
+                w = _load_class_rows(WD, ks, m, K, M, C, 0, BLOCK_C)
+                s = _class_similarity(x, w, inv, PRECISION, UPCAST_DOT)
+            else:
+                s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, ks, m, K, M, inv,
+                                      PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_K, S_CHUNK)
             if POOL == 0:
                 # running max, first maximal index on ties (strict >), as torch.argmax. NaN
                 # ranks above everything, as in torch.argmax, so a NaN feature makes a NaN
@@ -304,7 +361,7 @@ def _logits_bwd_dx_kernel(
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, GRAD_FROM_WD: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr, PUSH: tl.constexpr, NEAREST: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
 ):
     # ds[n, k, m] = scale * g[n, k] * dpool[n, k, m] and du = sum_{k,m} ds[n, k, m] Ŵ[k, m], one
     # GEMM per (class tile, m) as in the forward. dpool needs no similarity for max (the saved
@@ -319,14 +376,19 @@ def _logits_bwd_dx_kernel(
     # per-pixel statistics) to the head's before the one du GEMM, so dx of both costs one pass.
     NEED_S: tl.constexpr = (POOL == 1) or NEED_DSCALE or PUSH
     HALF: tl.constexpr = BLOCK_C // 2
+    # S_CHUNK > 0: the recomputed similarities walk the channels in chunks read from X
+    # (_chunk_similarity), and x is loaded whole only for the normalisation backward
+    HOLD_X: tl.constexpr = NEED_S and S_CHUNK == 0
     pid = tl.program_id(0)
     num_blocks = tl.cdiv(L, BLOCK_N)
     b = pid // num_blocks
     l0 = (pid % num_blocks) * BLOCK_N
     rows = l0 + tl.arange(0, BLOCK_N)
     scale = tl.load(SCALE).to(tl.float32)
-    if NEED_S:
+    if HOLD_X:
         x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+    elif NEED_S:
+        norm, inv = _row_norms(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, S_CHUNK, COSINE)
     if PUSH:
         _, _, _, valid, y, lse, pos, p_best, g_tau = _pixel_tile(
             pid, L, Y, GL, LSE, POS, BEST, ignore_index, inv_tau, stride_yb, stride_yl, stride_lb, stride_ll, BLOCK_N)
@@ -349,8 +411,11 @@ def _logits_bwd_dx_kernel(
         for m in range(M):
             wd0 = _load_class_rows(WD, ks, m, K, M, C, 0, HALF)
             wd1 = _load_class_rows(WD, ks, m, K, M, C, HALF, HALF)
-            if NEED_S:
+            if HOLD_X:
                 s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
+            elif NEED_S:
+                s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, ks, m, K, M, inv,
+                                      PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_K, S_CHUNK)
             if POOL == 0:
                 hit = winner == m
                 ds = tl.where(hit, sg, 0.0)
@@ -368,7 +433,7 @@ def _logits_bwd_dx_kernel(
                 # s = u Ŵᵀ  =>  du += ds Ŵ. bfloat16 features: ds rounded to bfloat16 (fp32's
                 # exponent range, so no gradient underflows) against the Ŵ the forward
                 # multiplied, a 16-bit GEMM; otherwise fp32 operands (float16 would flush small
-                # ds to zero) against fp32 Ŵ.
+                # ds to zero) against fp32 Ŵ (for fp32 features the forward's WD, loaded once).
                 if GRAD_FROM_WD:
                     w0, w1 = wd0, wd1
                 else:
@@ -386,6 +451,9 @@ def _logits_bwd_dx_kernel(
         if not NEED_S:
             # max / mean without dscale: x is needed only here, for the normalisation backward
             x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+        elif not HOLD_X:
+            # the norms of the start, from which s was scaled
+            x0, x1, _, _ = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
         if COSINE:
             # u = x / max(|x|, eps):
             #   |x| > eps:  dx = (du - u <u, du>) / |x|  = (du - x <x, du> inv²) inv
@@ -484,7 +552,7 @@ def _logits_push_bwd_dw_kernel(
     COSINE: tl.constexpr, POOL: tl.constexpr, NEAREST: tl.constexpr, PRECISION: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DETERMINISTIC: tl.constexpr, PUSH: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
 ):
     # The prototype gradient of the head and the push together (without PUSH, the head's
     # alone: logsumexp pooling, whose ds needs the similarities, runs here too): the push's ds needs the
@@ -507,8 +575,9 @@ def _logits_push_bwd_dw_kernel(
     p_in = protos < K * M
     k_of = protos // M
     m_of = protos % M
-    wd0 = _load_class_rows(WD, protos, 0, K * M, 1, C, 0, HALF)
-    wd1 = _load_class_rows(WD, protos, 0, K * M, 1, C, HALF, HALF)
+    if S_CHUNK == 0:
+        wd0 = _load_class_rows(WD, protos, 0, K * M, 1, C, 0, HALF)
+        wd1 = _load_class_rows(WD, protos, 0, K * M, 1, C, HALF, HALF)
     scale = tl.load(SCALE).to(tl.float32)
     if POOL == 2:
         scale = scale / M
@@ -525,9 +594,17 @@ def _logits_push_bwd_dw_kernel(
             b = (tile // num_blocks).to(tl.int64)
             rows64 = ((tile % num_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             row_in = rows64 < L
-        x0, x1, _, inv = _load_half_rows(X, b, (tile % num_blocks) * BLOCK_N, L, C, stride_xb, stride_xl, stride_xc,
-                                         BLOCK_N, HALF, COSINE)
-        s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
+        l0 = (tile % num_blocks) * BLOCK_N
+        if S_CHUNK == 0:
+            x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+            s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
+        else:
+            # the similarity GEMM over chunks of S_CHUNK channels read from X and WD, then the
+            # rows as the dW GEMM's operand
+            s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, protos, 0, K * M, 1, ones,
+                                  PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, S_CHUNK)
+            x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+            s = s * inv[:, None]
         if PUSH:
             ds = g_tau[:, None] * _dz_tile(s, ones, inv_tau, protos, p_in, valid, y, lse, pos, p_best, M, NEAREST)
         else:
@@ -565,16 +642,34 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict
     (``python -m benchmarks compile``, docs/kernel-fused.md), without spills on sm_90. 128
     prototypes, which halve the re-reads of ``x`` at voc, spilled 72 bytes per thread on sm_90
     (16 warps, the head's ``g`` and winner gathered per prototype on top of the contrastive dW
-    kernel's tile), two stages 320 bytes at ade."""
+    kernel's tile), two stages 320 bytes at ade.
+
+    On sm_80 at C = 512 (ade) the 64-prototype tile spills 40 to 96 bytes per thread with bf16
+    and fp16 features (Triton 3.9; 48 to 128 with 3.8): its ``64 x 512`` fp32 accumulator takes
+    128 of the 255 registers in the mma.sync layout, and the similarity GEMM's ``x`` operand
+    (all 256 channels of a half per warp) most of the rest. A 255-register budget, 16 warps
+    (at most 128 registers each), the similarity over 32-, 64- or 128-channel chunks read from
+    memory (one or two stages) all spilled as much or more; 32 prototypes do not spill but read
+    ``x`` twice as often (a modelled 3.9 ms instead of 2.0 at ade), so the tile stays.
+
+    fp32 features: 16 prototypes, the similarity GEMM over 64-channel chunks read from memory
+    (``S_CHUNK``; held halves spilled 32 bytes per thread at ade on sm_90: fp32 GEMMs run on
+    the CUDA cores, whose operand registers grow with the reduction length) and a 255-register
+    budget (ptxas's own choice, 128 registers, spilled 8 to 32 bytes)."""
     block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
     if not on_gpu(device):
         # small tiles on the interpreter, so that tests cross prototype tiles mid-class
-        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=4, num_stages=1)
-    if x_dtype == torch.float32 or block_c > 512:
-        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger; wider features
-        # (up to 1024 channels) asked 64 prototypes for 168 to 197 KB of shared memory
-        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, num_warps=8, num_stages=1)
-    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, num_warps=8, num_stages=1)
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=16 if x_dtype == torch.float32 else 0,
+                    num_warps=4, num_stages=1)
+    if x_dtype == torch.float32:
+        # fp32 GEMMs run on the CUDA cores, whose register tiles are larger: small prototype
+        # tiles, the similarity over channel chunks
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=64, num_warps=8, num_stages=1, maxnreg=255)
+    if block_c > 512:
+        # wider features (up to 1024 channels): 64 prototypes asked for 168 to 197 KB of shared
+        # memory, over an A100's 163
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=0, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, S_CHUNK=0, num_warps=8, num_stages=1)
 
 
 # The push's pointers of the forward and dx kernels (labels, loss or its gradient, lse, pos,
@@ -595,16 +690,41 @@ def _class_tile(k: int) -> int:
 class _Config:
     """Block sizes. On the CPU interpreter small tiles keep the (numpy) work and the number of
     launched programs modest. On the GPU the tiles are sized so that a row block (all ``C``
-    channels) and a class tile fit on chip. These sizes have not been tuned on a GPU; what the
-    compiler makes of them for sm_80 and sm_90 (registers, spills, shared memory, tensor
-    cores) is in docs/kernels.md, from ``python -m benchmarks compile``."""
+    channels) and a class tile fit on chip. These sizes have not been tuned on a GPU; they are
+    chosen from the code the compiler makes of them for sm_90 and sm_80 (registers, spills,
+    shared memory, tensor cores; docs/kernels.md, ``python -m benchmarks compile``): every
+    kernel compiles without spilling for bf16, fp16 and fp32 features at voc and ade, NCHW and
+    NHWC, with Triton 3.9, except the one-pass head + push prototype gradient on sm_80 at
+    C = 512 (see :func:`_joint_dw_config`).
+
+    fp32 features multiply on the CUDA cores (an IEEE fp32 ``tl.dot`` lowers to FMAs), whose
+    operand registers grow with the GEMM's reduction length: a GEMM over the 256 or 512
+    channels of rows held on chip spilled 0.3 to 6.7 KB per thread in dx. For them the
+    similarity GEMMs of the forward, of dx and of the logsumexp / one-pass prototype gradient
+    walk the channels in chunks of 64 read from memory (``_chunk_similarity``; the rows are
+    loaded once more, from L1 or L2, per class tile and prototype index), with one pipeline
+    stage (two spilled 8 to 32 bytes per thread in the forward, up to 0.5 KB in the one-pass
+    dx). Modelled times move by -25 to +33 %, wave quantisation of the grids (``ideal_us``,
+    docs/kernels.md)."""
 
     def __init__(self, device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype):
         self.block_c = max(16, triton.next_power_of_2(c))
         gpu = on_gpu(device)
+        fp32 = x_dtype == torch.float32
         # forward and dx: BLOCK_K classes per GEMM, one GEMM per prototype index m
         self.block_k = _class_tile(k) if gpu else 16
+        # channels per step of the similarity GEMMs of the forward and dx (fp32 features), 0:
+        # one GEMM over the rows held on chip (16-bit features: tensor cores). On the
+        # interpreter 16-channel chunks, so that tests cross several.
+        self.s_chunk = (64 if gpu else 16) if fp32 else 0
+        # the register budget ptxas is given (``maxnreg``), None: its own choice. Left to
+        # itself it holds some 8-warp kernels to 128 registers, two blocks per SM, and spills
+        # (8 to 48 bytes per thread here); 255 lets them take what they need, one block per
+        # SM, as the grids (pixel_splits) already assume. Not on sm_90 with 16-bit features,
+        # which compile without spills as they are.
+        self.maxnreg = self.dw_maxnreg = None
         if gpu:
+            sm80 = not has_wgmma(device)
             # 64 rows: one warpgroup's wgmma tile on sm_90
             self.block_n = 64
             self.num_warps = 4 if self.block_c <= 256 else 8
@@ -614,12 +734,19 @@ class _Config:
             # with 32 rows and two stages those spilled 16 B per thread at voc and 40 to 192 B at
             # ade on sm_90; 16 rows and one stage compile without spilling
             self.recompute_block_n, self.recompute_stages = 16, 1
-            if x_dtype == torch.float32:
+            # stages of the forward, of dx without recomputed similarities and of the one-pass
+            # dx; on sm_80 one in dx (two spilled 8 bytes per thread for fp16 at ade)
+            self.fwd_stages = 2
+            self.num_stages = 1 if sm80 else 2
+            if fp32:
                 # fp32 GEMMs run on the CUDA cores (fma), whose register tiles are far larger:
                 # 64-row tiles spilled 21 KB per thread at C = 256 on sm_90, and 32 rows of 512
-                # channels needed 193 KB of shared memory, over an A100's 163 KB
+                # channels needed 193 KB of shared memory, over an A100's 163 KB. The chunked
+                # forward runs 8 warps (4 spilled 8 to 24 bytes at voc) and one stage.
                 self.block_n = self.bwd_block_n = 16
-            self.num_stages = 2
+                self.num_warps, self.fwd_stages, self.num_stages = 8, 1, 1
+            if fp32 or sm80:
+                self.maxnreg = 255
             # the sliced prototype gradient (max / mean pooling): BLOCK_P prototypes of the flat
             # P axis x BLOCK_C channels of fp32 accumulator per program, as wide as sixteen warps
             # hold without spilling with Triton 3.9 (x is re-read once per prototype tile, g and
@@ -628,16 +755,30 @@ class _Config:
             # modelled traffic.
             self.dw_block_p = min(256, next_pow2(k * m, 64))
             self.dw_block_n = 16
-            if has_wgmma(device) and x_dtype == torch.bfloat16:
+            self.dw_stages = 2
+            if not sm80 and x_dtype == torch.bfloat16:
                 self.dw_block_c, self.dw_num_warps = min(128, self.block_c), 16
             else:
                 # mma.sync (sm_80) and fp32 operands hold more per accumulator element: 128
                 # channels spilled 0.4 to 0.5 KB per thread there
                 self.dw_block_c, self.dw_num_warps = min(64, self.block_c), 8
+                if fp32 and sm80:
+                    # two stages spilled 16 to 88 bytes per thread; one and a 255-register
+                    # budget do not, at the same modelled time
+                    self.dw_stages, self.dw_maxnreg = 1, 255
+                elif fp32 and self.block_c <= 256:
+                    # sm_90, voc: 256 prototypes spilled 16 to 104 bytes per thread (NCHW); 128
+                    # read x twice, which the fp32 GEMM's time hides in the model. At C = 512
+                    # 256 do not spill, while 128 or one stage fit two blocks per SM, which the
+                    # grid, sized for one (pixel_splits), fills worse: 33 % more modelled time.
+                    self.dw_block_p = min(128, self.dw_block_p)
+                elif sm80 and self.block_c > 256:
+                    # 16-bit features at C = 512: 8 warps spilled 8 to 16 bytes per thread
+                    self.dw_num_warps = 16
         else:
             self.block_n = self.bwd_block_n = self.recompute_block_n = 16
             self.num_warps = self.bwd_num_warps = 4
-            self.num_stages = self.recompute_stages = 1
+            self.num_stages = self.recompute_stages = self.fwd_stages = self.dw_stages = 1
             # small tiles on the interpreter, so tests cross several prototype tiles (classes
             # straddling them) and channel slices
             self.dw_block_p, self.dw_block_c, self.dw_block_n = 16, 16, 16
@@ -649,15 +790,20 @@ class _Config:
         # bfloat16 has fp32's exponent range, so small gradients survive). float16 would flush
         # them to zero: fp32 operands in TF32 there, exact fp32 when the features are fp32.
         self.grad_dtype = tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float32
-        self.grad_precision = "ieee" if x_dtype == torch.float32 else "tf32"
-        self.upcast = x_dtype != torch.float32 and upcast_dot()
+        self.grad_precision = "ieee" if fp32 else "tf32"
+        self.upcast = not fp32 and upcast_dot()
         if gpu and self.block_c > 512:
             # wider features (torch_ppl._backend.MAX_TRITON_CHANNELS): at 720 to 1024 channels
             # the forward's 64 rows, 32-class tiles and two stages asked for 192 KB of shared
-            # memory, over an A100's 163; these need 96 to 131 KB (float32 features spill 4 KB
-            # per thread in the forward and 2 KB in dx there)
-            self.block_n, self.block_k, self.num_stages = min(self.block_n, 32), 16, 1
+            # memory, over an A100's 163; these need 96 to 131 KB
+            self.block_n, self.block_k = min(self.block_n, 32), 16
+            self.fwd_stages = self.num_stages = 1
             self.bwd_block_n = 16
+
+    def fwd_maxnreg(self) -> Optional[int]:
+        """``maxnreg`` of the forward: with 4 warps ptxas's own choice (a 255-register budget
+        there only takes a block's worth of registers from the SM)."""
+        return self.maxnreg if self.num_warps >= 8 else None
 
 
 # ============================================================================ custom ops
@@ -687,8 +833,8 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
         *x3.stride(), *out3.stride(), 0, 0,
         COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
         PUSH=False, NEAREST=False,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
+        num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
     )
     return out, stat, inv
 
@@ -735,7 +881,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
     w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
     common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
                   GRAD_DTYPE=cfg.grad_dtype, UPCAST_DOT=cfg.upcast,
-                  num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
 
     if need_dx or need_dscale:
         block_n, stages = cfg.bwd_block_n, cfg.num_stages
@@ -748,9 +894,11 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
             *_NO_PUSH,
             nl, c, k, m, 0, 1.0,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
-            NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype == torch.bfloat16,
+            # fp32 features: w_dot is w_hat itself
+            NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
             PUSH=False, NEAREST=False,
-            BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), **dict(common, num_stages=stages),
+            BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
+            **dict(common, num_stages=stages),
         )
         if need_dscale:
             dscale = partial.sum()
@@ -784,7 +932,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 COSINE=cosine, POOL=pool, GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision,
                 UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
                 BLOCK_N=cfg.dw_block_n, BLOCK_P=cfg.dw_block_p, BLOCK_C=cfg.dw_block_c,
-                num_warps=cfg.dw_num_warps, num_stages=cfg.num_stages,
+                num_warps=cfg.dw_num_warps, num_stages=cfg.dw_stages, maxnreg=cfg.dw_maxnreg,
             )
         if deterministic:
             dw = target.sum(0)  # the splits' partials added in a fixed order
