@@ -15,7 +15,7 @@ import torch
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from helpers import DEVICE, TOL, assert_no_worse, requires_triton
+from helpers import DEVICE, HAS_TRITON, TOL, assert_no_worse, requires_triton
 
 pytestmark = requires_triton
 
@@ -361,3 +361,33 @@ def test_strided_small_inputs():
     torch.testing.assert_close(out, ref_out, **FP32)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], **FP32, msg=lambda m: f"d{name}: {m}")
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from torch_ppl.kernels.attention import _tf32_halves
+
+    @triton.jit
+    def _split_kernel(t_ptr, hi_ptr, lo_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        hi, lo = _tf32_halves(tl.load(t_ptr + offs))
+        tl.store(hi_ptr + offs, hi)
+        tl.store(lo_ptr + offs, lo)
+
+
+def test_tf32_halves_split_exactly():
+    """With float16 features the kernels multiply the fp32 side as two TF32 operands ``hi + lo``
+    against the exact float16 side. ``hi`` must be exact in TF32 (its 13 low mantissa bits
+    zero), ``hi + lo`` the value itself, and ``lo`` at most 2**-10 of it, so that TF32's reading
+    of ``lo`` (10 mantissa bits) loses less than 2**-20 of the value."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(1024, generator=gen) * torch.logspace(-30, 30, 1024)  # normal numbers
+    t[:4] = torch.tensor([0.0, -0.0, 1.0 + 2.0 ** -23, -(2.0 - 2.0 ** -23)])
+    t = t.to(DEVICE)
+    hi, lo = torch.empty_like(t), torch.empty_like(t)
+    _split_kernel[(1,)](t, hi, lo, BLOCK=1024)
+    assert torch.equal(hi + lo, t)
+    assert torch.equal(hi.view(torch.int32) & 0x1FFF, torch.zeros_like(hi, dtype=torch.int32))
+    assert bool((lo.abs() <= t.abs() * 2.0 ** -10).all())

@@ -251,6 +251,25 @@ def _chunked_rows(ptr, b, offs_l, chan, mask, stride_b, stride_l, stride_c, WIDE
 
 
 @triton.jit
+def _tf32_halves(t):
+    """fp32 ``t`` as ``hi + lo``: ``hi`` its sign, exponent and leading 10 mantissa bits (exact
+    in TF32), ``lo = t - hi`` (exact in fp32). A TF32 product reads an fp32 operand to its
+    leading 10 mantissa bits, so ``x @ hi + x @ lo`` with an ``x`` exact in TF32 carries 21 or
+    more of ``t``'s 24 bits (relative error below 2**-20; float16 itself has 2**-11): two TF32
+    products instead of 3xTF32's three, and no split of ``x`` to keep. The interpreter
+    multiplies in fp32, where ``hi + lo`` is ``t`` exactly."""
+    hi = (t.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+    return hi, t - hi
+
+
+@triton.jit
+def _per_chunk(t, NCH: tl.constexpr):
+    """``(rows, cols)`` as the ``(NCH, rows, cols)`` left operand of a product batched over the
+    channel chunks."""
+    return tl.broadcast_to(t[None, :, :], (NCH, t.shape[0], t.shape[1]))
+
+
+@triton.jit
 def _halves(t, UPCAST_DOT: tl.constexpr):
     """fp32 ``t`` as ``hi + lo``, two bfloat16 GEMM operands: 16 of its 24 mantissa bits, finer
     than TF32's 11, at the cost of two 16-bit products (one TF32 product's time). Back to fp32
@@ -271,7 +290,7 @@ def _attention_bwd_dproto_kernel(
     HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     DETERMINISTIC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PREC: tl.constexpr, SPLIT16: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    DOT_PREC: tl.constexpr, SPLIT16: tl.constexpr, SPLIT_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     # Gradients of the prototype-side tensors, reductions over pixels:
     #   dKt[i,p] = sum_n ds[n,i,p] x[n]
@@ -290,6 +309,10 @@ def _attention_bwd_dproto_kernel(
     # SPLIT16 (bfloat16 features): x and g are GEMM operands as loaded (exact), and the fp32
     # side of each product (Kt, Vt, a, ds) is split into two bfloat16 halves (_halves). The
     # products are finer than TF32 and the x and g tiles take half the registers of fp32 ones.
+    # SPLIT_TF32 (float16 features and gradient): x and g are exact in TF32, and the fp32 side
+    # is split into TF32 halves (_tf32_halves): two TF32 products per GEMM instead of 3xTF32's
+    # three, and no split x and g tiles to hold (with 3xTF32 the kernel spilled 40 to 120 bytes
+    # per thread; split, 32 prototypes fit at C = 256).
     NCH: tl.constexpr = BLOCK_C // BLOCK_K
     pid_p = tl.program_id(0)
     split = tl.program_id(1)
@@ -314,6 +337,9 @@ def _attention_bwd_dproto_kernel(
     if SPLIT16:
         kt_hi, kt_lo = _halves(kt_t, UPCAST_DOT)
         vt_hi, vt_lo = _halves(vt_t, UPCAST_DOT)
+    if SPLIT_TF32:
+        kt_hi, kt_lo = _tf32_halves(kt_t)
+        vt_hi, vt_lo = _tf32_halves(vt_t)
     c_p = tl.zeros((BLOCK_P,), tl.float32)
     if HAS_C:
         c_p = tl.load(c_ptr + rows, mask=mask_p, other=0.0)
@@ -331,6 +357,11 @@ def _attention_bwd_dproto_kernel(
                 x, g = x.to(tl.float32), g.to(tl.float32)
             s = tl.sum(tl.dot(x, kt_lo, tl.dot(x, kt_hi)), 0) + c_p[None, :]
             da = tl.sum(tl.dot(g, vt_lo, tl.dot(g, vt_hi)), 0)
+        elif SPLIT_TF32:
+            x, g = x.to(tl.float32), g.to(tl.float32)
+            s = tl.sum(tl.dot(x, kt_lo, tl.dot(x, kt_hi, input_precision="tf32"), input_precision="tf32"), 0)
+            s += c_p[None, :]
+            da = tl.sum(tl.dot(g, vt_lo, tl.dot(g, vt_hi, input_precision="tf32"), input_precision="tf32"), 0)
         else:
             x, g = x.to(tl.float32), g.to(tl.float32)
             s = tl.sum(tl.dot(x, kt_t, input_precision=DOT_PREC), 0) + c_p[None, :]
@@ -352,6 +383,13 @@ def _attention_bwd_dproto_kernel(
             dkt = tl.dot(tl.broadcast_to(ds_lo[None, :, :], (NCH, BLOCK_P, BLOCK_N)), x, dkt)
             dvt = tl.dot(tl.broadcast_to(a_hi[None, :, :], (NCH, BLOCK_P, BLOCK_N)), g, dvt)
             dvt = tl.dot(tl.broadcast_to(a_lo[None, :, :], (NCH, BLOCK_P, BLOCK_N)), g, dvt)
+        elif SPLIT_TF32:
+            ds_hi, ds_lo = _tf32_halves(tl.trans(ds))
+            a_hi, a_lo = _tf32_halves(tl.trans(a))
+            dkt = tl.dot(_per_chunk(ds_hi, NCH), x, dkt, input_precision="tf32")
+            dkt = tl.dot(_per_chunk(ds_lo, NCH), x, dkt, input_precision="tf32")
+            dvt = tl.dot(_per_chunk(a_hi, NCH), g, dvt, input_precision="tf32")
+            dvt = tl.dot(_per_chunk(a_lo, NCH), g, dvt, input_precision="tf32")
         else:
             ds_t = tl.broadcast_to(tl.trans(ds)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
             a_t = tl.broadcast_to(tl.trans(a)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
@@ -412,21 +450,25 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     """``(BLOCK_N, BLOCK_P, BLOCK_K)`` of the prototype-gradient kernel. Each program re-reads
     ``x`` and ``dout`` once per prototype tile, so ``BLOCK_P`` sets the traffic; the two
     ``BLOCK_P x C`` float32 accumulators bound it. Channel chunks of ``BLOCK_K`` (see the
-    kernel) keep the score products small. Compiled for sm_90 at the benchmark shapes (8 warps,
-    one stage):
+    kernel) keep the score products small. Compiled for sm_90 and sm_80 at the benchmark shapes
+    (8 warps, one stage):
 
-    * bfloat16, ``C = 256``: 16 x 32 x 32 does not spill with Triton 3.8 and 3.9 (64 prototypes
-      spilled 24 to 376 bytes, chunks of 32 to 256).
+    * ``C = 256``: 16 x 32 x 32 does not spill with Triton 3.8 and 3.9, on sm_90 nor sm_80. For
+      bfloat16 features 64 prototypes spilled 24 to 376 bytes (chunks of 32 to 256). For
+      float16 and float32 features it halves the re-reads of the 16 x 16 x 64 tiles they had
+      (float16: once its products are split, see the kernel; with 3xTF32 products 16
+      prototypes spilled up to 120 bytes with Triton 3.8).
     * bfloat16, ``C = 512`` (the split products, whose x and g tiles are 16-bit): 16 x 32 x 128
       does not spill with Triton 3.9, and halves the re-reads of 16 prototypes; with Triton 3.8
       it spilled 544 bytes (64-wide chunks 16 to 24 bytes), and on sm_80 it needs 164 KB of
       shared memory, more than an A100 block may use: 16 x 16 x 64 there.
-    * float16 / float32 features (fp32 operands): 16 x 16 x 64.
+    * float16 / float32 features, ``C = 512``: 16 x 16 x 64 (with float16 features 32
+      prototypes asked for 272 KB of shared memory).
 
     On the interpreter 16-wide chunks, so that the tests' channel counts make several of them."""
     if not on_gpu(device):
         return 16, 16, min(16, block_c)
-    if dtype == torch.bfloat16 and block_c <= 256:
+    if block_c <= 256:
         block_n, block_p, block_k = 16, 32, 32
     elif dtype == torch.bfloat16 and block_c == 512 and has_wgmma(device) and _TRITON >= (3, 9):
         block_n, block_p, block_k = 16, 32, 128
@@ -526,6 +568,8 @@ def _bwd_op(
     f32 = dict(device=dev, dtype=torch.float32)
     block_n, block_p, block_c = _blocks(dev, num_protos, channels, x.dtype)
     block_n = _dx_block_n(dev, block_n, block_c)
+    # float16 features and gradient: exact in TF32 (_tf32_halves)
+    exact_tf32 = x.dtype == torch.float16 and grad.dtype == torch.float16
     num_n_tiles = batch * triton.cdiv(length, block_n)  # tiles never straddle two images
     dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
 
@@ -574,7 +618,8 @@ def _bwd_op(
         x, grad, kt, c, vt, gamma, exclude, lse, delta, dkt, dc, dvt,
         length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
         *x.stride(), *grad.stride(),
-        DETERMINISTIC=deterministic, BLOCK_N=block_n, SPLIT16=x.dtype == torch.bfloat16, UPCAST_DOT=upcast_dot(),
+        DETERMINISTIC=deterministic, BLOCK_N=block_n, SPLIT16=x.dtype == torch.bfloat16,
+        SPLIT_TF32=exact_tf32, UPCAST_DOT=upcast_dot(),
         **common, **_launch_options(dev, num_stages=1),
     )
     if deterministic:
