@@ -233,9 +233,13 @@ def _contrastive_bwd_dx_kernel(
     stride_dxb, stride_dxl, stride_dxc,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    Z_CHUNK: tl.constexpr,
 ):
     # One program per pixel tile, all C channels on chip (BLOCK_C >= C): the x tile is read
     # once, dx is accumulated over the prototype tiles in fp32 and written once, in x's dtype.
+    # Z_CHUNK > 0 (fp32 features, whose GEMMs run on the CUDA cores with operand registers for
+    # the whole reduction): the z GEMM walks the channels in chunks of Z_CHUNK read from memory
+    # (_z_tile, as the forward), the rows on chip serve the dx GEMM and the projection only.
     b, rows64, row_in, valid, y, lse, pos, best, g_tau = _pixel_tile(
         tl.program_id(0), L, y_ptr, g_ptr, lse_ptr, pos_ptr, best_ptr, ignore_index, inv_tau,
         stride_yb, stride_yl, stride_gb, stride_gl, BLOCK_N)
@@ -243,6 +247,7 @@ def _contrastive_bwd_dx_kernel(
     c_in = offs_c < C
     x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc, COSINE)
     x_op = dot_operand(x, DOT_DTYPE, UPCAST_DOT)
+    x_rows = x_ptr + b * stride_xb + rows64 * stride_xl
     dxh = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # sum_p dz_p W_hat_p
     proj = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_p dz_p acc_p
     for p0 in range(0, P, BLOCK_P):
@@ -251,7 +256,11 @@ def _contrastive_bwd_dx_kernel(
         w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
                     mask=p_in[:, None] & c_in[None, :], other=0.0)
         w_op = dot_operand(w, DOT_DTYPE, UPCAST_DOT)
-        acc = tl.dot(x_op, tl.trans(w_op), input_precision=INPUT_PRECISION)
+        if Z_CHUNK == 0:
+            acc = tl.dot(x_op, tl.trans(w_op), input_precision=INPUT_PRECISION)
+        else:
+            _, acc, _, _ = _z_tile(x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
+                                   False, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, Z_CHUNK)
         dz = _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST)
         dxh = tl.dot(dot_operand(dz, DOT_DTYPE, UPCAST_DOT), w_op, dxh, input_precision=INPUT_PRECISION)
         if COSINE:
@@ -272,29 +281,40 @@ def _contrastive_bwd_dw_kernel(
     stride_gb, stride_gl, stride_xb, stride_xl, stride_xc, stride_wp, stride_wc, stride_yb, stride_yl,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, Z_CHUNK: tl.constexpr,
 ):
     # Program (prototype tile, split) owns BLOCK_P prototypes, all C channels, and the pixel
     # tiles split, split + SPLITS, ...: its dW_hat tile stays on chip and is flushed once, by
     # a relaxed atomic add, or, in deterministic mode, into its own slice of a partial buffer
-    # that the host sums in a fixed order.
+    # that the host sums in a fixed order. Z_CHUNK > 0 (_bwd_configs): the z GEMM walks the
+    # channels in chunks of Z_CHUNK read from memory (_z_tile, as the forward) instead of one
+    # GEMM over the prototype tile and the rows held on chip; the rows are loaded whole for the
+    # dW GEMM only.
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_in = offs_p < P
     offs_c = tl.arange(0, BLOCK_C)
     c_in = offs_c < C
-    w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
-                mask=p_in[:, None] & c_in[None, :], other=0.0)
-    w_op = dot_operand(w, DOT_DTYPE, UPCAST_DOT)
+    if Z_CHUNK == 0:
+        w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
+                    mask=p_in[:, None] & c_in[None, :], other=0.0)
+        w_op = dot_operand(w, DOT_DTYPE, UPCAST_DOT)
     dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for tile in range(split, B * tl.cdiv(L, BLOCK_N), splits):
         b, rows64, row_in, valid, y, lse, pos, best, g_tau = _pixel_tile(
             tile, L, y_ptr, g_ptr, lse_ptr, pos_ptr, best_ptr, ignore_index, inv_tau,
             stride_yb, stride_yl, stride_gb, stride_gl, BLOCK_N)
-        x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc,
-                                       COSINE)
-        acc = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(w_op), input_precision=INPUT_PRECISION)
+        if Z_CHUNK == 0:
+            x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc,
+                                           COSINE)
+            acc = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(w_op), input_precision=INPUT_PRECISION)
+        else:
+            _, acc, rnorm, _ = _z_tile(x_ptr + b * stride_xb + rows64 * stride_xl, valid, w_ptr, offs_p, p_in, C,
+                                       stride_xc, stride_wp, stride_wc, inv_tau, COSINE, DOT_DTYPE, INPUT_PRECISION,
+                                       UPCAST_DOT, BLOCK_N, BLOCK_P, Z_CHUNK)
+            x = tl.load(x_ptr + b * stride_xb + rows64[:, None] * stride_xl
+                        + offs_c[None, :].to(tl.int64) * stride_xc, mask=valid[:, None] & c_in[None, :], other=0.0)
         dz = _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST)
         # dW_hat += (dz * row_scale)^T x: the per-pixel factor goes on the small dz tile, so the
         # x tile is the GEMM operand as loaded (row_scale = g / tau * rnorm; the fp16 case,
@@ -336,33 +356,61 @@ def _blocks(device: torch.device, L: int, P: int, C: int, itemsize: int) -> Tupl
     return min(cap_n, next_pow2(L)), min(cap_p, next_pow2(P)), min(cap_c, next_pow2(C))
 
 
+def _fwd_options(device: torch.device, dtype: torch.dtype) -> dict:
+    """Launch options of the forward besides Triton's defaults (4 warps, 3 stages): on sm_80,
+    and for fp32 features, a budget of 255 registers (``maxnreg``). Left to itself ptxas held
+    the kernel to 168 registers (three blocks per SM) and spilled 8 to 24 bytes per thread on
+    sm_80 (bf16, fp16 and fp32 at voc, 16-bit at ade; Triton 3.8 also fp32 on sm_90); with the
+    budget it takes 185 to 215 (two blocks per SM; modelled time -3 to +3 %, wave quantisation).
+    sm_90 with 16-bit features compiles without spills as it is."""
+    if on_gpu(device) and (dtype == torch.float32 or not has_wgmma(device)):
+        return dict(maxnreg=255)
+    return {}
+
+
 def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtype) -> Tuple[dict, dict]:
     """Tiles of the two backward kernels ``(dx, dW)``. All channels stay on chip
     (``BLOCK_C = next_pow2(C)``): the dx program reads its x tile once and writes dx once; the
     dW program keeps a ``BLOCK_P x C`` fp32 accumulator. On a GPU, 8 warps and the largest
-    tiles that compile without spilling for sm_90 at C = 256 and 512 (docs/kernels.md): 64-row
-    pixel tiles (wgmma for the z GEMM) spilled 48 B to 1.7 KB per thread, so the z GEMMs run
-    on mma.sync; the dW GEMM (64 prototype rows) lowers to wgmma."""
+    tiles that compile without spilling for sm_90 and sm_80 at C = 256 and 512, bf16, fp16 and
+    fp32 features (docs/kernels.md): 64-row pixel tiles (wgmma for the z GEMM) spilled 48 B to
+    1.7 KB per thread, so the z GEMMs run on mma.sync; the dW GEMM (64 prototype rows) lowers
+    to wgmma.
+
+    ``Z_CHUNK`` > 0: the z GEMM walks the channels in chunks of that many, read from memory
+    (``_z_tile``, as the forward), instead of one GEMM over the tile held on chip. fp32 features
+    take it in both kernels: an fp32 GEMM runs on the CUDA cores, which keep operand registers
+    for the whole reduction (all 512 channels spilled 3.3 to 3.4 KB per thread in dW at ade,
+    0.3 to 0.5 KB at voc, and 136 to 168 B in dx on sm_80 at ade), and with 32-channel chunks,
+    as the forward's, dx one stage and a 255-register budget, nothing spills. On sm_80, bf16 at
+    C = 512 takes it in dW (mma.sync keeps the z GEMM's ``x`` operand, all 512 channels, in each
+    warp's registers: 120 to 224 B spilled; one stage). The re-read chunks come from L1 or L2;
+    the modelled traffic counts ``x`` once per tile, as before."""
     block_c = next_pow2(C)
+    fp32 = dtype == torch.float32
+    # chunked z GEMMs for fp32 features on the interpreter too, so that tests cover them
+    z_chunk = 16 if fp32 else 0
     if _FORCE_BLOCKS is not None:
-        cfg = dict(BLOCK_N=_FORCE_BLOCKS[0], BLOCK_P=_FORCE_BLOCKS[1], BLOCK_C=block_c)
+        cfg = dict(BLOCK_N=_FORCE_BLOCKS[0], BLOCK_P=_FORCE_BLOCKS[1], BLOCK_C=block_c, Z_CHUNK=z_chunk)
         return cfg, cfg
     if not on_gpu(device):
-        cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c)
+        cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c,
+                   Z_CHUNK=z_chunk)
         return cfg, cfg
-    gpu = dict(BLOCK_C=block_c, num_warps=8, num_stages=2)
+    gpu = dict(BLOCK_C=block_c, Z_CHUNK=0, num_warps=8, num_stages=2)
     if block_c > 512:
         # wider features (torch_ppl._backend.MAX_TRITON_CHANNELS): with the tiles below, 720 to
         # 1024 channels asked for 196 to 295 KB of shared memory, over an H100's 227 and an
-        # A100's 163; 16 prototypes and one stage need 64 to 132 KB (float32 features spill
-        # 5.7 KB per thread in dx there)
+        # A100's 163; 16 prototypes and one stage need 64 to 132 KB
         wide = dict(gpu, BLOCK_N=16, BLOCK_P=min(16, next_pow2(P)), num_stages=1)
+        if fp32:
+            wide.update(Z_CHUNK=32, maxnreg=255)
         return wide, dict(wide)
-    if dtype == torch.float32:
+    if fp32:
         # fp32 GEMMs run on the CUDA cores, whose register tiles are larger: the bf16 tiles
-        # spilled 2 to 10 KB per thread on sm_90; these leave 0.5 to 3 KB in dW (docs/kernels.md)
-        return (dict(gpu, BLOCK_N=16, BLOCK_P=min(32, next_pow2(P))),
-                dict(gpu, BLOCK_N=16, BLOCK_P=16))
+        # spilled 2 to 10 KB per thread on sm_90
+        return (dict(gpu, BLOCK_N=16, BLOCK_P=min(32, next_pow2(P)), Z_CHUNK=32, num_stages=1, maxnreg=255),
+                dict(gpu, BLOCK_N=16, BLOCK_P=16, Z_CHUNK=32))
     dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64, next_pow2(P)))
     dw = dict(gpu, BLOCK_N=16, BLOCK_P=min(64, next_pow2(P)))
     if has_wgmma(device) and dtype == torch.bfloat16:
@@ -376,6 +424,19 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
             # C = 512: the 64 x C accumulator with a second pipeline stage spilled 176 to 224 B
             # per thread for channels_last features (Triton 3.8 and 3.9); with one, none
             dw.update(num_stages=1)
+    elif dtype == torch.float16:
+        # the dW GEMM takes fp32 operands (CUDA cores) beside the 64 x C accumulator: two stages
+        # spilled 16 B (voc, NHWC) to 440 B (ade) per thread on sm_90, where one does not. On
+        # sm_80 one still spilled 168 B at ade; 32 prototypes do not, and the fp32 GEMM's time
+        # hides their second read of x in the model
+        if has_wgmma(device):
+            dw.update(num_stages=1)
+        else:
+            dw.update(BLOCK_P=min(32, next_pow2(P)))
+    elif block_c > 256:
+        # sm_80, bf16, C = 512: the z GEMM over 32-channel chunks and one stage (see above); 32
+        # prototypes would not spill either, at twice the re-reads of x (3.9 ms modelled, not 2.0)
+        dw.update(Z_CHUNK=32, num_stages=1)
     return dx, dw
 
 
@@ -413,7 +474,7 @@ def _fwd_op(
         x.stride(0), x.stride(1), x.stride(2), w_op.stride(0), w_op.stride(1),
         target.stride(0), target.stride(1),
         COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
-        UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
+        UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, **_fwd_options(x.device, x.dtype),
     )
     return loss, lse, pos, best
 
