@@ -124,6 +124,15 @@ def _dot_exact_lhs(a, b, DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr):
 
 
 @triton.jit
+def _dot_exact_rhs(a, b, DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr):
+    """``a @ b``; with ``EXACT_TF32`` (``b`` exact in TF32) two TF32 products of ``a``'s halves."""
+    if EXACT_TF32:
+        hi, lo = _tf32_halves(a)
+        return tl.dot(lo, b, tl.dot(hi, b, input_precision="tf32"), input_precision="tf32")
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _scores(x, kt, c_ptr, head, offs_p, lab, P, M,
             HAS_C: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DOT_PREC: tl.constexpr,
             EXACT_TF32: tl.constexpr):
@@ -237,10 +246,13 @@ def _attention_bwd_dx_kernel(
     #      two products are accumulated separately and combined after the head's last tile)
     #   dgamma       = sum_n g[n] * o[n] = sum_n g[n] * read[n] + b_o * sum_n g[n],
     #                  read[n] = sum_i sum_p a[n,i,p] Vt[i,p]        (partials per tile: gread, gsum)
+    #                  sum_n g[n] * read[n] = sum_i sum_p Vt[i,p] * (sum_n a[n,i,p] g[n]): per
+    #                  prototype tile a BLOCK_P x C product reduced at once, not a BLOCK_N x C
+    #                  accumulator
     #   d(b_o)       = gamma * sum_n g[n]
     # Tiles are chunked as in the forward. EXACT_TF32 (float16 features and gradient): the
-    # products with x or g on one side are two TF32 products (_tf32_halves); (a*da) Kt, a Kt and
-    # a Vt, fp32 on both sides, stay 3xTF32.
+    # products with x or g on one side (s, da, a^T g) are two TF32 products (_tf32_halves);
+    # (a*da) Kt and a Kt, fp32 on both sides, stay 3xTF32.
     NCH: tl.constexpr = BLOCK_C // BLOCK_K
     pid = tl.program_id(0)
     b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
@@ -266,7 +278,7 @@ def _attention_bwd_dx_kernel(
     # dx is carried by each head's (a*da) Kt accumulator, which starts from it: one
     # BLOCK_N x C tile fewer than a separate accumulator
     dx = g
-    read = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+    gread = tl.zeros((NCH, BLOCK_K), tl.float32)
     for head in range(H):
         lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
         delta = tl.zeros((BLOCK_N,), tl.float32)
@@ -289,7 +301,8 @@ def _attention_bwd_dx_kernel(
                 ada_kt += tl.dot(_per_chunk(ada, NCH), kt, input_precision=DOT_PREC)
                 a_kt += tl.dot(_per_chunk(a, NCH), kt, input_precision=DOT_PREC)
             if NEED_GREAD:
-                read += tl.dot(_per_chunk(a, NCH), vt, input_precision=DOT_PREC)
+                a_g = _dot_exact_rhs(_per_chunk(tl.trans(a), NCH), g, DOT_PREC, EXACT_TF32)
+                gread += tl.sum(vt * a_g, 1)
         if NEED_DX:
             dx = ada_kt - delta[None, :, None] * a_kt
         tl.store(delta_ptr + n64 * H + head, delta, mask=mask_n)
@@ -298,7 +311,7 @@ def _attention_bwd_dx_kernel(
         dx_offs = _chunk_offsets(b, offs_l, chan, sd_b, sd_l, sd_c, WIDE)
         tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if NEED_GREAD:
-        tl.store(gread_ptr + pid.to(tl.int64) * C + chan2, tl.sum(g * read, 1), mask=chan2 < C)
+        tl.store(gread_ptr + pid.to(tl.int64) * C + chan2, gread, mask=chan2 < C)
 
 
 @triton.jit
