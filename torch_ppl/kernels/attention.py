@@ -30,8 +30,10 @@ tiles of pixels against them; no ``N x h*P`` and no ``N x h*d`` tensor ever exis
 
 Numerics: scores, softmax statistics and accumulators are float32 whatever ``x``'s dtype; the
 output and ``dx`` are returned in ``x``'s dtype, the prototype-side gradients flow back through
-PyTorch in each parameter's dtype. float64 inputs are not supported (``TypeError`` before any
-launch; use ``backend="reference"``).
+PyTorch in each parameter's dtype. GEMM precision follows the features (_dot_precision); with
+float16 features every product with ``x`` or the output gradient on one side is two TF32
+products against the fp32 side's halves (_tf32_halves). float64 inputs are not supported
+(``TypeError`` before any launch; use ``backend="reference"``).
 """
 from __future__ import annotations
 
@@ -67,187 +69,36 @@ def _tile_rows(tile, L, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _row_offsets(b, offs_l, offs_c, stride_b, stride_l, stride_c):
-    """Element offsets of pixels ``offs_l`` of image ``b`` in a ``(B, L, C)`` strided tensor,
-    64-bit (``N * C`` may pass 2**31)."""
-    row = b * stride_b + offs_l.to(tl.int64) * stride_l
-    return row[:, None] + offs_c[None, :].to(tl.int64) * stride_c
-
-
-@triton.jit
-def _load_rows(ptr, b, offs_l, offs_c, C, stride_b, stride_l, stride_c, mask_n):
-    """A ``(BLOCK_N, BLOCK_C)`` tile of a ``(B, L, C)`` strided tensor in its own dtype, zero
-    outside (16-bit tiles stay 16-bit: they are GEMM operands as they are)."""
-    ptrs = ptr + _row_offsets(b, offs_l, offs_c, stride_b, stride_l, stride_c)
-    mask = mask_n[:, None] & (offs_c[None, :] < C)
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
-            HAS_C: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Scores ``s = x Kt_tile^T + c`` of one head's prototype tile, the validity mask of each
-    (pixel, prototype) pair, and the loaded ``Kt`` tile."""
-    mask_p = offs_p < P
-    rows = (head * P + offs_p).to(tl.int64)
-    kt = tl.load(kt_ptr + rows[:, None] * C + offs_c[None, :],
-                 mask=mask_p[:, None] & (offs_c[None, :] < C), other=0.0)
-    s = tl.dot(x.to(tl.float32), tl.trans(kt), input_precision=DOT_PREC)
-    if HAS_C:
-        s += tl.load(c_ptr + rows, mask=mask_p, other=0.0)[None, :]
-    valid = mask_p[None, :]
-    if HAS_EXCLUDE:
-        # prototype p belongs to class p // M; a pixel labelled k does not see class k (-1: sees all)
-        valid = valid & ((offs_p // M)[None, :] != lab[:, None])
-    return s, valid, kt
-
-
-@triton.jit
-def _attention_fwd_kernel(
-    x_ptr, kt_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
-    L, C, P, M, H,
-    sx_b, sx_l, sx_c, so_b, so_l, so_c,
-    HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_pt = tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-
-    x = _load_rows(x_ptr, b, offs_l, offs_c, C, sx_b, sx_l, sx_c, mask_n)
-    lab = tl.full((BLOCK_N,), -1, tl.int64)
-    if HAS_EXCLUDE:
-        lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
-
-    o = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-    for head in range(H):
-        # online softmax over the P prototypes of this head (flash-attention style):
-        #   m = running max, l = running sum of exp(s - m), acc = running sum of exp(s - m) Vt
-        m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_N,), tl.float32)
-        acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + offs_pt
-            s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
-                                   HAS_C, HAS_EXCLUDE, DOT_PREC)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_use[:, None])
-            alpha = tl.exp(m_i - m_use)
-            rows = (head * P + offs_p).to(tl.int64)
-            vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :],
-                         mask=(offs_p < P)[:, None] & mask_c[None, :], other=0.0)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PREC)
-            m_i = m_new
-        seen = l_i > 0.0
-        # a pixel that sees no prototype (K = 1 with exclude=) reads nothing; lse = +inf makes
-        # the backward's exp(s - lse) exactly 0 for it
-        o += tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
-        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
-        tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n)
-
-    if HAS_BO:
-        o += tl.load(bo_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    if HAS_GAMMA:
-        o = o * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    out = x.to(tl.float32) + o
-    out_offs = _row_offsets(b, offs_l, offs_c, so_b, so_l, so_c)
-    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
-
-
-@triton.jit
-def _attention_bwd_dx_kernel(
-    x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr,
-    dx_ptr, delta_ptr, gread_ptr, gsum_ptr,
-    L, C, P, M, H,
-    sx_b, sx_l, sx_c, sg_b, sg_l, sg_c, sd_b, sd_l, sd_c,
-    HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_GREAD: tl.constexpr, NEED_GSUM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PREC: tl.constexpr,
-):
-    # Gradients, with g = d(loss)/d(out) and do = gamma * g (the gradient reaching o):
-    #   da[n,i,p]    = do[n] . Vt[i,p]
-    #   delta[n,i]   = sum_p a[n,i,p] da[n,i,p]                      (softmax backward)
-    #   ds[n,i,p]    = a[n,i,p] (da[n,i,p] - delta[n,i])
-    #   dx[n]        = g[n] + sum_i sum_p ds[n,i,p] Kt[i,p]
-    #                = g[n] + sum_i ( (a*da)[n,i,:] Kt[i] - delta[n,i] (a[n,i,:] Kt[i]) )
-    #     (one pass over the prototype tiles: delta is only known at the end of a head, so the
-    #      two products are accumulated separately and combined after the head's last tile)
-    #   dgamma       = sum_n g[n] * o[n] = sum_n g[n] * read[n] + b_o * sum_n g[n],
-    #                  read[n] = sum_i sum_p a[n,i,p] Vt[i,p]        (partials per tile: gread, gsum)
-    #   d(b_o)       = gamma * sum_n g[n]
-    pid = tl.program_id(0)
-    b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_pt = tl.arange(0, BLOCK_P)
-    mask_c = offs_c < C
-
-    x = _load_rows(x_ptr, b, offs_l, offs_c, C, sx_b, sx_l, sx_c, mask_n)
-    g = _load_rows(g_ptr, b, offs_l, offs_c, C, sg_b, sg_l, sg_c, mask_n).to(tl.float32)
-    do = g
-    if HAS_GAMMA:
-        do = g * tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    lab = tl.full((BLOCK_N,), -1, tl.int64)
-    if HAS_EXCLUDE:
-        lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
-
-    dx = g
-    read = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-    for head in range(H):
-        lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
-        delta = tl.zeros((BLOCK_N,), tl.float32)
-        ada_kt = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-        a_kt = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + offs_pt
-            s, valid, kt = _scores(x, kt_ptr, c_ptr, head, offs_p, offs_c, lab, P, C, M,
-                                   HAS_C, HAS_EXCLUDE, DOT_PREC)
-            a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-            rows = (head * P + offs_p).to(tl.int64)
-            vt = tl.load(vt_ptr + rows[:, None] * C + offs_c[None, :],
-                         mask=(offs_p < P)[:, None] & mask_c[None, :], other=0.0)
-            da = tl.dot(do, tl.trans(vt), input_precision=DOT_PREC)
-            ada = a * da
-            delta += tl.sum(ada, 1)
-            if NEED_DX:
-                ada_kt += tl.dot(ada, kt, input_precision=DOT_PREC)
-                a_kt += tl.dot(a, kt, input_precision=DOT_PREC)
-            if NEED_GREAD:
-                read += tl.dot(a, vt, input_precision=DOT_PREC)
-        if NEED_DX:
-            dx += ada_kt - delta[:, None] * a_kt
-        tl.store(delta_ptr + n64 * H + head, delta, mask=mask_n)
-
-    mask = mask_n[:, None] & mask_c[None, :]
-    if NEED_DX:
-        dx_offs = _row_offsets(b, offs_l, offs_c, sd_b, sd_l, sd_c)
-        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    # per-tile partials over pixels (rows past N were loaded as 0), summed in fixed order by the host
-    if NEED_GREAD:
-        tl.store(gread_ptr + pid.to(tl.int64) * C + offs_c, tl.sum(g * read, 0), mask=mask_c)
-    if NEED_GSUM:
-        tl.store(gsum_ptr + pid.to(tl.int64) * C + offs_c, tl.sum(g, 0), mask=mask_c)
-
-
-@triton.jit
-def _chunked_rows(ptr, b, offs_l, chan, mask, stride_b, stride_l, stride_c, WIDE: tl.constexpr):
-    """A ``(NCH, BLOCK_N, BLOCK_K)`` tile of a ``(B, L, C)`` strided tensor: pixels ``offs_l`` of
-    image ``b``, channel ``chan = chunk * BLOCK_K + k``, zero outside ``mask``. Offsets within
-    the image are 32-bit unless ``WIDE`` (an image of more than 2**31 elements): 64-bit offsets
-    that do not change from one pixel tile to the next are kept in registers by the compiler,
-    two per element, and spilled in this kernel."""
+def _chunk_offsets(b, offs_l, chan, stride_b, stride_l, stride_c, WIDE: tl.constexpr):
+    """Element offsets of pixels ``offs_l`` of image ``b`` and channels ``chan = chunk *
+    BLOCK_K + k`` in a ``(B, L, C)`` strided tensor, a ``(NCH, BLOCK_N, BLOCK_K)`` tile. Offsets
+    within the image are 32-bit unless ``WIDE`` (an image of more than 2**31 elements): 64-bit
+    offsets that do not change from one pixel tile to the next are kept in registers by the
+    compiler, two per element, and spilled in the prototype-gradient kernel."""
     l3 = offs_l[None, :, None]
     if WIDE:
         l3 = l3.to(tl.int64)
         chan = chan.to(tl.int64)
-    return tl.load(ptr + b * stride_b + (l3 * stride_l + chan * stride_c), mask=mask, other=0.0)
+    return b * stride_b + (l3 * stride_l + chan * stride_c)
+
+
+@triton.jit
+def _chunked_rows(ptr, b, offs_l, chan, mask, stride_b, stride_l, stride_c, WIDE: tl.constexpr):
+    """A ``(NCH, BLOCK_N, BLOCK_K)`` tile of a ``(B, L, C)`` strided tensor in its own dtype,
+    zero outside ``mask``."""
+    return tl.load(ptr + _chunk_offsets(b, offs_l, chan, stride_b, stride_l, stride_c, WIDE),
+                   mask=mask, other=0.0)
+
+
+@triton.jit
+def _proto_rows(ptr, head, p0, offs_pt, chan, P, C):
+    """The ``(NCH, BLOCK_P, BLOCK_K)`` tile of one head's prototype rows ``p0 + offs_pt`` of a
+    dense ``(h*P, C)`` float32 tensor (``Kt``, ``Vt``), zero outside. The tile's first row is a
+    64-bit scalar offset, the offsets within the tile 32-bit: 64-bit offsets per element take
+    two registers each."""
+    base = ptr + (head * P + p0).to(tl.int64) * C
+    return tl.load(base + (offs_pt[None, :, None] * C + chan),
+                   mask=((p0 + offs_pt) < P)[None, :, None] & (chan < C), other=0.0)
 
 
 @triton.jit
@@ -263,10 +114,204 @@ def _tf32_halves(t):
 
 
 @triton.jit
+def _dot_exact_lhs(a, b, DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr):
+    """``a @ b``; with ``EXACT_TF32`` (``a`` holds float16 features or their gradient, exact in
+    TF32) two TF32 products against ``b``'s halves (_tf32_halves)."""
+    if EXACT_TF32:
+        hi, lo = _tf32_halves(b)
+        return tl.dot(a, lo, tl.dot(a, hi, input_precision="tf32"), input_precision="tf32")
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dot_exact_rhs(a, b, DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr):
+    """``a @ b``; with ``EXACT_TF32`` (``b`` exact in TF32) two TF32 products of ``a``'s halves."""
+    if EXACT_TF32:
+        hi, lo = _tf32_halves(a)
+        return tl.dot(lo, b, tl.dot(hi, b, input_precision="tf32"), input_precision="tf32")
+    return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _scores(x, kt, c_ptr, head, offs_p, lab, P, M,
+            HAS_C: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DOT_PREC: tl.constexpr,
+            EXACT_TF32: tl.constexpr):
+    """Scores ``s = x Kt_tile^T + c`` of one head's prototype tile (chunked ``x`` and ``Kt``
+    tiles: one product per chunk, summed) and the validity mask of each (pixel, prototype)."""
+    mask_p = offs_p < P
+    s = tl.sum(_dot_exact_lhs(x, tl.permute(kt, (0, 2, 1)), DOT_PREC, EXACT_TF32), 0)
+    if HAS_C:
+        s += tl.load(c_ptr + (head * P + offs_p).to(tl.int64), mask=mask_p, other=0.0)[None, :]
+    valid = mask_p[None, :]
+    if HAS_EXCLUDE:
+        # prototype p belongs to class p // M; a pixel labelled k does not see class k (-1: sees all)
+        valid = valid & ((offs_p // M)[None, :] != lab[:, None])
+    return s, valid
+
+
+@triton.jit
 def _per_chunk(t, NCH: tl.constexpr):
     """``(rows, cols)`` as the ``(NCH, rows, cols)`` left operand of a product batched over the
     channel chunks."""
     return tl.broadcast_to(t[None, :, :], (NCH, t.shape[0], t.shape[1]))
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    x_ptr, kt_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
+    L, C, P, M, H,
+    sx_b, sx_l, sx_c, so_b, so_l, so_c,
+    HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr,
+):
+    # Pixel-side tiles and accumulators are held as NCH = BLOCK_C / BLOCK_K chunks of BLOCK_K
+    # channels, (NCH, BLOCK_N, BLOCK_K), prototype tiles as (NCH, BLOCK_P, BLOCK_K), and every
+    # GEMM is batched over the chunks: a score is the sum over chunks of BLOCK_K-deep products,
+    # which the eight warps split by chunk. One C-deep product for a 16 x 16 score tile left
+    # them only the channels to split, and each warp held the whole x tile (see _blocks).
+    # EXACT_TF32 (float16 features): x is exact in TF32, the score products take two TF32
+    # products against Kt's halves (_tf32_halves); p Vt, whose both sides are fp32, stays
+    # 3xTF32 (DOT_PREC).
+    NCH: tl.constexpr = BLOCK_C // BLOCK_K
+    pid = tl.program_id(0)
+    b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
+    chan = tl.arange(0, NCH)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    offs_pt = tl.arange(0, BLOCK_P)
+    mask_c = chan < C
+    mask = mask_n[None, :, None] & mask_c
+
+    x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+    lab = tl.full((BLOCK_N,), -1, tl.int64)
+    if HAS_EXCLUDE:
+        lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
+
+    o = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+    for head in range(H):
+        # online softmax over the P prototypes of this head (flash-attention style):
+        #   m = running max, l = running sum of exp(s - m), acc = running sum of exp(s - m) Vt
+        m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        l_i = tl.zeros((BLOCK_N,), tl.float32)
+        acc = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + offs_pt
+            kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan, P, C)
+            s, valid = _scores(x, kt, c_ptr, head, offs_p, lab, P, M,
+                               HAS_C, HAS_EXCLUDE, DOT_PREC, EXACT_TF32)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            vt = _proto_rows(vt_ptr, head, p0, offs_pt, chan, P, C)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[None, :, None] + tl.dot(_per_chunk(p, NCH), vt, input_precision=DOT_PREC)
+            m_i = m_new
+        seen = l_i > 0.0
+        # a pixel that sees no prototype (K = 1 with exclude=) reads nothing; lse = +inf makes
+        # the backward's exp(s - lse) exactly 0 for it
+        o += tl.where(seen[None, :, None], acc / tl.where(seen, l_i, 1.0)[None, :, None], 0.0)
+        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
+        tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n)
+
+    if HAS_BO:
+        o += tl.load(bo_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
+    if HAS_GAMMA:
+        o = o * tl.load(gamma_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
+    out = x + o
+    out_offs = _chunk_offsets(b, offs_l, chan, so_b, so_l, so_c, WIDE)
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attention_bwd_dx_kernel(
+    x_ptr, g_ptr, kt_ptr, c_ptr, vt_ptr, gamma_ptr, lab_ptr, lse_ptr,
+    dx_ptr, delta_ptr, gread_ptr, gsum_ptr,
+    L, C, P, M, H,
+    sx_b, sx_l, sx_c, sg_b, sg_l, sg_c, sd_b, sd_l, sd_c,
+    HAS_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_GREAD: tl.constexpr, NEED_GSUM: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr,
+):
+    # Gradients, with g = d(loss)/d(out) and do = gamma * g (the gradient reaching o):
+    #   da[n,i,p]    = do[n] . Vt[i,p]
+    #   delta[n,i]   = sum_p a[n,i,p] da[n,i,p]                      (softmax backward)
+    #   ds[n,i,p]    = a[n,i,p] (da[n,i,p] - delta[n,i])
+    #   dx[n]        = g[n] + sum_i sum_p ds[n,i,p] Kt[i,p]
+    #                = g[n] + sum_i ( (a*da)[n,i,:] Kt[i] - delta[n,i] (a[n,i,:] Kt[i]) )
+    #     (one pass over the prototype tiles: delta is only known at the end of a head, so the
+    #      two products are accumulated separately and combined after the head's last tile)
+    #   dgamma       = sum_n g[n] * o[n] = sum_n g[n] * read[n] + b_o * sum_n g[n],
+    #                  read[n] = sum_i sum_p a[n,i,p] Vt[i,p]        (partials per tile: gread, gsum)
+    #                  sum_n g[n] * read[n] = sum_i sum_p Vt[i,p] * (sum_n a[n,i,p] g[n]): per
+    #                  prototype tile a BLOCK_P x C product reduced at once, not a BLOCK_N x C
+    #                  accumulator
+    #   d(b_o)       = gamma * sum_n g[n]
+    # Tiles are chunked as in the forward. EXACT_TF32 (float16 features and gradient): the
+    # products with x or g on one side (s, da, a^T g) are two TF32 products (_tf32_halves);
+    # (a*da) Kt and a Kt, fp32 on both sides, stay 3xTF32.
+    NCH: tl.constexpr = BLOCK_C // BLOCK_K
+    pid = tl.program_id(0)
+    b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
+    chan = tl.arange(0, NCH)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    offs_pt = tl.arange(0, BLOCK_P)
+    mask_c = chan < C
+    mask = mask_n[None, :, None] & mask_c
+
+    x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+    g = _chunked_rows(g_ptr, b, offs_l, chan, mask, sg_b, sg_l, sg_c, WIDE).to(tl.float32)
+    # per-tile partials over pixels (rows past N were loaded as 0), summed in fixed order by the
+    # host; sum g now rather than after the loop
+    chan2 = tl.arange(0, NCH)[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+    if NEED_GSUM:
+        tl.store(gsum_ptr + pid.to(tl.int64) * C + chan2, tl.sum(g, 1), mask=chan2 < C)
+    if HAS_GAMMA:
+        # da = do . Vt = g . (gamma * Vt): gamma scales each Vt tile, there is no do tile
+        gamma = tl.load(gamma_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
+    lab = tl.full((BLOCK_N,), -1, tl.int64)
+    if HAS_EXCLUDE:
+        lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
+
+    # dx is carried by each head's (a*da) Kt accumulator, which starts from it: one
+    # BLOCK_N x C tile fewer than a separate accumulator
+    dx = g
+    gread = tl.zeros((NCH, BLOCK_K), tl.float32)
+    for head in range(H):
+        lse = tl.load(lse_ptr + n64 * H + head, mask=mask_n, other=float("inf"))
+        delta = tl.zeros((BLOCK_N,), tl.float32)
+        ada_kt = dx
+        a_kt = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + offs_pt
+            kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan, P, C)
+            s, valid = _scores(x, kt, c_ptr, head, offs_p, lab, P, M,
+                               HAS_C, HAS_EXCLUDE, DOT_PREC, EXACT_TF32)
+            a = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            vt = _proto_rows(vt_ptr, head, p0, offs_pt, chan, P, C)
+            vt_do = vt
+            if HAS_GAMMA:
+                vt_do = vt * gamma
+            da = tl.sum(_dot_exact_lhs(g, tl.permute(vt_do, (0, 2, 1)), DOT_PREC, EXACT_TF32), 0)
+            ada = a * da
+            delta += tl.sum(ada, 1)
+            if NEED_DX:
+                ada_kt += tl.dot(_per_chunk(ada, NCH), kt, input_precision=DOT_PREC)
+                a_kt += tl.dot(_per_chunk(a, NCH), kt, input_precision=DOT_PREC)
+            if NEED_GREAD:
+                a_g = _dot_exact_rhs(_per_chunk(tl.trans(a), NCH), g, DOT_PREC, EXACT_TF32)
+                gread += tl.sum(vt * a_g, 1)
+        if NEED_DX:
+            dx = ada_kt - delta[None, :, None] * a_kt
+        tl.store(delta_ptr + n64 * H + head, delta, mask=mask_n)
+
+    if NEED_DX:
+        dx_offs = _chunk_offsets(b, offs_l, chan, sd_b, sd_l, sd_c, WIDE)
+        tl.store(dx_ptr + dx_offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if NEED_GREAD:
+        tl.store(gread_ptr + pid.to(tl.int64) * C + chan2, gread, mask=chan2 < C)
 
 
 @triton.jit
@@ -414,35 +459,64 @@ def _attention_bwd_dproto_kernel(
 
 
 # ============================================================================ launch helpers
-def _blocks(device: torch.device, num_protos: int, channels: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """``(BLOCK_N, BLOCK_P, BLOCK_C)``, each at least 16 (``tl.dot``'s minimum). The whole
-    channel axis of a tile stays on chip (``BLOCK_C = next_power_of_2(C)``). On the CPU
-    interpreter blocks are small (Python runs each program) and ``BLOCK_P = 16`` so tests with
-    more than 16 prototypes per head exercise the online softmax across tiles. On a GPU the
-    tiles shrink as ``C`` grows to bound the on-chip ``BLOCK_P x BLOCK_C`` float32 tiles and
-    accumulators; this choice has NOT been tuned or validated on hardware yet."""
+def _blocks(device: torch.device, num_protos: int, channels: int,
+            dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_P, BLOCK_C, BLOCK_K)`` of the forward. The whole channel axis of a pixel
+    tile stays on chip (``BLOCK_C = next_power_of_2(C)``), as ``BLOCK_C / BLOCK_K`` chunks of
+    ``BLOCK_K`` channels (see the kernels). On the CPU interpreter blocks are small (Python runs
+    each program), ``BLOCK_P = 16`` so that tests with more than 16 prototypes per head exercise
+    the online softmax across tiles, and chunks are 16 wide so that the tests' channel counts
+    make several of them.
+
+    On a GPU the tiles shrink as ``C`` grows, to bound the on-chip ``BLOCK_N x BLOCK_C`` float32
+    tiles and accumulators. Chosen from the code compiled for sm_90 and sm_80 at the benchmark
+    shapes (``python -m benchmarks compile``, Triton 3.8 and 3.9; 8 warps), not tuned on
+    hardware; none of these spills:
+
+    * ``C <= 128``: 32 x 16, chunks of 32 (64 x 64 bfloat16 and 32 x 32 float16/float32 tiles
+      spilled 8 to 1500 bytes per thread in the forward or ``dx``).
+    * ``C = 256``: 32 x 32 for bfloat16, 16 x 16 for float16 and float32; chunks of 32.
+    * ``C = 512``: 16 x 16 for bfloat16, 16 x 8 for float16 and float32 (fp32 ``tl.dot``
+      operands may be 8 deep); chunks of 16. 16 float32 prototypes spilled up to 232 bytes
+      with a layer scale (``gamma``).
+
+    Unchunked, the 16 x 16 score tile of a C-deep product left the eight warps nothing to split
+    but the channels, every warp held the whole ``x`` tile as an operand, and the float16 and
+    float32 kernels spilled 0.4 to 7.6 KB per thread. The forward and ``dx`` read ``x`` once
+    whatever the tile; fewer prototypes per tile pad ``P`` less (210 to 216 rather than 224)."""
     block_c = max(16, triton.next_power_of_2(channels))
     if not on_gpu(device):
-        return 16, 16, block_c
+        return 16, 16, block_c, min(16, block_c)
+    wide = dtype != torch.bfloat16  # fp32 GEMM operands: 3xTF32 (float16) or IEEE (float32)
     if block_c <= 128:
-        block_n, block_p = 64, 64
+        block_n, block_p = 32, 16
     elif block_c <= 256:
-        block_n, block_p = 32, 32
+        block_n, block_p = (16, 16) if wide else (32, 32)
     else:
-        block_n, block_p = 16, 16
-    if dtype != torch.bfloat16:
-        # 3xTF32 (float16 features) and IEEE fp32 GEMMs hold more registers per tile: 32 x 32
-        # tiles spilled 7 to 8 KB per thread in the backward on sm_90
-        block_n, block_p = max(16, block_n // 2), max(16, block_p // 2)
-    block_p = min(block_p, max(16, triton.next_power_of_2(num_protos)))
-    return block_n, block_p, block_c
+        block_n, block_p = (16, 8) if wide else (16, 16)
+    block_p = min(block_p, max(8 if wide else 16, triton.next_power_of_2(num_protos)))
+    return block_n, block_p, block_c, min(block_c, 32 if block_c <= 256 else 16)
 
 
-def _dx_block_n(device: torch.device, block_n: int, block_c: int) -> int:
-    """``BLOCK_N`` of the ``dx`` kernel. It holds four ``BLOCK_N x C`` float32 tiles (``g``, ``dx``
-    and the two per-head products) besides ``x``: at ``C = 256`` with 32 pixels it spilled 32 to
-    40 bytes per thread on sm_90, with 16 none. It reads ``x`` once whatever the tile."""
-    return 16 if on_gpu(device) and block_c >= 256 else block_n
+def _fwd_stages(dtype: torch.dtype) -> int:
+    """Software-pipelining depth of the forward: 2, and 1 for float32 features, whose
+    double-buffered ``Kt``/``Vt`` tiles doubled the registers at ``C = 256`` (about 120 to 240)
+    and spilled 56 bytes per thread at ``C = 512`` on sm_90."""
+    return 1 if dtype == torch.float32 else 2
+
+
+def _dx_blocks(device: torch.device, num_protos: int, channels: int,
+               dtype: torch.dtype) -> Tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_P, BLOCK_C, BLOCK_K)`` of the ``dx`` kernel: the forward's, with at most
+    16 pixels from ``C = 256`` on (besides ``x`` it holds ``g`` and two per-head accumulators:
+    32 pixels spilled 32 to 40 bytes at ``C = 256`` on sm_90) and 8 prototypes for float16 and
+    float32 features (16 spilled nothing at ``C = 256`` but 8 to 120 bytes at ``C = 512``)."""
+    block_n, block_p, block_c, block_k = _blocks(device, num_protos, channels, dtype)
+    if on_gpu(device) and block_c >= 256:
+        block_n = min(block_n, 16)
+        if dtype != torch.bfloat16:
+            block_p = min(block_p, 8)
+    return block_n, block_p, block_c, block_k
 
 
 def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
@@ -489,7 +563,9 @@ def _dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision. Every GEMM here takes fp32 operands (16-bit ``x`` is exact in
     them; ``Kt``/``Vt`` are fp32): exact IEEE products for float32 features, TF32 for bfloat16
     (a 10-bit mantissa, finer than bf16's 7) and 3xTF32 for float16 (plain TF32 would be as
-    coarse as float16 itself).
+    coarse as float16 itself). With float16 features only the products with both sides fp32
+    take 3xTF32; those with ``x`` or the output gradient on one side are split by hand into two
+    TF32 products (_tf32_halves), as the bfloat16 prototype gradient is into 16-bit ones.
 
     16-bit operands (``Kt``, ``Vt``, the probabilities rounded to the features' dtype, as flash
     attention does) were tried for the GEMMs: with bfloat16 ``Kt`` or ``Vt``, or float16
@@ -504,8 +580,10 @@ def _launch_options(device: torch.device, num_stages: int) -> dict:
     """GPU launch options. Software-pipelining depth bounds shared memory (Triton's default of
     3 stages asked for up to 264 KiB in the fp16 backward). Eight warps: with four, the
     full-channel fp32 tiles spilled in every kernel at C = 256 (80 to 5600 bytes of stack per
-    thread on sm_90); with eight the forward does not spill at all. ``python -m benchmarks
-    compile`` shows what each choice compiles to."""
+    thread on sm_90). Sixteen (at most 128 registers per thread) spilled 1 to 6 KB in the
+    unchunked forward and ``dx`` with float16 and float32 features, and with the present tiles
+    still 8 to 56 bytes in ``dx`` or the prototype gradient at C = 256 and 512 on sm_90.
+    ``python -m benchmarks compile`` shows what each choice compiles to."""
     return {"num_stages": num_stages, "num_warps": 8} if on_gpu(device) else {}
 
 
@@ -531,15 +609,16 @@ def _fwd_op(
     lse = torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
     if n == 0:
         return out, lse
-    block_n, block_p, block_c = _blocks(x.device, num_protos, channels, x.dtype)
+    block_n, block_p, block_c, block_k = _blocks(x.device, num_protos, channels, x.dtype)
     _attention_fwd_kernel[(batch * triton.cdiv(length, block_n),)](
         x, kt, c, vt, out_bias, gamma, exclude, out, lse,
         length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *out.stride(),
         HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
-        HAS_EXCLUDE=exclude is not None,
-        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype),
-        **_launch_options(x.device, num_stages=2),
+        HAS_EXCLUDE=exclude is not None, WIDE=_needs_wide_offsets(x, out),
+        BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
+        DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
+        **_launch_options(x.device, num_stages=_fwd_stages(x.dtype)),
     )
     return out, lse
 
@@ -566,8 +645,7 @@ def _bwd_op(
     num_protos = rows_hp // num_heads
     dev = x.device
     f32 = dict(device=dev, dtype=torch.float32)
-    block_n, block_p, block_c = _blocks(dev, num_protos, channels, x.dtype)
-    block_n = _dx_block_n(dev, block_n, block_c)
+    block_n, block_p, block_c, block_k = _dx_blocks(dev, num_protos, channels, x.dtype)
     # float16 features and gradient: exact in TF32 (_tf32_halves)
     exact_tf32 = x.dtype == torch.float16 and grad.dtype == torch.float16
     num_n_tiles = batch * triton.cdiv(length, block_n)  # tiles never straddle two images
@@ -592,7 +670,10 @@ def _bwd_op(
         dx if need_dx else None, delta, gread if need_gread else None, gsum if need_gsum else None,
         length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
-        NEED_DX=need_dx, NEED_GREAD=need_gread, NEED_GSUM=need_gsum, **dict(common, BLOCK_N=block_n),
+        NEED_DX=need_dx, NEED_GREAD=need_gread, NEED_GSUM=need_gsum,
+        WIDE=_needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
+        EXACT_TF32=exact_tf32,
+        **dict(common, BLOCK_N=block_n, BLOCK_K=block_k),
         **_launch_options(dev, num_stages=1),
     )
     gread = gread.sum(0) if need_gread else gread
