@@ -524,7 +524,8 @@ python -m benchmarks compile --target sm_90 --shape ade --dtype bf16 --layout nh
 ```
 
 CI runs that command for sm_90 and sm_80, NCHW and NHWC, and in deterministic mode, at the voc
-shape, and for sm_90 at ade, with the newest Triton and with Triton 3.8.0. It fails on any
+shape, for sm_90 at ade, and at 720 and 1024 channels (`--channels`, wide features; ops whose
+kernels do not take that width are skipped), with the newest Triton and with Triton 3.8.0. It fails on any
 compile error, and on any spill for bf16 features on sm_90 (`--max-stack 0`; 8 bytes with
 Triton 3.8, whose head prototype gradient spills that much at voc).
 
@@ -594,9 +595,11 @@ def write_docs(path: Path, shapes=("voc", "ade"), layouts=LAYOUTS, target: str =
             title = f"{shape}, bf16 features ({layout.upper()}), {target}, triton {triton.__version__}"
             parts.append(markdown(rows, title) + "\n" + "\n".join(predictions(rows, resolved)) + "\n")
     parts.append("## Other feature dtypes\n\nThe same kernels with float16 and float32 features (voc, NCHW). "
-                 "float16 runs the attention's GEMMs in 3xTF32 and float32 runs every GEMM in exact fp32 on the "
-                 "CUDA cores (`-` under tensor cores), as PyTorch's float32 matmul does by default. Both use "
-                 "smaller tiles than bf16 where that removed spills; the spills left below are open work.\n")
+                 "float16 runs the attention's products that have a float16 side (exact in TF32) as two TF32 "
+                 "products against the float32 side's halves, the others in 3xTF32; float32 runs every GEMM in "
+                 "exact fp32 on the CUDA cores (`-` under tensor cores), as PyTorch's float32 matmul does by "
+                 "default. Both use smaller tiles than bf16, channel chunks and register budgets where that "
+                 "removed spills.\n")
     for dtype in ("fp16", "fp32"):
         launches = compile_ops(target, "voc", dtype, "nchw")
         resolved = resolve_shape("voc", dtype)

@@ -266,21 +266,30 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         p_pad = _pad(p, int(meta["BLOCK_P"]))
         prec = _precision(meta, "DOT_PREC", s.feature_dtype)
         small = 2 * h * p * c * 4
+        # EXACT_TF32 / SPLIT_TF32 (float16 features): a product with an x or dout side, exact in
+        # TF32, runs as two TF32 products against the fp32 side's halves; the others at prec
+        split = "tf32" if meta.get("EXACT_TF32") or meta.get("SPLIT_TF32") else None
         if kernel == "_attention_fwd_kernel":
             bytes_ = once = 2 * n * c * xb + n * h * 4 + small
-            gemm(4 * n * h * p_pad * c, prec)
+            exact, other = 1, 1  # s = x Kt, o = a Vt
         elif kernel == "_attention_bwd_dx_kernel":
             bytes_ = once = 3 * n * c * xb + 2 * n * h * 4 + small
-            gemms = 2 + bool(meta.get("NEED_DX")) * 2 + bool(meta.get("NEED_GREAD"))
-            gemm(2 * gemms * n * h * p_pad * c, prec)
+            exact = 2 + bool(meta.get("NEED_GREAD"))  # s, da = dout Vt, and a^T dout for d(gamma)
+            other = bool(meta.get("NEED_DX")) * 2  # (a da) Kt, a Kt
         else:  # _attention_bwd_dproto_kernel: every (head, prototype tile) re-reads x and dout
             tiles = grid[0]
             bytes_ = tiles * (2 * n * c * xb + 2 * n * 4) + 3 * small
             once = 2 * n * c * xb + 2 * n * 4 + 3 * small
+            exact, other = 4, 0
             if meta.get("SPLIT16"):  # each product as two 16-bit ones (hi + lo halves)
+                exact, split = 0, None
                 gemm(2 * 8 * n * h * p_pad * c, "16-bit")
-            else:
-                gemm(8 * n * h * p_pad * c, prec)
+        if split:
+            gemm(2 * 2 * exact * n * h * p_pad * c, split)
+        else:
+            other += exact
+        if other:
+            gemm(2 * other * n * h * p_pad * c, prec)
     else:
         raise KeyError(f"no traffic model for kernel {kernel!r}")
     # bytes_once: the same launch if L2 served every re-read (programs that re-read a tile run
