@@ -665,7 +665,7 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict
     only, into one ``64 x C`` accumulator): 0 to 16 bytes are left (see docs/kernel-fused.md).
     Also tried: a 255-register budget, 16 warps (at most 128 registers each), 16-, 32- or
     128-channel chunks, two stages, channel halves with chunks, the norms summed from the
-    chunks: 8 to 184 bytes. 32 prototypes do not spill but read ``x`` twice as often (a
+    chunks: worst cases 24 to 184 bytes. 32 prototypes do not spill but read ``x`` twice as often (a
     modelled 3.9 ms instead of 2.0 at ade).
 
     fp32 features: 16 prototypes, the similarity over 64-channel chunks (held halves spilled 32
