@@ -322,6 +322,34 @@ def test_strided_features_are_not_copied(memory_format):
     assert xr.grad.stride() == x.stride()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_z_over_channel_chunks_for_16_bit_features(dtype, monkeypatch):
+    """On sm_80 at C = 512 the dW kernel takes z of bf16 features over channel chunks read from
+    memory (Z_CHUNK, _bwd_configs); the interpreter tiles do not, so here both backward
+    kernels are forced to: 40 channels in chunks of 16 (the last one masked) give the
+    gradients of the tile held on chip, up to summation order."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, dtype).movedim(1, -1).requires_grad_()
+    protos = torch.randn(7, 3, 40, generator=gen).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 7, (2, 3, 5), generator=gen).to(DEVICE)
+    y[0, 0, :2] = IGNORE
+
+    def grads():
+        loss = kc.contrastive_loss(x, protos, y, temperature=0.1, positives="all", similarity="cosine",
+                                   ignore_index=IGNORE)
+        return torch.autograd.grad(loss.sum(), (x, protos))
+
+    held = grads()
+    configs = kc._bwd_configs
+
+    def chunked(*args):
+        return tuple(dict(cfg, Z_CHUNK=16) for cfg in configs(*args))
+
+    monkeypatch.setattr(kc, "_bwd_configs", chunked)
+    for a, b in zip(grads(), held):
+        torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
+
+
 # ----------------------------------------------------------------------------- dW reduction
 def test_deterministic_mode_is_bitwise_repeatable():
     gen = torch.Generator().manual_seed(6)

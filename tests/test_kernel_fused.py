@@ -273,6 +273,41 @@ def test_gradcheck_reference_composition():
     assert torch.autograd.gradcheck(f, (x, protos, scale, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("pooling", ["max", "logsumexp"])
+def test_channel_chunks_of_the_prototype_gradient(pooling, dtype, monkeypatch):
+    """On sm_80 at C = 512 the prototype gradient takes the similarity of 16-bit features over
+    channel chunks read from memory, into one accumulator (S_CHUNK, _joint_dw_config); the
+    interpreter tiles do not, so here it is forced: 40 channels in chunks of 16 (the last one
+    masked) give the gradients of the two halves held on chip, up to summation order. Both
+    users: the one op, and logsumexp pooling alone."""
+    similarity = pytest.importorskip("torch_ppl.kernels.similarity")
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, dtype).requires_grad_()
+    protos = torch.randn(7, 3, 40, generator=gen).to(DEVICE).requires_grad_()
+    target = random_labels((2, 3, 5), 7, generator=gen)
+    g = torch.randn(2, 7, 3, 5, generator=gen).to(DEVICE)
+
+    def grads():
+        logits, loss = PF.prototype_logits_and_contrastive(
+            x, protos, target, None, similarity="cosine", pooling=pooling, scale=4.0, bias=None,
+            temperature=0.1, positives="all", backend="triton")
+        alone = PF.prototype_logits(x, protos, similarity="cosine", pooling=pooling, scale=4.0, backend="triton")
+        one = torch.autograd.grad((logits * g).sum() + 2.0 * loss, (x, protos))
+        return one + torch.autograd.grad((alone * g).sum(), (x, protos))
+
+    held = grads()
+    config = similarity._joint_dw_config
+
+    def chunked(device, c, x_dtype):
+        return dict(config(device, c, x_dtype), S_CHUNK=16)
+
+    monkeypatch.setattr(similarity, "_joint_dw_config", chunked)
+    monkeypatch.setattr(head_push, "_joint_dw_config", chunked)
+    for a, b in zip(grads(), held):
+        torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
+
+
 def test_deterministic_mode_is_bitwise_repeatable():
     gen = torch.Generator().manual_seed(16)
     x = torch.randn(67, 24, generator=gen).to(DEVICE).requires_grad_()

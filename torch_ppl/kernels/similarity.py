@@ -149,9 +149,10 @@ def _row_norms(X, b, l0, L, C, stride_b, stride_l, stride_c,
 def _chunk_similarity(X, b, l0, L, C, stride_b, stride_l, stride_c, WD, ks, m, K, M, inv,
                       PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr):
-    """:func:`_class_similarity` with the rows read from ``X`` in chunks of ``CHUNK`` channels
-    (one GEMM step each) instead of held on chip: fp32 GEMMs run on the CUDA cores, whose
-    operand registers grow with the reduction length, so a 256- or 512-channel step spills."""
+    """:func:`_class_similarity` with the rows read from ``X`` in chunks of ``CHUNK`` channels,
+    one GEMM step each, instead of held on chip: fp32 GEMMs run on the CUDA cores, whose operand
+    registers grow with the reduction length (a 256- or 512-channel step spills), and sm_80's
+    mma.sync keeps a GEMM's whole row operand in every warp."""
     rows = l0 + tl.arange(0, BLOCK_N)
     base = X + _pixel_offsets(b, rows, stride_b, stride_l)
     s = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
@@ -566,7 +567,9 @@ def _logits_push_bwd_dw_kernel(
     # labelled ones the push (_dz_tile is 0 elsewhere).
     # All C channels are held as two halves (x0, x1; dŴ0, dŴ1), as in _logits_bwd_dx_kernel:
     # fewer registers live at once (with 128-prototype tiles on sm_90, whole rows spilled 120
-    # bytes per thread, halves 72).
+    # bytes per thread, halves 72). S_CHUNK > 0 (fp32 features, sm_80 at C = 512;
+    # _joint_dw_config): the similarity GEMM walks the channels in chunks read from X and WD,
+    # nothing of WD stays on chip, and the rows, loaded whole after it, feed one dŴ GEMM.
     HALF: tl.constexpr = BLOCK_C // 2
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -583,8 +586,11 @@ def _logits_push_bwd_dw_kernel(
         scale = scale / M
     ones = tl.full((BLOCK_N,), 1.0, tl.float32)
 
-    dw0 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
-    dw1 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
+    if S_CHUNK == 0:
+        dw0 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
+        dw1 = tl.zeros((BLOCK_P, HALF), dtype=tl.float32)
+    else:
+        dw = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
     for tile in range(split, B * num_blocks, splits):
         if PUSH:
             b, rows64, row_in, valid, y, lse, pos, p_best, g_tau = _pixel_tile(
@@ -599,11 +605,9 @@ def _logits_push_bwd_dw_kernel(
             x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
             s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
         else:
-            # the similarity GEMM over chunks of S_CHUNK channels read from X and WD, then the
-            # rows as the dW GEMM's operand
             s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, protos, 0, K * M, 1, ones,
                                   PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, S_CHUNK)
-            x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+            x, _, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, BLOCK_C, COSINE)
             s = s * inv[:, None]
         if PUSH:
             ds = g_tau[:, None] * _dz_tile(s, ones, inv_tau, protos, p_in, valid, y, lse, pos, p_best, M, NEAREST)
@@ -621,15 +625,24 @@ def _logits_push_bwd_dw_kernel(
             g = g * tl.exp(s - tl.load(STAT + stat, mask=mask, other=0.0))
         # s = u Ŵᵀ  =>  dŴ += dsᵀ u = (ds * inv)ᵀ x: x stays the GEMM operand as loaded
         ds = tl.trans(dot_operand((ds + g) * inv[:, None], GRAD_DTYPE, UPCAST_DOT))
-        dw0 = tl.dot(ds, dot_operand(x0, GRAD_DTYPE, UPCAST_DOT), dw0, input_precision=GRAD_PRECISION,
-                     out_dtype=tl.float32)
-        dw1 = tl.dot(ds, dot_operand(x1, GRAD_DTYPE, UPCAST_DOT), dw1, input_precision=GRAD_PRECISION,
-                     out_dtype=tl.float32)
+        if S_CHUNK == 0:
+            dw0 = tl.dot(ds, dot_operand(x0, GRAD_DTYPE, UPCAST_DOT), dw0, input_precision=GRAD_PRECISION,
+                         out_dtype=tl.float32)
+            dw1 = tl.dot(ds, dot_operand(x1, GRAD_DTYPE, UPCAST_DOT), dw1, input_precision=GRAD_PRECISION,
+                         out_dtype=tl.float32)
+        else:
+            dw = tl.dot(ds, dot_operand(x, GRAD_DTYPE, UPCAST_DOT), dw, input_precision=GRAD_PRECISION,
+                        out_dtype=tl.float32)
 
-    cols = tl.arange(0, HALF)
-    offs = protos.to(tl.int64)[:, None] * C + cols[None, :]
-    _flush_dw(DW, dw0, offs, p_in[:, None] & (cols < C)[None, :], split, K * M, C, DETERMINISTIC)
-    _flush_dw(DW, dw1, offs + HALF, p_in[:, None] & (cols + HALF < C)[None, :], split, K * M, C, DETERMINISTIC)
+    if S_CHUNK == 0:
+        cols = tl.arange(0, HALF)
+        offs = protos.to(tl.int64)[:, None] * C + cols[None, :]
+        _flush_dw(DW, dw0, offs, p_in[:, None] & (cols < C)[None, :], split, K * M, C, DETERMINISTIC)
+        _flush_dw(DW, dw1, offs + HALF, p_in[:, None] & (cols + HALF < C)[None, :], split, K * M, C, DETERMINISTIC)
+    else:
+        cols = tl.arange(0, BLOCK_C)
+        offs = protos.to(tl.int64)[:, None] * C + cols[None, :]
+        _flush_dw(DW, dw, offs, p_in[:, None] & (cols < C)[None, :], split, K * M, C, DETERMINISTIC)
 
 
 # ============================================================================ host helpers
@@ -644,18 +657,21 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict
     (16 warps, the head's ``g`` and winner gathered per prototype on top of the contrastive dW
     kernel's tile), two stages 320 bytes at ade.
 
-    On sm_80 at C = 512 (ade) the 64-prototype tile spills 40 to 96 bytes per thread with bf16
-    and fp16 features (Triton 3.9; 48 to 128 with 3.8): its ``64 x 512`` fp32 accumulator takes
-    128 of the 255 registers in the mma.sync layout, and the similarity GEMM's ``x`` operand
-    (all 256 channels of a half per warp) most of the rest. A 255-register budget, 16 warps
-    (at most 128 registers each), the similarity over 32-, 64- or 128-channel chunks read from
-    memory (one or two stages) all spilled as much or more; 32 prototypes do not spill but read
-    ``x`` twice as often (a modelled 3.9 ms instead of 2.0 at ade), so the tile stays.
+    On sm_80 at C = 512 (ade) that tile spilled 40 to 96 bytes per thread with bf16 and fp16
+    features (Triton 3.9; 48 to 128 with 3.8): its ``64 x 512`` fp32 accumulator takes 128 of
+    the 255 registers in the mma.sync layout, and the similarity GEMM's ``x`` operand, all 256
+    channels of a half, is held by every warp. There the similarity walks the channels in
+    chunks of 64 read from memory (``S_CHUNK``; the rows are then loaded whole, for the dW GEMM
+    only, into one ``64 x C`` accumulator): 0 to 16 bytes are left (see docs/kernel-fused.md).
+    Also tried: a 255-register budget, 16 warps (at most 128 registers each), 16-, 32- or
+    128-channel chunks, two stages, channel halves with chunks, the norms summed from the
+    chunks: worst cases 24 to 184 bytes. 32 prototypes do not spill but read ``x`` twice as often (a
+    modelled 3.9 ms instead of 2.0 at ade).
 
-    fp32 features: 16 prototypes, the similarity GEMM over 64-channel chunks read from memory
-    (``S_CHUNK``; held halves spilled 32 bytes per thread at ade on sm_90: fp32 GEMMs run on
-    the CUDA cores, whose operand registers grow with the reduction length) and a 255-register
-    budget (ptxas's own choice, 128 registers, spilled 8 to 32 bytes)."""
+    fp32 features: 16 prototypes, the similarity over 64-channel chunks (held halves spilled 32
+    bytes per thread at ade on sm_90: fp32 GEMMs run on the CUDA cores, whose operand registers
+    grow with the reduction length) and a 255-register budget (ptxas's own choice, 128
+    registers, spilled 8 to 32 bytes)."""
     block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
     if not on_gpu(device):
         # small tiles on the interpreter, so that tests cross prototype tiles mid-class
@@ -669,7 +685,9 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict
         # wider features (up to 1024 channels): 64 prototypes asked for 168 to 197 KB of shared
         # memory, over an A100's 163
         return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=0, num_warps=8, num_stages=1)
-    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, S_CHUNK=0, num_warps=8, num_stages=1)
+    # sm_80 at C = 512: the similarity over channel chunks, beside one 64 x C accumulator
+    chunk = 64 if not has_wgmma(device) and block_c > 256 else 0
+    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, S_CHUNK=chunk, num_warps=8, num_stages=1)
 
 
 # The push's pointers of the forward and dx kernels (labels, loss or its gradient, lse, pos,
