@@ -424,10 +424,10 @@ def _attention_bwd_dproto_kernel(
         if SPLIT16:
             ds_hi, ds_lo = _halves(tl.trans(ds), UPCAST_DOT)
             a_hi, a_lo = _halves(tl.trans(a), UPCAST_DOT)
-            dkt = tl.dot(tl.broadcast_to(ds_hi[None, :, :], (NCH, BLOCK_P, BLOCK_N)), x, dkt)
-            dkt = tl.dot(tl.broadcast_to(ds_lo[None, :, :], (NCH, BLOCK_P, BLOCK_N)), x, dkt)
-            dvt = tl.dot(tl.broadcast_to(a_hi[None, :, :], (NCH, BLOCK_P, BLOCK_N)), g, dvt)
-            dvt = tl.dot(tl.broadcast_to(a_lo[None, :, :], (NCH, BLOCK_P, BLOCK_N)), g, dvt)
+            dkt = tl.dot(_per_chunk(ds_hi, NCH), x, dkt)
+            dkt = tl.dot(_per_chunk(ds_lo, NCH), x, dkt)
+            dvt = tl.dot(_per_chunk(a_hi, NCH), g, dvt)
+            dvt = tl.dot(_per_chunk(a_lo, NCH), g, dvt)
         elif SPLIT_TF32:
             ds_hi, ds_lo = _tf32_halves(tl.trans(ds))
             a_hi, a_lo = _tf32_halves(tl.trans(a))
@@ -436,8 +436,8 @@ def _attention_bwd_dproto_kernel(
             dvt = tl.dot(_per_chunk(a_hi, NCH), g, dvt, input_precision="tf32")
             dvt = tl.dot(_per_chunk(a_lo, NCH), g, dvt, input_precision="tf32")
         else:
-            ds_t = tl.broadcast_to(tl.trans(ds)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
-            a_t = tl.broadcast_to(tl.trans(a)[None, :, :], (NCH, BLOCK_P, BLOCK_N))
+            ds_t = _per_chunk(tl.trans(ds), NCH)
+            a_t = _per_chunk(tl.trans(a), NCH)
             dkt += tl.dot(ds_t, x, input_precision=DOT_PREC)
             dvt += tl.dot(a_t, g, input_precision=DOT_PREC)
         dc += tl.sum(ds, 0)
