@@ -612,11 +612,22 @@ def write_docs(path: Path, shapes=("voc", "ade"), layouts=LAYOUTS, target: str =
     return 1 if failed else 0
 
 
+def _channels(text: str) -> int:
+    """``--channels``: a positive int, else argparse's usage error naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number of channels, got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="sm_90", choices=tuple(TARGETS), help="GPU to compile for (default: %(default)s)")
     p.add_argument("--shape", default="voc", choices=("voc", "cityscapes", "ade", "voc-fullres"),
                    help="benchmark shape (default: %(default)s)")
-    p.add_argument("--channels", type=int, default=None, metavar="C",
+    p.add_argument("--channels", type=_channels, default=None, metavar="C",
                    help="feature channels instead of the shape's own (wide features: 720, 2048, ...)")
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="feature dtype (default: %(default)s)")
     p.add_argument("--layout", default="nchw", choices=LAYOUTS,

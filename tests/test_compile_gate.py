@@ -221,3 +221,17 @@ def test_wide_features_compile_only_the_ops_that_take_them():
     assert gate.fitting_ops(ops, max(widest.values()) + 1) == ([], ops)
     shape = gate.resolve_shape("voc", "fp16", channels=720)
     assert (shape.C, shape.name, shape.N) == (720, "voc-C720", gate.resolve_shape("voc", "fp16").N)
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "wide"])
+def test_channels_option_must_be_a_positive_int(bad, capsys):
+    import argparse
+
+    from benchmarks import compile as gate
+
+    parser = argparse.ArgumentParser()
+    gate.add_arguments(parser)
+    assert parser.parse_args(["--channels", "720"]).channels == 720
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--channels", bad])
+    assert f"argument --channels: expected a positive number of channels, got '{bad}'" in capsys.readouterr().err
