@@ -116,6 +116,16 @@ def _stand_in_driver(arch: int):
     return StandInDriver()
 
 
+def _forget_compiled(fn) -> None:
+    """Empty a ``JITFunction``'s per-device kernel cache (``device_caches`` from Triton 3.3 on,
+    ``cache`` and the argument binder before)."""
+    if hasattr(fn, "device_caches"):
+        fn.device_caches.clear()
+    else:
+        fn.cache.clear()
+        fn.binder = None
+
+
 def record_launches(arch: int, num_sms: int):
     """Context manager: inside it the torch_ppl launchers tile for ``arch`` and every
     ``kernel[grid](...)`` compiles for it and is recorded instead of launched. Yields the list
@@ -139,7 +149,7 @@ def record_launches(arch: int, num_sms: int):
                 # Triton keys its per-kernel binder and kernel cache by device index (0 here,
                 # whatever the target): start from empty ones so that nothing compiled for
                 # another target is reused, and empty them again on the way out.
-                self.device_caches.clear()
+                _forget_compiled(self)
                 touched.add(self)
             name = self.fn.__name__
             launch = Launch(op="", kernel=name, grid=tuple(grid) if not callable(grid) else ("?",),
@@ -152,7 +162,10 @@ def record_launches(arch: int, num_sms: int):
                 launch.error = f"{type(err).__name__}: {err}"
             return launch.compiled
 
-        previous = driver._active  # None until a real driver was needed; reset_active would make one
+        # Triton 3.5 on keeps the active driver in ``_active`` (None until a real driver was
+        # needed; reset_active would make one), earlier releases in ``active``
+        slot = "_active" if hasattr(driver, "_active") else "active"
+        previous = getattr(driver, slot)
         driver.set_active(_stand_in_driver(arch))
         JITFunction.run = run
         try:
@@ -160,9 +173,9 @@ def record_launches(arch: int, num_sms: int):
                 yield launches
         finally:
             JITFunction.run = original
-            driver._active = previous
+            setattr(driver, slot, previous)
             for fn in touched:
-                fn.device_caches.clear()
+                _forget_compiled(fn)
 
     return _ctx()
 
@@ -525,9 +538,10 @@ python -m benchmarks compile --target sm_90 --shape ade --dtype bf16 --layout nh
 
 CI runs that command for sm_90 and sm_80, NCHW and NHWC, and in deterministic mode, at the voc
 shape, for sm_90 at ade, and at 720 and 1024 channels (`--channels`, wide features; ops whose
-kernels do not take that width are skipped), with the newest Triton and with Triton 3.8.0. It fails on any
-compile error, and on any spill for bf16 features on sm_90 (`--max-stack 0`; 8 bytes with
-Triton 3.8, whose head prototype gradient spills that much at voc).
+kernels do not take that width are skipped), with the newest Triton and with Triton 3.8.0, and
+at fewer shapes with Triton 3.3.1, the oldest the kernels take. It fails on any compile error,
+and on any spill for bf16 features on sm_90 (`--max-stack 0`; 8 bytes with Triton 3.8, whose
+head prototype gradient spills that much at voc; no limit with Triton 3.3).
 
 ## The kernels
 
