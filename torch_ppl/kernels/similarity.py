@@ -375,7 +375,7 @@ def _logits_bwd_dx_kernel(
     # spilling on sm_90.
     # PUSH adds the contrastive loss's ds (_push_ds, from the recomputed s and the forward's
     # per-pixel statistics) to the head's before the one du GEMM, so dx of both costs one pass.
-    NEED_S: tl.constexpr = (POOL == 1) or NEED_DSCALE or PUSH
+    NEED_S: tl.constexpr = ((POOL == 1) or NEED_DSCALE) or PUSH  # Triton 3.3 refuses a chained `or`
     HALF: tl.constexpr = BLOCK_C // 2
     # S_CHUNK > 0: the recomputed similarities walk the channels in chunks read from X
     # (_chunk_similarity), and x is loaded whole only for the normalisation backward
