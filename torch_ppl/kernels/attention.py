@@ -53,9 +53,9 @@ __all__ = ["prototype_attention", "prototype_side"]
 # (major, minor) of the installed Triton: some tiles compile without spilling with one release
 # and not with another (_dproto_blocks)
 _TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
-# The narrowest prototype tile of float16 and float32 features (_blocks, _dx_blocks): fp32
-# tl.dot operands may be 8 wide from Triton 3.4 on; Triton 3.3 takes no side under 16
-_NARROW_P = 8 if _TRITON >= (3, 4) else 16
+# The narrowest prototype tile of float16 and float32 features (_blocks, _dx_blocks): a tl.dot
+# with fp32 operands may be 8 deep from Triton 3.8 on; 3.3 to 3.7 take no side under 16
+_NARROW_P = 8 if _TRITON >= (3, 8) else 16
 
 # ============================================================================ Triton kernels
 @triton.jit
@@ -480,7 +480,7 @@ def _blocks(device: torch.device, num_protos: int, channels: int,
       spilled 8 to 1500 bytes per thread in the forward or ``dx``).
     * ``C = 256``: 32 x 32 for bfloat16, 16 x 16 for float16 and float32; chunks of 32.
     * ``C = 512``: 16 x 16 for bfloat16, 16 x 8 for float16 and float32 (fp32 ``tl.dot``
-      operands may be 8 deep; 16 with Triton 3.3, which takes nothing narrower); chunks of 16.
+      operands may be 8 deep; 16 before Triton 3.8, which took nothing narrower); chunks of 16.
       16 float32 prototypes spilled up to 232 bytes with a layer scale (``gamma``).
 
     Unchunked, the 16 x 16 score tile of a C-deep product left the eight warps nothing to split
@@ -514,7 +514,7 @@ def _dx_blocks(device: torch.device, num_protos: int, channels: int,
     16 pixels from ``C = 256`` on (besides ``x`` it holds ``g`` and two per-head accumulators:
     32 pixels spilled 32 to 40 bytes at ``C = 256`` on sm_90) and 8 prototypes for float16 and
     float32 features (16 spilled nothing at ``C = 256`` but 8 to 120 bytes at ``C = 512``;
-    Triton 3.3 takes no fewer)."""
+    16 before Triton 3.8, which took no fewer)."""
     block_n, block_p, block_c, block_k = _blocks(device, num_protos, channels, dtype)
     if on_gpu(device) and block_c >= 256:
         block_n = min(block_n, 16)
