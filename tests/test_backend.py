@@ -4,6 +4,8 @@ Nothing here runs a Triton kernel: only the choice is tested.
 """
 from __future__ import annotations
 
+import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -118,10 +120,43 @@ def test_triton_on_cpu_with_interpreter_resolves(clean_env):
     assert _backend.resolve("triton", X, PROTOS) == "triton"
 
 
+def fresh_triton_probe(monkeypatch):
+    """Forget what the process found out about Triton, so the next call probes again."""
+    monkeypatch.setattr(_backend, "_TRITON_CHECKED", False)
+    monkeypatch.setattr(_backend, "_TRITON_PROBLEM", None)
+
+
 def test_triton_missing_raises_runtime_error(clean_env):
-    clean_env.setattr(_backend, "triton_available", lambda: False)
+    fresh_triton_probe(clean_env)
+    clean_env.setitem(sys.modules, "triton", None)  # import triton raises ImportError
+    assert not _backend.triton_available()
+    assert _backend.resolve("auto", fake_cuda_tensor()) == "reference"
     with pytest.raises(RuntimeError, match="needs the triton package"):
         _backend.resolve("triton", fake_cuda_tensor())
+
+
+def test_triton_older_than_the_kernels_take_warns_once_and_runs_the_reference(clean_env):
+    """Triton 3.2 (torch 2.6's) aborts in its compiler on the kernels: a CUDA user with it gets
+    the reference under "auto", told once why, and a clear error for backend="triton"."""
+    fresh_triton_probe(clean_env)
+    clean_env.setitem(sys.modules, "triton", SimpleNamespace(__version__="3.2.0"))
+    with pytest.warns(RuntimeWarning, match=r"triton >= 3\.3 .*triton 3\.2\.0 is installed"):
+        assert _backend.resolve("auto", fake_cuda_tensor()) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process
+        assert _backend.resolve("auto", fake_cuda_tensor()) == "reference"
+        with pytest.raises(RuntimeError, match=r"backend='triton' needs triton >= 3\.3 .*3\.2\.0"):
+            _backend.resolve("triton", fake_cuda_tensor())
+
+
+@pytest.mark.parametrize("version", ["3.3.0", "3.3.1", "3.10.0", "3.4.0+git5389ed7", "4.0.0rc1"])
+def test_triton_from_the_oldest_the_kernels_take_is_accepted(clean_env, version):
+    fresh_triton_probe(clean_env)
+    clean_env.setitem(sys.modules, "triton", SimpleNamespace(__version__=version))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.triton_available()
+        assert _backend.resolve("auto", fake_cuda_tensor()) == "triton"
 
 
 @pytest.mark.parametrize("value", ["reference", " reference "])

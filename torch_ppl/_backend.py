@@ -13,8 +13,10 @@ custom op (see :func:`exporting`).
 """
 from __future__ import annotations
 
+import itertools
 import os
-from typing import Callable, Optional
+import warnings
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,20 +38,54 @@ MAX_TRITON_CHANNELS = {
     "prototype_attention": 512,
 }
 
-_TRITON_IMPORTS: Optional[bool] = None  # found out on first use, then a constant of the process
+# The oldest Triton the kernels compile with: CI compiles every kernel with it for sm_90 and
+# sm_80 (as it does with the newest). Triton 3.2, which torch 2.6 brings, aborts inside its own
+# compiler on one of them: with it, "auto" runs the reference and "triton" is refused.
+MIN_TRITON = (3, 3)
+
+_TRITON_PROBLEM: Optional[str] = None  # found out on first use, then a constant of the process
+_TRITON_CHECKED = False
+
+
+def _version_tuple(version: str) -> Tuple[int, ...]:
+    """``"3.4.0+git1234"`` -> ``(3, 4, 0)``: the leading numeric fields."""
+    fields = []
+    for field in version.split("+")[0].split("."):
+        digits = "".join(itertools.takewhile(str.isdigit, field))
+        if not digits:
+            break
+        fields.append(int(digits))
+    return tuple(fields)
+
+
+def triton_problem() -> Optional[str]:
+    """Why the fused kernels cannot run here (Triton missing, broken, or older than
+    :data:`MIN_TRITON`), or ``None`` when they can. The first call that finds Triton too old
+    warns once."""
+    # Module globals rather than functools.lru_cache: torch.compile traces through lru_cache
+    # and warns about it on every model that uses torch_ppl.
+    global _TRITON_PROBLEM, _TRITON_CHECKED
+    if not _TRITON_CHECKED:
+        _TRITON_CHECKED = True
+        try:
+            import triton
+        except Exception:  # ImportError, or a broken install raising on import
+            _TRITON_PROBLEM = ("needs the triton package, which does not import here: pip install "
+                               "\"torch_ppl[triton]\" (CUDA builds of torch bring their own)")
+        else:
+            version = getattr(triton, "__version__", "0")
+            if _version_tuple(version) < MIN_TRITON:
+                oldest = ".".join(map(str, MIN_TRITON))
+                _TRITON_PROBLEM = (f"needs triton >= {oldest} (the oldest the kernels compile with); "
+                                   f"triton {version} is installed: pip install \"triton>={oldest}\" or a newer torch")
+                warnings.warn(f"torch_ppl: the fused kernels are off, so backend='auto' runs the reference: "
+                              f"torch_ppl {_TRITON_PROBLEM}", RuntimeWarning, stacklevel=2)
+    return _TRITON_PROBLEM
 
 
 def triton_available() -> bool:
-    # A module global rather than functools.lru_cache: torch.compile traces through lru_cache
-    # and warns about it on every model that uses torch_ppl.
-    global _TRITON_IMPORTS
-    if _TRITON_IMPORTS is None:
-        try:
-            import triton  # noqa: F401
-            _TRITON_IMPORTS = True
-        except Exception:  # ImportError, or a broken install raising on import
-            _TRITON_IMPORTS = False
-    return _TRITON_IMPORTS
+    """Whether the fused kernels can run here: Triton imports and is at least :data:`MIN_TRITON`."""
+    return triton_problem() is None
 
 
 def interpret_mode() -> bool:
@@ -93,7 +129,8 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "", channels: Op
         ValueError: unknown backend, or ``"triton"`` for tensors it cannot run on (not on CUDA,
             or features of more ``channels`` than :data:`MAX_TRITON_CHANNELS` allows the op
             whose kernels run: ``kernel``, else ``op``, the name errors start with).
-        RuntimeError: ``"triton"`` asked for but Triton does not import.
+        RuntimeError: ``"triton"`` asked for but Triton does not import or is older than
+            :data:`MIN_TRITON`.
     """
     check_backend(backend)
     if exporting():
@@ -112,11 +149,9 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "", channels: Op
             return "triton" if on_cuda and fits and triton_available() else "reference"
     if backend == "triton":
         where = f"{op}: " if op else ""
-        if not triton_available():
-            raise RuntimeError(
-                f"{where}backend='triton' needs the triton package, which does not import here: "
-                f"pip install \"torch_ppl[triton]\" (CUDA builds of torch bring their own), or use "
-                f"backend='reference'")
+        problem = triton_problem()
+        if problem is not None:
+            raise RuntimeError(f"{where}backend='triton' {problem}; or use backend='reference'")
         devices = {t.device.type for t in tensors if t is not None}
         if devices - {"cuda"} and not interpret_mode() and COMPILE_TARGET is None:
             raise ValueError(
