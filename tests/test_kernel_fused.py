@@ -273,14 +273,16 @@ def test_gradcheck_reference_composition():
     assert torch.autograd.gradcheck(f, (x, protos, scale, bias))
 
 
+@pytest.mark.parametrize("forced", [dict(S_CHUNK=16), dict(S_TRANSPOSED=True)], ids=["chunks", "transposed"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("pooling", ["max", "logsumexp"])
-def test_channel_chunks_of_the_prototype_gradient(pooling, dtype, monkeypatch):
-    """On sm_80 at C = 512 the prototype gradient takes the similarity of 16-bit features over
-    channel chunks read from memory, into one accumulator (S_CHUNK, _joint_dw_config); the
-    interpreter tiles do not, so here it is forced: 40 channels in chunks of 16 (the last one
-    masked) give the gradients of the two halves held on chip, up to summation order. Both
-    users: the one op, and logsumexp pooling alone."""
+def test_similarity_forms_of_the_prototype_gradient(pooling, dtype, forced, monkeypatch):
+    """The prototype gradient's similarity of 16-bit features has three forms on the GPU
+    (_joint_dw_config): two channel halves held on chip, channel chunks read from memory into
+    one accumulator (S_CHUNK: sm_80 at C = 512), and the transposed GEMM (S_TRANSPOSED:
+    channels-last features on sm_90). NCHW features on the interpreter take the halves; each
+    other form is forced here (40 channels: the last chunk of 16 masked) and must give the same
+    gradients up to summation order. Both users: the one op, and logsumexp pooling alone."""
     similarity = pytest.importorskip("torch_ppl.kernels.similarity")
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, dtype).requires_grad_()
@@ -299,11 +301,13 @@ def test_channel_chunks_of_the_prototype_gradient(pooling, dtype, monkeypatch):
     held = grads()
     config = similarity._joint_dw_config
 
-    def chunked(device, c, x_dtype):
-        return dict(config(device, c, x_dtype), S_CHUNK=16)
+    def other_form(device, c, x_dtype, channels_last):
+        tiles = config(device, c, x_dtype, channels_last)
+        assert tiles["S_CHUNK"] == 0 and not tiles["S_TRANSPOSED"]
+        return dict(tiles, **forced)
 
-    monkeypatch.setattr(similarity, "_joint_dw_config", chunked)
-    monkeypatch.setattr(head_push, "_joint_dw_config", chunked)
+    monkeypatch.setattr(similarity, "_joint_dw_config", other_form)
+    monkeypatch.setattr(head_push, "_joint_dw_config", other_form)
     for a, b in zip(grads(), held):
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
 

@@ -203,6 +203,20 @@ def _half_similarity(x0, x1, w0, w1, inv, PRECISION: tl.constexpr, UPCAST_DOT: t
 
 
 @triton.jit
+def _half_similarity_t(x0, x1, w0, w1, inv, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """:func:`_half_similarity` computed as ``(Ŵ xᵀ)ᵀ``: the prototypes are the GEMM's rows, so a
+    tile of 64 or more of them makes it a wgmma on sm_90 (16 pixel rows make it an mma.sync)."""
+    if UPCAST_DOT:
+        x0, x1, w0, w1 = x0.to(tl.float32), x1.to(tl.float32), w0.to(tl.float32), w1.to(tl.float32)
+        st = tl.dot(w0, tl.trans(x0), input_precision="ieee", out_dtype=tl.float32)
+        st = tl.dot(w1, tl.trans(x1), st, input_precision="ieee", out_dtype=tl.float32)
+    else:
+        st = tl.dot(w0, tl.trans(x0), input_precision=PRECISION, out_dtype=tl.float32)
+        st = tl.dot(w1, tl.trans(x1), st, input_precision=PRECISION, out_dtype=tl.float32)
+    return tl.trans(st) * inv[:, None]
+
+
+@triton.jit
 def _push_fwd_update(s, ks, K, y, m, M, inv_tau, m_all, l_all, m_pos, l_pos, p_best, NEAREST: tl.constexpr):
     """Folds the similarities ``s`` ``(BLOCK_N, BLOCK_K)`` of prototype index ``m`` of a class
     tile into the push's per-pixel statistics over ``z = s / tau``: the online logsumexp over
@@ -554,6 +568,7 @@ def _logits_push_bwd_dw_kernel(
     GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DETERMINISTIC: tl.constexpr, PUSH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
+    S_TRANSPOSED: tl.constexpr,
 ):
     # The prototype gradient of the head and the push together (without PUSH, the head's
     # alone: logsumexp pooling, whose ds needs the similarities, runs here too): the push's ds needs the
@@ -570,6 +585,9 @@ def _logits_push_bwd_dw_kernel(
     # bytes per thread, halves 72). S_CHUNK > 0 (fp32 features, sm_80 at C = 512;
     # _joint_dw_config): the similarity GEMM walks the channels in chunks read from X and WD,
     # nothing of WD stays on chip, and the rows, loaded whole after it, feed one dŴ GEMM.
+    # S_TRANSPOSED: the similarity is computed as (Ŵ xᵀ)ᵀ, BLOCK_P rows deep enough for wgmma,
+    # whose operands stay in shared memory; as x Ŵᵀ its 16 pixel rows take mma.sync, which holds
+    # the whole BLOCK_P x C tile of Ŵ in every warp's registers.
     HALF: tl.constexpr = BLOCK_C // 2
     split = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -603,7 +621,10 @@ def _logits_push_bwd_dw_kernel(
         l0 = (tile % num_blocks) * BLOCK_N
         if S_CHUNK == 0:
             x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
-            s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
+            if S_TRANSPOSED:
+                s = _half_similarity_t(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
+            else:
+                s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
         else:
             s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, protos, 0, K * M, 1, ones,
                                   PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, S_CHUNK)
@@ -646,7 +667,7 @@ def _logits_push_bwd_dw_kernel(
 
 
 # ============================================================================ host helpers
-def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict:
+def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channels_last: bool) -> dict:
     """Tiles of :func:`_logits_push_bwd_dw_kernel`: ``BLOCK_P`` prototypes of the flat axis x all
     ``C`` channels of fp32 accumulator, ``BLOCK_N`` pixels per step.
 
@@ -656,6 +677,15 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict
     prototypes, which halve the re-reads of ``x`` at voc, spilled 72 bytes per thread on sm_90
     (16 warps, the head's ``g`` and winner gathered per prototype on top of the contrastive dW
     kernel's tile), two stages 320 bytes at ade.
+
+    Channels-last bfloat16 features (and ``(N, C)`` rows) on sm_90 up to 256 channels take 128
+    prototypes, with the similarity transposed (``S_TRANSPOSED``): as a wgmma, ``Ŵ``'s tile stays
+    in shared memory instead of every warp's registers, and 8 warps hold the ``128 x C``
+    accumulator without spilling (voc, Triton 3.8 and 3.9): a modelled 94 µs instead of 179 at
+    voc. float16 features, whose gradient GEMM takes fp32 operands, spilled 32 bytes per thread
+    with Triton 3.8. NCHW features spill with it (88 to 224 bytes per thread with 8 warps,
+    one or two stages; more with 32 or 64 pixels or 16 warps; 112 even with 64 prototypes),
+    for a reason not pinned down: only the layout of the ``x`` loads differs.
 
     On sm_80 at C = 512 (ade) that tile spilled 40 to 96 bytes per thread with bf16 and fp16
     features (Triton 3.9; 48 to 128 with 3.8): its ``64 x 512`` fp32 accumulator takes 128 of
@@ -674,20 +704,28 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype) -> dict
     registers, spilled 8 to 32 bytes)."""
     block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
     if not on_gpu(device):
-        # small tiles on the interpreter, so that tests cross prototype tiles mid-class
+        # small tiles on the interpreter, so that tests cross prototype tiles mid-class; the
+        # transposed similarity with channels-last features, as on sm_90, so that tests run it
         return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=16 if x_dtype == torch.float32 else 0,
-                    num_warps=4, num_stages=1)
+                    S_TRANSPOSED=channels_last and x_dtype == torch.bfloat16, num_warps=4, num_stages=1)
     if x_dtype == torch.float32:
         # fp32 GEMMs run on the CUDA cores, whose register tiles are larger: small prototype
         # tiles, the similarity over channel chunks
-        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=64, num_warps=8, num_stages=1, maxnreg=255)
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=64, S_TRANSPOSED=False, num_warps=8,
+                    num_stages=1, maxnreg=255)
     if block_c > 512:
         # wider features (up to 1024 channels): 64 prototypes asked for 168 to 197 KB of shared
         # memory, over an A100's 163
-        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=0, num_warps=8, num_stages=1)
+        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=0, S_TRANSPOSED=False, num_warps=8,
+                    num_stages=1)
+    if channels_last and x_dtype == torch.bfloat16 and has_wgmma(device) and block_c <= 256:
+        # 128 prototypes, half the re-reads of x, with the similarity on wgmma
+        return dict(BLOCK_N=16, BLOCK_P=128, BLOCK_C=block_c, S_CHUNK=0, S_TRANSPOSED=True, num_warps=8,
+                    num_stages=1)
     # sm_80 at C = 512: the similarity over channel chunks, beside one 64 x C accumulator
     chunk = 64 if not has_wgmma(device) and block_c > 256 else 0
-    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, S_CHUNK=chunk, num_warps=8, num_stages=1)
+    return dict(BLOCK_N=16, BLOCK_P=64, BLOCK_C=block_c, S_CHUNK=chunk, S_TRANSPOSED=False, num_warps=8,
+                num_stages=1)
 
 
 # The push's pointers of the forward and dx kernels (labels, loss or its gradient, lse, pos,
@@ -926,7 +964,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
         if pool == 1:
             # logsumexp: ds = scale g exp(s - pooled) needs the similarities, recomputed over all
             # channels per flat prototype tile by the joint kernel without the push
-            tiles = _joint_dw_config(x.device, c, x.dtype)
+            tiles = _joint_dw_config(x.device, c, x.dtype, channels_last=x3.stride(2) == 1)
             p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
             grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
             target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
