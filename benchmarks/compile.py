@@ -31,13 +31,16 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108)}  # H100 SXM, A100 SXM: compute capability, SMs
-# Shared memory one block may use (opt-in maximum): 227 KB on sm_90, 163 KB on sm_80. Triton only
-# finds out at load time, which a compile without a GPU never reaches, so the gate checks it.
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+# compute capability and SMs: H100 SXM, A100 SXM, RTX A6000 (sm_86 stands for the GPUs whose blocks
+# may use 99 KB of shared memory: sm_86, sm_89 and sm_120, the RTX 30/40/50 series, A10, L4, L40S)
+TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108), "sm_86": (86, 84)}
+# Shared memory one block may use (opt-in maximum): 227 KB on sm_90, 163 KB on sm_80, 99 KB on
+# sm_86. Triton only finds out at load time, which a compile without a GPU never reaches, so the
+# gate checks it.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}
 # Shared memory of one SM (a block also reserves 1 KB of it) and the per-SM limits that decide
 # how many blocks run side by side (CUDA occupancy rules for sm_80 and sm_90).
-SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024}
+SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024, 86: 100 * 1024}
 REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 64, 32
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("nchw", "nhwc")
@@ -169,7 +172,7 @@ def record_launches(arch: int, num_sms: int):
         driver.set_active(_stand_in_driver(arch))
         JITFunction.run = run
         try:
-            with _common.compile_for(_common.CompileTarget(arch, num_sms)):
+            with _common.compile_for(_common.CompileTarget(arch, num_sms, SHARED_LIMIT[arch])):
                 yield launches
         finally:
             JITFunction.run = original
@@ -462,13 +465,16 @@ def _model(r) -> str:
     return f"{m['bytes'] / 1e6:.0f} | {gflop:.1f} ({precisions}) | {r['ideal_us']:.0f}"
 
 
-def fitting_ops(ops, channels: int) -> Tuple[List[str], List[str]]:
-    """``ops`` split into those whose kernels take ``channels``-wide features and the others
-    (``torch_ppl._backend.MAX_TRITON_CHANNELS``; the head variants run the head's kernels)."""
+def fitting_ops(ops, channels: int, shared: Optional[int] = None) -> Tuple[List[str], List[str]]:
+    """``(fits, too_wide)``: the ops among ``ops`` whose kernels take ``channels``-wide features
+    on a GPU whose blocks may use ``shared`` bytes of shared memory (default: an A100's or more;
+    ``torch_ppl._backend.max_triton_channels``; the head variants run the head's kernels)."""
     from torch_ppl import _backend
 
+    shared = _backend.LARGE_SHARED if shared is None else shared
+
     def widest(op: str) -> int:
-        return _backend.MAX_TRITON_CHANNELS["prototype_logits" if op in HEAD_VARIANTS else op]
+        return _backend.max_triton_channels("prototype_logits" if op in HEAD_VARIANTS else op, shared)
 
     return [op for op in ops if channels <= widest(op)], [op for op in ops if channels > widest(op)]
 
@@ -491,7 +497,7 @@ def run(args) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.monotonic()
     shape = resolve_shape(args.shape, args.dtype, args.channels)
-    ops, too_wide = fitting_ops(args.ops, shape.C)
+    ops, too_wide = fitting_ops(args.ops, shape.C, SHARED_LIMIT[TARGETS[args.target][0]])
     for op in too_wide:
         print(f"{op}: skipped, C = {shape.C} is wider than its kernels take (the reference runs it)")
     launches = compile_ops(args.target, shape, args.dtype, args.layout, ops, args.deterministic)

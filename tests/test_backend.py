@@ -20,11 +20,16 @@ PROTOS = torch.randn(3, 2, 4)
 TARGET = torch.randint(0, 3, (2, 3, 3))
 
 
+H100 = ((9, 0), 227 * 1024)  # what gpu_properties reports: capability, shared memory per block
+
+
 @pytest.fixture
 def clean_env(monkeypatch):
-    """No override, no interpreter: the state of a user's CPU machine."""
+    """No override, no interpreter: the state of a user's CPU machine; "CUDA" tensors
+    (fake_cuda_tensor) are on an H100."""
     monkeypatch.delenv(ENV, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(_backend, "gpu_properties", lambda device: H100)
     return monkeypatch
 
 
@@ -83,6 +88,44 @@ def test_features_wider_than_the_kernels_take_auto_to_reference(clean_env):
     with pytest.raises(ValueError, match=rf"push_pull_loss: .* at most {widest} channels"):
         _backend.resolve("triton", fake_cuda_tensor(), op="push_pull_loss", kernel="contrastive_loss",
                          channels=widest + 1)
+
+
+@pytest.mark.parametrize("gpu", [((8, 6), 99 * 1024), ((8, 9), 99 * 1024), ((12, 0), 99 * 1024)],
+                         ids=["sm_86", "sm_89", "sm_120"])
+def test_gpus_with_less_shared_memory_take_narrower_attention(clean_env, gpu):
+    """RTX 30/40/50-class GPUs let a block use 99 KB of shared memory, where the attention's
+    tiles fit up to 256 channels; the other ops take as wide features as on an A100."""
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+    clean_env.setattr(_backend, "gpu_properties", lambda device: gpu)
+    small = _backend.MAX_TRITON_CHANNELS_SMALL_SHARED
+    assert small["prototype_attention"] == 256
+    for op, widest in small.items():
+        assert widest <= _backend.MAX_TRITON_CHANNELS[op]
+        assert _backend.resolve("auto", fake_cuda_tensor(), op=op, channels=widest) == "triton"
+        assert _backend.resolve("auto", fake_cuda_tensor(), op=op, channels=widest + 1) == "reference"
+    with pytest.raises(ValueError, match=r"prototype_attention: backend='triton' takes features of at most 256 "
+                                         r"channels on a GPU whose blocks may use 99 KB of shared memory .*got 512"):
+        _backend.resolve("triton", fake_cuda_tensor(), op="prototype_attention", channels=512)
+
+
+@pytest.mark.parametrize("capability", [(7, 0), (7, 5)], ids=["V100", "T4"])
+def test_gpus_older_than_sm_80_run_the_reference(clean_env, capability):
+    clean_env.setattr(_backend, "triton_available", lambda: True)
+    clean_env.setattr(_backend, "gpu_properties", lambda device: (capability, 96 * 1024))
+    assert _backend.resolve("auto", fake_cuda_tensor(), op="prototype_logits", channels=256) == "reference"
+    with pytest.raises(ValueError, match=rf"prototype_logits: backend='triton' needs a GPU of compute capability "
+                                         rf"8\.0 or newer .*{capability[0]}\.{capability[1]}"):
+        _backend.resolve("triton", fake_cuda_tensor(), op="prototype_logits", channels=256)
+
+
+def test_gpu_properties_of_the_compile_target(clean_env):
+    """Inside compile_for the launchers see the named GPU, its shared memory given or the
+    data-centre part's of its architecture."""
+    clean_env.undo()
+    clean_env.setattr(_backend, "COMPILE_TARGET", SimpleNamespace(arch=86, num_sms=84, shared=99 * 1024))
+    assert _backend.gpu_properties(torch.device("cpu")) == ((8, 6), 99 * 1024)
+    clean_env.setattr(_backend, "COMPILE_TARGET", SimpleNamespace(arch=90, num_sms=132, shared=None))
+    assert _backend.gpu_properties(torch.device("cpu")) == ((9, 0), 227 * 1024)
 
 
 def test_every_entry_point_refuses_too_wide_features_for_triton_before_a_launch(clean_env):

@@ -219,6 +219,12 @@ def test_wide_features_compile_only_the_ops_that_take_them():
     assert skipped == [op for op in ops if widest.get(op, widest["prototype_logits"]) < c]
     assert "prototype_attention" in skipped and "prototype_logits-lse-scale" in fits
     assert gate.fitting_ops(ops, max(widest.values()) + 1) == ([], ops)
+    # a GPU whose blocks may use 99 KB of shared memory (the sm_86 target) takes the attention
+    # up to 256 channels only
+    small = gate.SHARED_LIMIT[gate.TARGETS["sm_86"][0]]
+    assert gate.fitting_ops(ops, 256, small) == (ops, [])
+    assert gate.fitting_ops(ops, 512, small) == ([op for op in ops if op != "prototype_attention"],
+                                                 ["prototype_attention"])
     shape = gate.resolve_shape("voc", "fp16", channels=720)
     assert (shape.C, shape.name, shape.N) == (720, "voc-C720", gate.resolve_shape("voc", "fp16").N)
 

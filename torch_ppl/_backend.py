@@ -37,6 +37,17 @@ MAX_TRITON_CHANNELS = {
     "prototype_logits_and_contrastive": 1024,
     "prototype_attention": 512,
 }
+# GPUs whose blocks may use less than LARGE_SHARED (163 KB, an A100's; an H100's is 227 KB):
+# 99 KB on sm_86, sm_89 and sm_120 (RTX 30, 40 and 50 series, A10, A40, L4, L40S, RTX 6000).
+# There the attention's tiles fit up to 256 channels (CI compiles every op for sm_86 with a
+# 99 KB limit), and the others' as wide as elsewhere.
+LARGE_SHARED = 163 * 1024
+MAX_TRITON_CHANNELS_SMALL_SHARED = dict(MAX_TRITON_CHANNELS, prototype_attention=256)
+# The oldest GPUs the kernels are compiled for: sm_80. Older ones (V100, T4) run the reference.
+MIN_CAPABILITY = (8, 0)
+# Shared memory one block may use, by compute capability, where torch does not report it
+_SHARED_BY_ARCH = {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024, (10, 0): 227 * 1024,
+                   (10, 3): 227 * 1024}
 
 # The oldest Triton the kernels compile with: CI compiles every kernel with it for sm_90 and
 # sm_80 (as it does with the newest). Triton 3.2, which torch 2.6 brings, aborts inside its own
@@ -88,6 +99,46 @@ def triton_available() -> bool:
     return triton_problem() is None
 
 
+def gpu_properties(device: torch.device) -> Tuple[Tuple[int, int], int]:
+    """``(capability, shared)`` of a CUDA ``device``: its compute capability and the shared
+    memory one block may use (the opt-in maximum, in bytes); those of the GPU compiled for
+    inside :func:`torch_ppl.kernels._common.compile_for`."""
+    if COMPILE_TARGET is not None:
+        capability = divmod(COMPILE_TARGET.arch, 10)
+        return capability, COMPILE_TARGET.shared or _SHARED_BY_ARCH.get(capability, 99 * 1024)
+    props = torch.cuda.get_device_properties(device)  # torch.compile folds it into a constant
+    capability = (props.major, props.minor)
+    shared = getattr(props, "shared_memory_per_block_optin", 0) or _SHARED_BY_ARCH.get(capability, 99 * 1024)
+    return capability, shared
+
+
+def max_triton_channels(name: str, shared: int) -> int:
+    """The widest features op (or kernel) ``name`` takes on a GPU whose blocks may use
+    ``shared`` bytes of shared memory."""
+    table = MAX_TRITON_CHANNELS if shared >= LARGE_SHARED else MAX_TRITON_CHANNELS_SMALL_SHARED
+    return table[name]
+
+
+def _gpu_problem(tensors, channels: Optional[int], name: str) -> Optional[str]:
+    """Why the kernels cannot take these tensors on their GPU (too old a GPU, features too wide
+    for its shared memory), or ``None``. CPU tensors on the interpreter are held to the widths
+    of the GPUs with the most shared memory."""
+    device = next((t.device for t in tensors if t is not None and t.device.type == "cuda"), None)
+    if COMPILE_TARGET is None and device is None:
+        capability, shared = None, LARGE_SHARED
+    else:
+        capability, shared = gpu_properties(device)
+    if capability is not None and capability < MIN_CAPABILITY:
+        return (f"needs a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (the "
+                f"kernels are built for sm_80 and later); this one is {capability[0]}.{capability[1]}")
+    widest = None if channels is None else max_triton_channels(name, shared)
+    if widest is not None and channels > widest:
+        where = "" if shared >= LARGE_SHARED else f" on a GPU whose blocks may use {shared // 1024} KB of shared memory"
+        return (f"takes features of at most {widest} channels{where} (the kernels hold a pixel's channels "
+                f"on chip); got {channels}")
+    return None
+
+
 def interpret_mode() -> bool:
     """Whether Triton runs kernels on the CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -126,9 +177,10 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "", channels: Op
     ``"reference"``.
 
     Raises:
-        ValueError: unknown backend, or ``"triton"`` for tensors it cannot run on (not on CUDA,
-            or features of more ``channels`` than :data:`MAX_TRITON_CHANNELS` allows the op
-            whose kernels run: ``kernel``, else ``op``, the name errors start with).
+        ValueError: unknown backend, or ``"triton"`` for tensors it cannot run on: not on CUDA,
+            on a GPU older than :data:`MIN_CAPABILITY`, or features of more ``channels`` than
+            :func:`max_triton_channels` allows the op whose kernels run (``kernel``, else
+            ``op``, the name errors start with) on that GPU.
         RuntimeError: ``"triton"`` asked for but Triton does not import or is older than
             :data:`MIN_TRITON`.
     """
@@ -145,8 +197,9 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "", channels: Op
             backend = env
         else:
             on_cuda = all(t.is_cuda for t in tensors if t is not None)
-            fits = channels is None or channels <= MAX_TRITON_CHANNELS[kernel or op]
-            return "triton" if on_cuda and fits and triton_available() else "reference"
+            if on_cuda and triton_available() and _gpu_problem(tensors, channels, kernel or op) is None:
+                return "triton"
+            return "reference"
     if backend == "triton":
         where = f"{op}: " if op else ""
         problem = triton_problem()
@@ -158,13 +211,10 @@ def resolve(backend: str, *tensors: Optional[Tensor], op: str = "", channels: Op
                 f"{where}backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
                 f"on the CPU interpreter); got tensors on {sorted(devices)}. Use backend='reference' on CPU."
             )
-        widest = None if channels is None else MAX_TRITON_CHANNELS[kernel or op]
-        if widest is not None and channels > widest:
-            raise ValueError(
-                f"{where}backend='triton' takes features of at most {widest} channels (the "
-                f"kernels hold a pixel's channels on chip); got {channels}. Use backend='reference' or "
-                f"'auto', which picks it for features this wide."
-            )
+        problem = _gpu_problem(tensors, channels, kernel or op)
+        if problem is not None:
+            raise ValueError(f"{where}backend='triton' {problem}. Use backend='reference', or 'auto', which "
+                             f"picks it here.")
     return backend
 
 

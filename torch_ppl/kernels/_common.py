@@ -34,7 +34,7 @@ from ..reference import EPS
 
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
-    "num_sms", "pixel_splits", "has_wgmma", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
+    "num_sms", "pixel_splits", "has_wgmma", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -85,8 +85,9 @@ def new_rows(like: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
 class CompileTarget(NamedTuple):
     """A GPU the launchers tile for without one being present."""
 
-    arch: int  # compute capability as an int: 80 (A100), 90 (H100)
+    arch: int  # compute capability as an int: 80 (A100), 86 (A6000, RTX 3090), 90 (H100)
     num_sms: int
+    shared: Optional[int] = None  # bytes one block may use; None: that of the arch's data-centre GPU
 
 
 _SMS: Dict[int, int] = {}
@@ -123,6 +124,14 @@ def has_wgmma(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def large_shared(device: torch.device) -> bool:
+    """Whether blocks on ``device`` may use as much shared memory as an A100's (163 KB) or more.
+    sm_86, sm_89 and sm_120 GPUs allow 99 KB; some tiles are smaller there."""
+    if not on_gpu(device):
+        return True
+    return _backend.gpu_properties(device)[1] >= _backend.LARGE_SHARED
 
 
 def num_sms(device: torch.device) -> int:

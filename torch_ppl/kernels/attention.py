@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import as_blc, check_dtypes, has_wgmma, on_gpu, pixel_splits, upcast_dot
+from ._common import as_blc, check_dtypes, has_wgmma, large_shared, on_gpu, pixel_splits, upcast_dot
 
 __all__ = ["prototype_attention", "prototype_side"]
 
@@ -501,11 +501,12 @@ def _blocks(device: torch.device, num_protos: int, channels: int,
     return block_n, block_p, block_c, min(block_c, 32 if block_c <= 256 else 16)
 
 
-def _fwd_stages(dtype: torch.dtype) -> int:
+def _fwd_stages(device: torch.device, dtype: torch.dtype) -> int:
     """Software-pipelining depth of the forward: 2, and 1 for float32 features, whose
     double-buffered ``Kt``/``Vt`` tiles doubled the registers at ``C = 256`` (about 120 to 240)
-    and spilled 56 bytes per thread at ``C = 512`` on sm_90."""
-    return 1 if dtype == torch.float32 else 2
+    and spilled 56 bytes per thread at ``C = 512`` on sm_90, and on GPUs with 99 KB of shared
+    memory per block (with two stages the bfloat16 forward asked for 100 KB at ``C = 256``)."""
+    return 1 if dtype == torch.float32 or not large_shared(device) else 2
 
 
 def _dx_blocks(device: torch.device, num_protos: int, channels: int,
@@ -543,11 +544,16 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     * float16 / float32 features, ``C = 512``: 16 x 16 x 64 (with float16 features 32
       prototypes asked for 272 KB of shared memory).
 
+    * GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120), which take the
+      attention up to ``C = 256``: 16 prototypes for float16 and float32 features (32 asked
+      for 128 to 136 KB).
+
     On the interpreter 16-wide chunks, so that the tests' channel counts make several of them."""
     if not on_gpu(device):
         return 16, 16, min(16, block_c)
     if block_c <= 256:
-        block_n, block_p, block_k = 16, 32, 32
+        narrow = dtype != torch.bfloat16 and not large_shared(device)
+        block_n, block_p, block_k = 16, 16 if narrow else 32, 32
     elif dtype == torch.bfloat16 and block_c == 512 and has_wgmma(device) and _TRITON >= (3, 9):
         block_n, block_p, block_k = 16, 32, 128
     else:
@@ -622,7 +628,7 @@ def _fwd_op(
         HAS_EXCLUDE=exclude is not None, WIDE=_needs_wide_offsets(x, out),
         BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
         DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
-        **_launch_options(x.device, num_stages=_fwd_stages(x.dtype)),
+        **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype)),
     )
     return out, lse
 

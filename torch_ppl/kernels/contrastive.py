@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, next_pow2, on_gpu, pixel_splits,
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, large_shared, next_pow2, on_gpu, pixel_splits,
                       upcast_dot)
 
 __all__ = ["contrastive_loss"]
@@ -405,7 +405,14 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
         wide = dict(gpu, BLOCK_N=16, BLOCK_P=min(16, next_pow2(P)), num_stages=1)
         if fp32:
             wide.update(Z_CHUNK=32, maxnreg=255)
-        return wide, dict(wide)
+        dw = dict(wide)
+        if dtype == torch.float16 and not large_shared(device):
+            # 99 KB of shared memory per block (sm_86, sm_89, sm_120): with the x tile held for
+            # the z GEMM, dW asked for 129 KB at 1024 channels. Chunked, it fits but spills
+            # 1.4 KB per thread (3.3 KB without the register budget): its dW GEMM takes fp32
+            # operands as wide as the features
+            dw.update(Z_CHUNK=32, maxnreg=255)
+        return wide, dw
     if fp32:
         # fp32 GEMMs run on the CUDA cores, whose register tiles are larger: the bf16 tiles
         # spilled 2 to 10 KB per thread on sm_90
