@@ -39,9 +39,11 @@ TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108), "sm_86": (86, 84)}
 # gate checks it.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}
 # Shared memory of one SM (a block also reserves 1 KB of it) and the per-SM limits that decide
-# how many blocks run side by side (CUDA occupancy rules for sm_80 and sm_90).
+# how many blocks run side by side (CUDA occupancy rules for sm_80, sm_86 and sm_90).
 SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024, 86: 100 * 1024}
-REGS_PER_SM, WARPS_PER_SM, BLOCKS_PER_SM = 65536, 64, 32
+REGS_PER_SM = 65536
+WARPS_PER_SM = {90: 64, 80: 64, 86: 48}
+BLOCKS_PER_SM = {90: 32, 80: 32, 86: 16}
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("nchw", "nhwc")
 OPS = ("prototype_logits", "contrastive_loss", "prototype_attention", "prototype_logits_and_contrastive")
@@ -315,9 +317,9 @@ def blocks_per_sm(regs: int, warps: int, shared: int, arch: int) -> int:
     """How many blocks of a kernel one SM holds at once: registers are allocated per warp in
     units of 256, and each block reserves 1 KB of shared memory besides its own."""
     regs_per_warp = -(-regs * 32 // 256) * 256
-    by_regs = (REGS_PER_SM // regs_per_warp) // warps if regs else BLOCKS_PER_SM
+    by_regs = (REGS_PER_SM // regs_per_warp) // warps if regs else BLOCKS_PER_SM[arch]
     by_shared = SHARED_PER_SM[arch] // (shared + 1024)
-    return max(0, min(by_regs, by_shared, WARPS_PER_SM // warps, BLOCKS_PER_SM))
+    return max(0, min(by_regs, by_shared, WARPS_PER_SM[arch] // warps, BLOCKS_PER_SM[arch]))
 
 
 def waves(programs: int, per_sm: int, num_sms: int) -> Tuple[float, float]:

@@ -125,6 +125,9 @@ def test_the_gate_catches_a_plain_global(tmp_path):
     (64, 4, 110000, 90, 2),  # shared memory binds: 228 KB / (110000 + 1024)
     (64, 4, 110000, 80, 1),  # the A100 has 164 KB per SM
     (32, 2, 0, 90, 32),  # at most 32 blocks per SM
+    (32, 2, 0, 86, 16),  # sm_86: at most 16 blocks
+    (32, 16, 0, 86, 3),  # and 48 warps per SM
+    (64, 4, 40000, 86, 2),  # and 100 KB of shared memory per SM
 ])
 def test_blocks_per_sm(regs, warps, shared, arch, expected):
     from benchmarks import compile as gate
