@@ -196,6 +196,29 @@ def test_many_prototypes_online_softmax_and_large_scores():
                                    msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("wanted", [("x", "gamma", "out_bias"), ("gamma",), ("gamma", "v_weight")])
+def test_gradients_of_a_subset(wanted):
+    """Only some inputs need gradients (frozen prototypes and projections, a layer scale being
+    trained): d(gamma) comes from the dx kernel when no prototype-side gradient is wanted, and
+    from the prototype-gradient kernel's dVt accumulator otherwise; both match the reference."""
+    case = dict(layout="nchw", batch=2, height=5, width=3, channels=20, num_heads=2, head_dim=6,
+                num_classes=4, protos_per_class=5, bias=True, gamma=True, exclude=True)
+    x, w, params, labels = make_case(11, **case)
+    results = []
+    for backend in ("triton", "reference"):
+        tensors = {"x": x, "prototypes": w, **params}
+        tensors = {k: v.detach().requires_grad_(k in wanted) for k, v in tensors.items()}
+        out = PF.prototype_attention(
+            tensors["x"], tensors["prototypes"], *(tensors[k] for k in PARAM_NAMES[:-1]), num_heads=2,
+            gamma=tensors["gamma"], exclude=labels, ignore_index=IGNORE, backend=backend)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+        results.append((out.detach(), torch.autograd.grad(out, [tensors[k] for k in wanted], grad_out)))
+    (out, grads), (ref_out, ref_grads) = results
+    torch.testing.assert_close(out, ref_out, **FP32)
+    for name, got, expected in zip(wanted, grads, ref_grads):
+        torch.testing.assert_close(got, expected, **FP32, msg=lambda m: f"d{name}: {m}")
+
+
 def test_deterministic_mode_is_bitwise_repeatable_and_agrees_with_atomics():
     case = dict(layout="nchw", batch=2, height=6, width=6, channels=10, num_heads=2, head_dim=4,
                 num_classes=5, protos_per_class=4, bias=True, gamma=True, exclude=True)

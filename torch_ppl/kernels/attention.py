@@ -22,10 +22,12 @@ tiles of pixels against them; no ``N x h*P`` and no ``N x h*d`` tensor ever exis
   residual. It saves only the per-pixel, per-head log-sum-exp ``lse`` (``N x h`` float32).
 * ``_attention_bwd_dx_kernel`` (one program per ``BLOCK_N`` pixels): recomputes ``a`` from ``lse``
   and yields ``dx``, the per-pixel per-head ``delta = sum_p a * da`` needed by the next kernel,
-  and per-tile partial sums for ``dgamma`` and ``d(out_bias)``.
+  and per-tile partial sums for ``d(out_bias)`` (and ``dgamma``, when the next kernel does not
+  run).
 * ``_attention_bwd_dproto_kernel`` (one program per (head, prototype tile, pixel split)): loops over
   the pixel tiles of its split, recomputes ``a`` and ``ds``, and accumulates ``dKt``, ``dc``,
-  ``dVt`` on chip. Splits are combined by a fixed-order sum of per-split partials when
+  ``dVt`` on chip (``dVt`` without ``gamma``, ``sum_n a g``, from which the host also forms
+  ``dgamma``). Splits are combined by a fixed-order sum of per-split partials when
   ``torch.are_deterministic_algorithms_enabled()``, by ``tl.atomic_add`` otherwise.
 
 Numerics: scores, softmax statistics and accumulators are float32 whatever ``x``'s dtype; the
@@ -251,7 +253,8 @@ def _attention_bwd_dx_kernel(
     #                  read[n] = sum_i sum_p a[n,i,p] Vt[i,p]        (partials per tile: gread, gsum)
     #                  sum_n g[n] * read[n] = sum_i sum_p Vt[i,p] * (sum_n a[n,i,p] g[n]): per
     #                  prototype tile a BLOCK_P x C product reduced at once, not a BLOCK_N x C
-    #                  accumulator
+    #                  accumulator; only when the prototype-gradient kernel does not run, whose
+    #                  dVt accumulator is sum_n a g (NEED_GREAD)
     #   d(b_o)       = gamma * sum_n g[n]
     # Tiles are chunked as in the forward. EXACT_TF32 (float16 features and gradient): the
     # products with x or g on one side (s, da, a^T g) are two TF32 products (_tf32_halves);
@@ -343,7 +346,8 @@ def _attention_bwd_dproto_kernel(
     # Gradients of the prototype-side tensors, reductions over pixels:
     #   dKt[i,p] = sum_n ds[n,i,p] x[n]
     #   dc[i,p]  = sum_n ds[n,i,p]
-    #   dVt[i,p] = sum_n a[n,i,p] do[n]
+    #   dVt[i,p] = sum_n a[n,i,p] do[n] = gamma * sum_n a[n,i,p] g[n]
+    # (written without the gamma: the host scales it, see the end)
     # This program owns prototypes p0 .. p0+BLOCK_P of one head and the pixel tiles
     # split, split + SPLITS, split + 2*SPLITS, ...; its sums stay on chip until the end.
     #
@@ -375,8 +379,8 @@ def _attention_bwd_dproto_kernel(
     kt = tl.load(kt_ptr + offs_pc, mask=mask_pc, other=0.0)
     vt = tl.load(vt_ptr + offs_pc, mask=mask_pc, other=0.0)
     if HAS_GAMMA:
-        # do = gamma * g enters as da = do . Vt = g . (gamma * Vt) and dVt = gamma * sum a g:
-        # gamma scales Vt here and the accumulator at the end, not every g tile in the loop
+        # do = gamma * g enters as da = do . Vt = g . (gamma * Vt): gamma scales Vt here, not
+        # every g tile in the loop
         gamma = tl.load(gamma_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
         vt = vt * gamma
     # (NCH, BLOCK_K, BLOCK_P): the right-hand side of the chunked score products
@@ -444,8 +448,8 @@ def _attention_bwd_dproto_kernel(
             dkt += tl.dot(ds_t, x, input_precision=DOT_PREC)
             dvt += tl.dot(a_t, g, input_precision=DOT_PREC)
         dc += tl.sum(ds, 0)
-    if HAS_GAMMA:
-        dvt = dvt * gamma
+    # dvt leaves as sum_n a g, without gamma: the host scales it, and also forms d(gamma)'s
+    # sum_n g * read = sum_p Vt * (sum_n a g) from it, a GEMM the dx kernel then skips
 
     if DETERMINISTIC:
         # stage one of a two-stage reduction: this split's partial, summed in order by the host
@@ -532,11 +536,13 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     kernel) keep the score products small. Compiled for sm_90 and sm_80 at the benchmark shapes
     (8 warps, one stage):
 
-    * ``C = 256``: 16 x 32 x 32 does not spill with Triton 3.8 and 3.9, on sm_90 nor sm_80. For
-      bfloat16 features 64 prototypes spilled 24 to 376 bytes (chunks of 32 to 256). For
-      float16 and float32 features it halves the re-reads of the 16 x 16 x 64 tiles they had
-      (float16: once its products are split, see the kernel; with 3xTF32 products 16
-      prototypes spilled up to 120 bytes with Triton 3.8).
+    * ``C = 256``: 16 x 32 x 32 does not spill with Triton 3.8 and 3.9, on sm_90 nor sm_80,
+      but for float16 features on sm_90 with Triton 3.9 when ``exclude=`` and a layer scale are
+      both given (8 bytes): 64-wide chunks there (which spill 232 bytes with Triton 3.8, and
+      float32 16 bytes on sm_86). For bfloat16 features 64 prototypes spilled 24 to 376 bytes
+      (chunks of 32 to 256). For float16 and float32 features 32 prototypes halve the re-reads
+      of the 16 x 16 x 64 tiles they had (float16: once its products are split, see the
+      kernel; with 3xTF32 products 16 prototypes spilled up to 120 bytes with Triton 3.8).
     * bfloat16, ``C = 512`` (the split products, whose x and g tiles are 16-bit): 16 x 32 x 128
       does not spill with Triton 3.9, and halves the re-reads of 16 prototypes; with Triton 3.8
       it spilled 544 bytes (64-wide chunks 16 to 24 bytes), and on sm_80 it needs 164 KB of
@@ -552,8 +558,9 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     if not on_gpu(device):
         return 16, 16, min(16, block_c)
     if block_c <= 256:
-        narrow = dtype != torch.bfloat16 and not large_shared(device)
-        block_n, block_p, block_k = 16, 16 if narrow else 32, 32
+        wide = dtype != torch.bfloat16  # fp32 GEMM operands (x and g as loaded, exact)
+        block_n, block_p = 16, 16 if wide and not large_shared(device) else 32
+        block_k = 64 if dtype == torch.float16 and has_wgmma(device) and _TRITON >= (3, 9) else 32
     elif dtype == torch.bfloat16 and block_c == 512 and has_wgmma(device) and _TRITON >= (3, 9):
         block_n, block_p, block_k = 16, 32, 128
     else:
@@ -671,22 +678,25 @@ def _bwd_op(
                 torch.zeros((channels,), **f32) if need_gread else empty(),
                 torch.zeros((channels,), **f32) if need_gsum else empty())
     delta = torch.empty((n, num_heads), **f32)
-    gread = torch.empty((num_n_tiles, channels), **f32) if need_gread else empty()
+    # d(gamma)'s sum_n g * read = sum_p Vt * (sum_n a g): the prototype-gradient kernel holds
+    # sum_n a g as dVt / gamma, so the dx kernel forms it (one GEMM per tile) only without that one
+    gread_in_dx = need_gread and not need_dproto
+    gread = torch.empty((num_n_tiles, channels), **f32) if gread_in_dx else empty()
     gsum = torch.empty((num_n_tiles, channels), **f32) if need_gsum else empty()
     common = dict(HAS_C=c is not None, HAS_GAMMA=gamma is not None, HAS_EXCLUDE=exclude is not None,
                   BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype))
     _attention_bwd_dx_kernel[(num_n_tiles,)](
         x, grad, kt, c, vt, gamma, exclude, lse,
-        dx if need_dx else None, delta, gread if need_gread else None, gsum if need_gsum else None,
+        dx if need_dx else None, delta, gread if gread_in_dx else None, gsum if need_gsum else None,
         length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
-        NEED_DX=need_dx, NEED_GREAD=need_gread, NEED_GSUM=need_gsum,
+        NEED_DX=need_dx, NEED_GREAD=gread_in_dx, NEED_GSUM=need_gsum,
         WIDE=_needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
         EXACT_TF32=exact_tf32,
         **dict(common, BLOCK_N=block_n, BLOCK_K=block_k),
         **_launch_options(dev, num_stages=1),
     )
-    gread = gread.sum(0) if need_gread else gread
+    gread = gread.sum(0) if gread_in_dx else gread
     gsum = gsum.sum(0) if need_gsum else gsum
     if not need_dproto:
         return dx, empty(), empty(), empty(), gread, gsum
@@ -716,6 +726,11 @@ def _bwd_op(
     if deterministic:
         # stage two: a fixed-order sum over the splits (no atomics anywhere)
         dkt, dvt, dc = dkt.sum(0), dvt.sum(0), dc.sum(0)
+    # the kernel leaves dVt without its gamma: sum_n a g
+    if need_gread:
+        gread = (vt * dvt).sum(0)
+    if gamma is not None:
+        dvt = dvt * gamma.float()
     if c is None:
         dc = torch.zeros((rows_hp,), **f32)
     return dx, dkt, dc, dvt, gread, gsum
