@@ -32,18 +32,19 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 # compute capability and SMs: H100 SXM, A100 SXM, RTX A6000 (sm_86 stands for the GPUs whose blocks
-# may use 99 KB of shared memory: sm_86, sm_89 and sm_120, the RTX 30/40/50 series, A10, L4, L40S)
-TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108), "sm_86": (86, 84)}
-# Shared memory one block may use (opt-in maximum): 227 KB on sm_90, 163 KB on sm_80, 99 KB on
-# sm_86. Triton only finds out at load time, which a compile without a GPU never reaches, so the
-# gate checks it.
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024}
+# may use 99 KB of shared memory: sm_86, sm_89 and sm_120, the RTX 30/40/50 series, A10, L4, L40S),
+# B200 (sm_100) and RTX 5090 (sm_120, 170 SMs)
+TARGETS = {"sm_90": (90, 132), "sm_80": (80, 108), "sm_86": (86, 84), "sm_100": (100, 148), "sm_120": (120, 170)}
+# Shared memory one block may use (opt-in maximum): 227 KB on sm_90 and sm_100, 163 KB on sm_80,
+# 99 KB on sm_86 and sm_120. Triton only finds out at load time, which a compile without a GPU
+# never reaches, so the gate checks it.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 86: 99 * 1024, 100: 227 * 1024, 120: 99 * 1024}
 # Shared memory of one SM (a block also reserves 1 KB of it) and the per-SM limits that decide
-# how many blocks run side by side (CUDA occupancy rules for sm_80, sm_86 and sm_90).
-SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024, 86: 100 * 1024}
+# how many blocks run side by side (CUDA occupancy rules for sm_80, sm_86, sm_90, sm_100, sm_120).
+SHARED_PER_SM = {90: 228 * 1024, 80: 164 * 1024, 86: 100 * 1024, 100: 228 * 1024, 120: 100 * 1024}
 REGS_PER_SM = 65536
-WARPS_PER_SM = {90: 64, 80: 64, 86: 48}
-BLOCKS_PER_SM = {90: 32, 80: 32, 86: 16}
+WARPS_PER_SM = {90: 64, 80: 64, 86: 48, 100: 64, 120: 48}
+BLOCKS_PER_SM = {90: 32, 80: 32, 86: 16, 100: 32, 120: 24}
 DTYPES = ("bf16", "fp16", "fp32")
 LAYOUTS = ("nchw", "nhwc")
 OPS = ("prototype_logits", "contrastive_loss", "prototype_attention", "prototype_logits_and_contrastive")
@@ -54,6 +55,11 @@ HEAD_VARIANTS = {
     "prototype_logits-lse-scale": dict(pooling="logsumexp", learnable_scale=True),
     "prototype_logits-mean-scale": dict(pooling="mean", learnable_scale=True),
 }
+# The attention's branches the benchmarks' plain pull never takes: a pixel's own class hidden
+# (exclude=, as PPLHead passes its labels) and a layer scale gamma, whose gradient the kernels
+# form alongside the others.
+ATTENTION_VARIANTS = {"prototype_attention-exclude-scale": dict(exclude=True, layer_scale=0.1)}
+VARIANTS = {**HEAD_VARIANTS, **ATTENTION_VARIANTS}
 
 # One line on the role of each kernel, for the table (docs/kernels.md).
 ROLES = {
@@ -213,11 +219,35 @@ def _head_variant(pooling: str, learnable_scale: bool):
     return run
 
 
+def _attention_variant(exclude: bool, layer_scale: float):
+    def run(problem, backend: str):
+        import torch
+
+        import torch_ppl.functional as PF
+
+        from . import providers
+
+        a = problem.attn
+        gamma = torch.full((problem.shape.C,), layer_scale, device=problem.x.device, requires_grad=True)
+        return PF.prototype_attention(
+            problem.x, problem.prototypes, a["q_weight"], a["k_weight"], a["v_weight"], a["out_weight"],
+            a["q_bias"], a["k_bias"], a["v_bias"], a["out_bias"], num_heads=problem.shape.heads, gamma=gamma,
+            exclude=problem.target if exclude else None, ignore_index=providers.IGNORE_INDEX, backend=backend)
+    return run
+
+
+def base_op(name: str) -> str:
+    """The op a variant runs (``prototype_logits-lse-scale``: ``prototype_logits``)."""
+    return name.split("-")[0] if name in VARIANTS else name
+
+
 def _op(name: str):
     from . import providers
 
     if name in HEAD_VARIANTS:
         return _head_variant(**HEAD_VARIANTS[name])
+    if name in ATTENTION_VARIANTS:
+        return _attention_variant(**ATTENTION_VARIANTS[name])
     return providers.OPS[name]
 
 
@@ -226,7 +256,7 @@ def compile_ops(target: str, shape, dtype: str, layout: str, ops=OPS,
     """Forward and backward of each op at ``shape`` (a headline shape's name or a
     :class:`~benchmarks.shapes.Shape`) through the real launchers, compiled for ``target``; the
     launches in order, each with its compiled kernel or its error. ``ops`` may name
-    :data:`HEAD_VARIANTS` too."""
+    :data:`VARIANTS` too."""
     import torch
 
     arch, sms = TARGETS[target]
@@ -299,6 +329,8 @@ def sass_counts(cubin: Path) -> Dict[str, object]:
     fences = sum(1 for o in ops if o.startswith("MEMBAR") and (".GPU" in o or ".SYS" in o))
     return dict(
         stl=count["STL"], ldl=count["LDL"], hgmma=count["HGMMA"], hmma=count["HMMA"],
+        # Blackwell's tcgen05 MMA (UTCHMMA for 16-bit operands, UTCQMMA, UTCIMMA, ...)
+        tcgen05=sum(n for op, n in count.items() if op.startswith("UTC") and op.endswith("MMA")),
         ldg=dict(sorted(loads.items(), key=lambda kv: int(kv[0]))), tma=count["UTMALDG"],
         atomics=atomics, fences=fences, instructions=len(ops),
     )
@@ -346,6 +378,9 @@ def analyse(launches: List[Launch], out_dir: Path, shape=None, arch: int = 90) -
             rows.append(row)
             continue
         k = launch.compiled
+        # the constexprs it was specialised with: tiles, branches (HAS_*, NEED_*), precisions
+        row["meta"] = {key: value for key, value in launch.meta.items()
+                       if isinstance(value, (bool, int, float, str))}
         stem = f"{launch.op}.{launch.kernel}"
         seen[stem] += 1
         if seen[stem] > 1:
@@ -426,6 +461,8 @@ def _tensor_cores(row) -> str:
         parts.append(f"wgmma {row['hgmma']}")
     if row["hmma"]:
         parts.append(f"mma.sync {row['hmma']}")
+    if row.get("tcgen05"):
+        parts.append(f"tcgen05 {row['tcgen05']}")
     return ", ".join(parts) or "-"
 
 
@@ -470,13 +507,13 @@ def _model(r) -> str:
 def fitting_ops(ops, channels: int, shared: Optional[int] = None) -> Tuple[List[str], List[str]]:
     """``(fits, too_wide)``: the ops among ``ops`` whose kernels take ``channels``-wide features
     on a GPU whose blocks may use ``shared`` bytes of shared memory (default: an A100's or more;
-    ``torch_ppl._backend.max_triton_channels``; the head variants run the head's kernels)."""
+    ``torch_ppl._backend.max_triton_channels``; a variant runs its op's kernels)."""
     from torch_ppl import _backend
 
     shared = _backend.LARGE_SHARED if shared is None else shared
 
     def widest(op: str) -> int:
-        return _backend.max_triton_channels("prototype_logits" if op in HEAD_VARIANTS else op, shared)
+        return _backend.max_triton_channels(base_op(op), shared)
 
     return [op for op in ops if channels <= widest(op)], [op for op in ops if channels > widest(op)]
 
@@ -654,9 +691,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="feature dtype (default: %(default)s)")
     p.add_argument("--layout", default="nchw", choices=LAYOUTS,
                    help="feature memory layout: nchw (contiguous) or nhwc (channels_last)")
-    p.add_argument("--ops", nargs="+", default=list(OPS) + list(HEAD_VARIANTS), choices=OPS + tuple(HEAD_VARIANTS),
+    p.add_argument("--ops", nargs="+", default=list(OPS) + list(VARIANTS), choices=OPS + tuple(VARIANTS),
                    help="ops to compile (default: all, and the head with logsumexp and mean pooling and a "
-                        "learnable scale)")
+                        "learnable scale, and the attention with exclude= and a layer scale)")
     p.add_argument("--max-stack", type=int, default=None, metavar="BYTES",
                    help="also fail if a kernel uses more stack per thread than this (0: no spills)")
     p.add_argument("--deterministic", action="store_true",

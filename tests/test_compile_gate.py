@@ -199,6 +199,20 @@ def test_head_variants_compile(tmp_path):
     assert not errors and len(rows) == 6, errors or rows
 
 
+def test_attention_with_exclude_and_layer_scale_compiles(tmp_path):
+    """The attention as PPLHead runs it in training (each pixel's own class hidden, a layer
+    scale): the three kernels take those branches, and compile without spilling."""
+    from benchmarks import compile as gate
+
+    rows = _by_kernel(_compile(tmp_path, "sm_90", list(gate.ATTENTION_VARIANTS)))
+    assert set(rows) == {"_attention_fwd_kernel", "_attention_bwd_dx_kernel", "_attention_bwd_dproto_kernel"}
+    for row in rows.values():
+        assert row["meta"]["HAS_EXCLUDE"] and row["meta"]["HAS_GAMMA"], row["meta"]
+        assert row["stack"] == 0, row
+    # d(gamma) comes from the prototype-gradient kernel's dVt, not from a GEMM in dx
+    assert not rows["_attention_bwd_dx_kernel"]["meta"]["NEED_GREAD"]
+
+
 def test_max_stack_flags_spilling_kernels():
     from benchmarks import compile as gate
 
@@ -215,19 +229,20 @@ def test_wide_features_compile_only_the_ops_that_take_them():
     from torch_ppl import _backend
 
     widest = _backend.MAX_TRITON_CHANNELS
-    ops = list(gate.OPS) + list(gate.HEAD_VARIANTS)
+    ops = list(gate.OPS) + list(gate.VARIANTS)
     assert gate.fitting_ops(ops, 512) == (ops, [])
     c = widest["prototype_attention"] + 1
     fits, skipped = gate.fitting_ops(ops, c)
-    assert skipped == [op for op in ops if widest.get(op, widest["prototype_logits"]) < c]
-    assert "prototype_attention" in skipped and "prototype_logits-lse-scale" in fits
+    assert skipped == [op for op in ops if widest[gate.base_op(op)] < c]
+    assert "prototype_attention" in skipped and "prototype_attention-exclude-scale" in skipped
+    assert "prototype_logits-lse-scale" in fits
     assert gate.fitting_ops(ops, max(widest.values()) + 1) == ([], ops)
     # a GPU whose blocks may use 99 KB of shared memory (the sm_86 target) takes the attention
     # up to 256 channels only
     small = gate.SHARED_LIMIT[gate.TARGETS["sm_86"][0]]
     assert gate.fitting_ops(ops, 256, small) == (ops, [])
-    assert gate.fitting_ops(ops, 512, small) == ([op for op in ops if op != "prototype_attention"],
-                                                 ["prototype_attention"])
+    attention = ["prototype_attention", "prototype_attention-exclude-scale"]
+    assert gate.fitting_ops(ops, 512, small) == ([op for op in ops if op not in attention], attention)
     shape = gate.resolve_shape("voc", "fp16", channels=720)
     assert (shape.C, shape.name, shape.N) == (720, "voc-C720", gate.resolve_shape("voc", "fp16").N)
 
