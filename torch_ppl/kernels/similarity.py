@@ -781,9 +781,10 @@ class _Config:
         self.maxnreg = self.dw_maxnreg = None
         if gpu:
             sm80 = not has_wgmma(device)
-            # 64 rows: one warpgroup's wgmma tile on sm_90
+            # 64 rows: one warpgroup's wgmma tile on sm_90. Elsewhere (mma.sync) 8 warps: with
+            # 4, two blocks per SM, the forward spilled 96 bytes per thread on sm_120
             self.block_n = 64
-            self.num_warps = 4 if self.block_c <= 256 else 8
+            self.num_warps = 4 if self.block_c <= 256 and not sm80 else 8
             self.bwd_block_n = 32
             self.bwd_num_warps = 8
             # dx when it recomputes the similarities (logsumexp pooling, a learnable scale):
