@@ -584,9 +584,14 @@ python -m benchmarks compile --target sm_90 --shape ade --dtype bf16 --layout nh
 CI runs that command for sm_90 and sm_80, NCHW and NHWC, and in deterministic mode, at the voc
 shape, for sm_90 at ade, and at 720 and 1024 channels (`--channels`, wide features; ops whose
 kernels do not take that width are skipped), with the newest Triton and with Triton 3.8.0, and
-at fewer shapes with Triton 3.3.1, the oldest the kernels take. It fails on any compile error,
-and on any spill for bf16 features on sm_90 (`--max-stack 0`; 8 bytes with Triton 3.8, whose
-head prototype gradient spills that much at voc; no limit with Triton 3.3).
+at fewer shapes with Triton 3.3.1, the oldest the kernels take; with the newest Triton also for
+fp16 and fp32 features, for sm_86 and sm_120 (99 KB of shared memory per block) and for sm_100
+(B200). By default the command also compiles the head with logsumexp and mean pooling and a
+learnable scale, and the attention with `exclude=` and a layer scale. It fails on any compile
+error or launch that does not fit the GPU's shared memory, and on any spill for bf16 features
+on sm_90 (`--max-stack 0`; 8 bytes with Triton 3.8, whose head prototype gradient spills that
+much at voc; no limit with Triton 3.3), for fp16 and fp32 features on sm_90 and at voc on
+sm_100.
 
 ## The kernels
 
@@ -608,6 +613,7 @@ head prototype gradient spills that much at voc; no limit with Triton 3.3).
 - **tensor cores**: Hopper `wgmma` (SASS `HGMMA`) and `mma.sync` (`HMMA`) instructions. On
   sm_90 a GEMM lowers to `wgmma` when its tile has 64 rows per warpgroup (16-bit or TF32
   operands), to `mma.sync` on smaller tiles; IEEE fp32 GEMMs run on the CUDA cores (`-`).
+  Compiled for Blackwell (sm_100), `tcgen05` counts its MMAs (`UTC*MMA`).
 - **global loads**: `LDG` instructions by width. 16-bit loads of the features mean one element
   per thread: coalesced along pixels for NCHW (the pixel stride is specialised to 1), but not
   vectorised, because the pixel count of these shapes is odd and the loads are masked.
