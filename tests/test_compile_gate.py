@@ -213,6 +213,16 @@ def test_attention_with_exclude_and_layer_scale_compiles(tmp_path):
     assert not rows["_attention_bwd_dx_kernel"]["meta"]["NEED_GREAD"]
 
 
+def test_blackwell_targets_compile(tmp_path):
+    """sm_100 (B200): the head's forward GEMM lowers to tcgen05 (counted as such); sm_120 (RTX 50
+    series, 99 KB per block): every kernel of the head and the attention compiles and fits."""
+    rows = _by_kernel(_compile(tmp_path / "sm_100", "sm_100", ["prototype_logits"]))
+    assert rows["_logits_fwd_kernel"]["tcgen05"] > 0, rows["_logits_fwd_kernel"]
+    assert all(row["hgmma"] == 0 for row in rows.values())  # no Hopper wgmma on Blackwell
+    rows = _by_kernel(_compile(tmp_path / "sm_120", "sm_120", ["prototype_logits", "prototype_attention"]))
+    assert len(rows) == 6 and all(row["regs"] > 0 for row in rows.values()), rows
+
+
 def test_max_stack_flags_spilling_kernels():
     from benchmarks import compile as gate
 
