@@ -781,7 +781,7 @@ class _Config:
         self.maxnreg = self.dw_maxnreg = None
         if gpu:
             sm80 = not has_wgmma(device)
-            # 64 rows: one warpgroup's wgmma tile on sm_90. Elsewhere (mma.sync) 8 warps: with
+            # 64 rows: one warpgroup's wgmma tile on sm_90. On GPUs without wgmma 8 warps: with
             # 4, two blocks per SM, the forward spilled 96 bytes per thread on sm_120
             self.block_n = 64
             self.num_warps = 4 if self.block_c <= 256 and not sm80 else 8
