@@ -312,6 +312,39 @@ def test_similarity_forms_of_the_prototype_gradient(pooling, dtype, forced, monk
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_wide_offsets_give_the_same_gradients(layout, monkeypatch):
+    """Offsets within an image are 32-bit unless an image spans 2**31 elements or more
+    (``needs_wide_offsets``), which no test can allocate: the 64-bit path is forced here, for the
+    one op's and the head's kernels and the attention's, and must agree with the default."""
+    similarity = pytest.importorskip("torch_ppl.kernels.similarity")
+    attention = pytest.importorskip("torch_ppl.kernels.attention")
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 24, 3, 5, generator=gen).to(DEVICE, torch.bfloat16)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    protos = torch.randn(5, 3, 24, generator=gen).to(DEVICE).requires_grad_()
+    weights = [(torch.randn(24, 24, generator=gen) / 5).to(DEVICE).requires_grad_() for _ in range(4)]
+    target = random_labels((2, 3, 5), 5, generator=gen)
+    g = torch.randn(2, 5, 3, 5, generator=gen).to(DEVICE)
+
+    def grads():
+        logits, loss = PF.prototype_logits_and_contrastive(x, protos, target, pooling="logsumexp", scale=4.0,
+                                                           backend="triton")
+        alone = PF.prototype_logits(x, protos, pooling="max", scale=4.0, backend="triton")
+        pulled = PF.prototype_attention(x, protos, *weights, None, None, None, None, num_heads=2,
+                                        exclude=target, backend="triton")
+        total = (logits * g).sum() + loss + (alone * g).sum() + (pulled.float() ** 2).sum()
+        return torch.autograd.grad(total, (x, protos, *weights))
+
+    narrow = grads()
+    for module in (similarity, head_push, attention):
+        monkeypatch.setattr(module, "needs_wide_offsets", lambda *tensors: True)
+    for a, b in zip(grads(), narrow):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_deterministic_mode_is_bitwise_repeatable():
     gen = torch.Generator().manual_seed(16)
     x = torch.randn(67, 24, generator=gen).to(DEVICE).requires_grad_()

@@ -71,6 +71,15 @@ def as_blc(x: Tensor) -> Tensor:
     return x.flatten(1, -2)
 
 
+def needs_wide_offsets(*tensors: Tensor) -> bool:
+    """Whether an element of one image of a ``(B, L, C)`` tensor lies 2**31 or more elements
+    past the image's first: 32-bit offsets within an image would overflow, so the kernels take
+    64-bit ones (``WIDE``). 64-bit offsets that stay the same from one pixel tile to the next
+    take two registers per element, which the compiler keeps for the whole loop."""
+    return any((t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[2] - 1) * abs(t.stride(2)) >= 2 ** 31
+               for t in tensors)
+
+
 def new_rows(like: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
     """A new ``(..., channels)`` tensor laid out like ``like``: for 4-D rows whose channel axis
     is not the fastest (the channel-last view of NCHW) it is a view of a contiguous

@@ -48,7 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import as_blc, check_dtypes, has_wgmma, large_shared, on_gpu, pixel_splits, upcast_dot
+from ._common import (as_blc, check_dtypes, has_wgmma, large_shared, needs_wide_offsets, on_gpu, pixel_splits,
+                      upcast_dot)
 
 __all__ = ["prototype_attention", "prototype_side"]
 
@@ -569,13 +570,6 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     return block_n, block_p, min(block_k, block_c)
 
 
-def _needs_wide_offsets(*tensors: Tensor) -> bool:
-    """Whether an element of one image of a ``(B, L, C)`` tensor lies 2**31 or more elements
-    past the image's first (32-bit offsets within an image would overflow)."""
-    return any((t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[2] - 1) * abs(t.stride(2)) >= 2 ** 31
-               for t in tensors)
-
-
 def _dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision. Every GEMM here takes fp32 operands (16-bit ``x`` is exact in
     them; ``Kt``/``Vt`` are fp32): exact IEEE products for float32 features, TF32 for bfloat16
@@ -632,7 +626,7 @@ def _fwd_op(
         length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *out.stride(),
         HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
-        HAS_EXCLUDE=exclude is not None, WIDE=_needs_wide_offsets(x, out),
+        HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
         BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
         DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
         **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype)),
@@ -691,7 +685,7 @@ def _bwd_op(
         length, channels, num_protos, protos_per_class, num_heads,
         *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
         NEED_DX=need_dx, NEED_GREAD=gread_in_dx, NEED_GSUM=need_gsum,
-        WIDE=_needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
+        WIDE=needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
         EXACT_TF32=exact_tf32,
         **dict(common, BLOCK_N=block_n, BLOCK_K=block_k),
         **_launch_options(dev, num_stages=1),
@@ -702,7 +696,7 @@ def _bwd_op(
         return dx, empty(), empty(), empty(), gread, gsum
 
     block_n, block_p, block_k = _dproto_blocks(dev, num_protos, block_c, x.dtype)
-    common.update(BLOCK_P=block_p, BLOCK_K=block_k, WIDE=_needs_wide_offsets(x, grad))
+    common.update(BLOCK_P=block_p, BLOCK_K=block_k, WIDE=needs_wide_offsets(x, grad))
     num_n_tiles = batch * triton.cdiv(length, block_n)
     tiles_per_head = triton.cdiv(num_protos, block_p)
     num_p_programs = num_heads * tiles_per_head

@@ -27,7 +27,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import as_blc, check_dtypes, new_rows, on_gpu, pixel_splits
+from ._common import as_blc, check_dtypes, needs_wide_offsets, new_rows, on_gpu, pixel_splits
 from .similarity import (_POOL_CODE, _Config, _joint_dw_config, _logits_bwd_dx_kernel, _logits_fwd_kernel,
                          _logits_push_bwd_dw_kernel, _new_stat, prototype_operands)
 
@@ -142,7 +142,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), *y.stride(), *grad_loss.stride(),
             COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
             GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype != torch.float16, UPCAST_DOT=cfg.upcast,
-            NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest,
+            NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest, WIDE=needs_wide_offsets(x3),
             BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
             num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
         )
@@ -160,7 +160,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
             *x3.stride(), *g3.stride(), *y.stride(), *grad_loss.stride(),
             COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
             GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic, PUSH=True,
-            **tiles,
+            WIDE=needs_wide_offsets(x3), **tiles,
         )
         if deterministic:
             dw = target_dw.sum(0)  # the splits' partials added in a fixed order

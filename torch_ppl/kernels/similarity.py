@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, new_rows, next_pow2, on_gpu, pixel_splits,
-                      upcast_dot)
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, needs_wide_offsets, new_rows,
+                      next_pow2, on_gpu, pixel_splits, upcast_dot)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
 
@@ -105,11 +105,18 @@ def _load_class_rows(W, ks, m, K, M, C, c0, BLOCK_C: tl.constexpr):
 
 @triton.jit
 def _load_half_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
-                    BLOCK_N: tl.constexpr, HALF: tl.constexpr, COSINE: tl.constexpr):
-    """:func:`_load_rows` as two channel halves ``(BLOCK_N, HALF)``, with the norms of the whole rows."""
+                    BLOCK_N: tl.constexpr, HALF: tl.constexpr, COSINE: tl.constexpr, WIDE: tl.constexpr):
+    """:func:`_load_rows` as two channel halves ``(BLOCK_N, HALF)``, with the norms of the whole
+    rows. Offsets within the image are 32-bit unless ``WIDE`` (an image of 2**31 elements or
+    more): with 64-bit ones, the column offsets of NCHW features (``col * H * W``, the same for
+    every pixel tile) stayed in registers, two per element, and the prototype gradient's
+    128-prototype tile spilled 88 to 224 bytes per thread on sm_90."""
     rows = l0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HALF)
-    base = X + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
+    if WIDE:
+        base = X + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
+    else:
+        base = (X + b.to(tl.int64) * stride_b) + (rows[:, None] * stride_l + cols[None, :] * stride_c)
     row_in = (rows < L)[:, None]
     x0 = tl.load(base, mask=row_in & (cols < C)[None, :], other=0.0)
     x1 = tl.load(base + HALF * stride_c, mask=row_in & (cols + HALF < C)[None, :], other=0.0)
@@ -375,7 +382,7 @@ def _logits_bwd_dx_kernel(
     stride_yb, stride_yl, stride_lb, stride_ll,
     COSINE: tl.constexpr, POOL: tl.constexpr, PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, GRAD_FROM_WD: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr, PUSH: tl.constexpr, NEAREST: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr, PUSH: tl.constexpr, NEAREST: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
 ):
     # ds[n, k, m] = scale * g[n, k] * dpool[n, k, m] and du = sum_{k,m} ds[n, k, m] Ŵ[k, m], one
@@ -401,7 +408,7 @@ def _logits_bwd_dx_kernel(
     rows = l0 + tl.arange(0, BLOCK_N)
     scale = tl.load(SCALE).to(tl.float32)
     if HOLD_X:
-        x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+        x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE, WIDE)
     elif NEED_S:
         norm, inv = _row_norms(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, S_CHUNK, COSINE)
     if PUSH:
@@ -465,10 +472,10 @@ def _logits_bwd_dx_kernel(
     if NEED_DX:
         if not NEED_S:
             # max / mean without dscale: x is needed only here, for the normalisation backward
-            x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+            x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE, WIDE)
         elif not HOLD_X:
             # the norms of the start, from which s was scaled
-            x0, x1, _, _ = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+            x0, x1, _, _ = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE, WIDE)
         if COSINE:
             # u = x / max(|x|, eps):
             #   |x| > eps:  dx = (du - u <u, du>) / |x|  = (du - x <x, du> inv²) inv
@@ -566,7 +573,7 @@ def _logits_push_bwd_dw_kernel(
     stride_yb, stride_yl, stride_lb, stride_ll,
     COSINE: tl.constexpr, POOL: tl.constexpr, NEAREST: tl.constexpr, PRECISION: tl.constexpr,
     GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
-    DETERMINISTIC: tl.constexpr, PUSH: tl.constexpr,
+    DETERMINISTIC: tl.constexpr, PUSH: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
     S_TRANSPOSED: tl.constexpr,
 ):
@@ -620,7 +627,7 @@ def _logits_push_bwd_dw_kernel(
             row_in = rows64 < L
         l0 = (tile % num_blocks) * BLOCK_N
         if S_CHUNK == 0:
-            x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE)
+            x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE, WIDE)
             if S_TRANSPOSED:
                 s = _half_similarity_t(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
             else:
@@ -678,14 +685,16 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     (16 warps, the head's ``g`` and winner gathered per prototype on top of the contrastive dW
     kernel's tile), two stages 320 bytes at ade.
 
-    Channels-last bfloat16 features (and ``(N, C)`` rows) on sm_90 up to 256 channels take 128
-    prototypes, with the similarity transposed (``S_TRANSPOSED``): as a wgmma, ``Ŵ``'s tile stays
-    in shared memory instead of every warp's registers, and 8 warps hold the ``128 x C``
-    accumulator without spilling (voc, Triton 3.8 and 3.9): a modelled 94 µs instead of 179 at
-    voc. float16 features, whose gradient GEMM takes fp32 operands, spilled 32 bytes per thread
-    with Triton 3.8. NCHW features spill with it (88 to 224 bytes per thread with 8 warps,
-    one or two stages; more with 32 or 64 pixels or 16 warps; 112 even with 64 prototypes),
-    for a reason not pinned down: only the layout of the ``x`` loads differs.
+    bfloat16 features on sm_90 up to 256 channels take 128 prototypes, with the similarity
+    transposed (``S_TRANSPOSED``): as a wgmma, ``Ŵ``'s tile stays in shared memory instead of
+    every warp's registers, and 8 warps hold the ``128 x C`` accumulator without spilling (voc,
+    NCHW and channels-last, Triton 3.8 and 3.9): a modelled 94 µs instead of 179 at voc.
+    float16 features, whose gradient GEMM takes fp32 operands, spilled 32 bytes per thread
+    with Triton 3.8. NCHW features spilled 88 to 224 bytes per thread with this tile while
+    ``x`` was addressed with 64-bit offsets: the column part (``col * H * W``), the same for
+    every pixel tile, was kept in registers, two per element; 32-bit offsets within the image
+    (``_load_half_rows``, ``WIDE``) removed it. On the interpreter the transposed form runs for
+    channels-last features and the halves for NCHW, so that the tests run both.
 
     On sm_80 at C = 512 (ade) that tile spilled 40 to 96 bytes per thread with bf16 and fp16
     features (Triton 3.9; 48 to 128 with 3.8): its ``64 x 512`` fp32 accumulator takes 128 of
@@ -718,7 +727,7 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
         # memory, over an A100's 163
         return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=0, S_TRANSPOSED=False, num_warps=8,
                     num_stages=1)
-    if channels_last and x_dtype == torch.bfloat16 and has_wgmma(device) and block_c <= 256:
+    if x_dtype == torch.bfloat16 and has_wgmma(device) and block_c <= 256:
         # 128 prototypes, half the re-reads of x, with the similarity on wgmma
         return dict(BLOCK_N=16, BLOCK_P=128, BLOCK_C=block_c, S_CHUNK=0, S_TRANSPOSED=True, num_warps=8,
                     num_stages=1)
@@ -953,7 +962,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
             *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
             # fp32 features: w_dot is w_hat itself
             NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
-            PUSH=False, NEAREST=False,
+            PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3),
             BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
             **dict(common, num_stages=stages),
         )
@@ -975,7 +984,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 *x3.stride(), *g3.stride(), 0, 0, 0, 0,
                 COSINE=cosine, POOL=pool, NEAREST=False, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
                 GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
-                PUSH=False, **tiles,
+                PUSH=False, WIDE=needs_wide_offsets(x3), **tiles,
             )
         else:
             p_tiles, c_slices = triton.cdiv(k * m, cfg.dw_block_p), triton.cdiv(c, cfg.dw_block_c)
