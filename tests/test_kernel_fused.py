@@ -280,7 +280,7 @@ def test_similarity_forms_of_the_prototype_gradient(pooling, dtype, forced, monk
     """The prototype gradient's similarity of 16-bit features has three forms on the GPU
     (_joint_dw_config): two channel halves held on chip, channel chunks read from memory into
     one accumulator (S_CHUNK: sm_80 at C = 512), and the transposed GEMM (S_TRANSPOSED:
-    channels-last features on sm_90). NCHW features on the interpreter take the halves; each
+    bfloat16 features on sm_90). NCHW features on the interpreter take the halves; each
     other form is forced here (40 channels: the last chunk of 16 masked) and must give the same
     gradients up to summation order. Both users: the one op, and logsumexp pooling alone."""
     similarity = pytest.importorskip("torch_ppl.kernels.similarity")
