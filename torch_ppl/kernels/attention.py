@@ -559,8 +559,8 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     if not on_gpu(device):
         return 16, 16, min(16, block_c)
     if block_c <= 256:
-        wide = dtype != torch.bfloat16  # fp32 GEMM operands (x and g as loaded, exact)
-        block_n, block_p = 16, 16 if wide and not large_shared(device) else 32
+        narrow = dtype != torch.bfloat16 and not large_shared(device)
+        block_n, block_p = 16, 16 if narrow else 32
         block_k = 64 if dtype == torch.float16 and has_wgmma(device) and _TRITON >= (3, 9) else 32
     elif dtype == torch.bfloat16 and block_c == 512 and has_wgmma(device) and _TRITON >= (3, 9):
         block_n, block_p, block_k = 16, 32, 128
