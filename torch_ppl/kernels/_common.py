@@ -10,7 +10,8 @@
   ``need_dx``-style Python arguments.
 * **Ops** are ``torch.library.custom_op`` named ``torch_ppl::<op>_fwd`` / ``torch_ppl::<op>_bwd``
   with ``register_fake`` and ``register_autograd`` on the forward, so ``torch.compile`` traces
-  them as single nodes.
+  them as single nodes. Each runs its body inside :func:`launch_device`: Triton launches on
+  the current CUDA device, not the tensors' own.
 * **Numerics.** fp32 accumulation; 16-bit GEMM operands stay 16-bit (tensor cores). The CPU
   interpreter cannot multiply 16-bit operands (it treats bfloat16 as raw bits), so under it
   :func:`dot_operand` rounds to the operand dtype and multiplies in fp32 (``UPCAST_DOT``),
@@ -34,7 +35,7 @@ from ..reference import EPS
 
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
-    "num_sms", "pixel_splits", "has_wgmma", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
+    "launch_device", "num_sms", "pixel_splits", "has_wgmma", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -78,6 +79,14 @@ def needs_wide_offsets(*tensors: Tensor) -> bool:
     take two registers per element, which the compiler keeps for the whole loop."""
     return any((t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[2] - 1) * abs(t.stride(2)) >= 2 ** 31
                for t in tensors)
+
+
+def launch_device(x: Tensor) -> contextlib.AbstractContextManager:
+    """The CUDA device of ``x`` made current for the launches inside (nothing for a CPU tensor).
+    Triton launches on the current device and its current stream, so without this a model on
+    ``cuda:1`` while ``cuda:0`` is current would have its kernels refused (Triton cannot reach
+    the pointers) or run on the wrong GPU. Every custom op runs its body inside it."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def new_rows(like: Tensor, channels: int, dtype: torch.dtype) -> Tensor:

@@ -39,8 +39,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, large_shared, next_pow2, on_gpu, pixel_splits,
-                      upcast_dot)
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, large_shared, launch_device, next_pow2,
+                      on_gpu, pixel_splits, upcast_dot)
 
 __all__ = ["contrastive_loss"]
 
@@ -462,28 +462,30 @@ def _fwd_op(
     Returns:
         ``loss, lse, pos`` float32 and ``best`` int32, each ``(B, L)``.
     """
-    B, L, C = x.shape
-    P = w_hat.shape[0]
-    loss = torch.empty((B, L), device=x.device, dtype=torch.float32)
-    lse, pos = torch.empty_like(loss), torch.empty_like(loss)
-    best = torch.empty((B, L), device=x.device, dtype=torch.int32)
-    if B * L == 0:
+    with launch_device(x):
+        B, L, C = x.shape
+        P = w_hat.shape[0]
+        loss = torch.empty((B, L), device=x.device, dtype=torch.float32)
+        lse, pos = torch.empty_like(loss), torch.empty_like(loss)
+        best = torch.empty((B, L), device=x.device, dtype=torch.int32)
+        if B * L == 0:
+            return loss, lse, pos, best
+        block_n, block_p, block_c = _blocks(x.device, L, P, C, x.element_size())
+        dot, _ = _dot_dtypes(x.dtype)
+        grid = (B * triton.cdiv(L, block_n),)
+        # The GEMM operand, rounded once here, and the same rounding in the backward: the
+        # backward's recomputed z must be the forward's bit for bit.
+        w_op = w_hat.to(x.dtype)
+        _contrastive_fwd_kernel[grid](
+            x, w_op, target, loss, lse, pos, best,
+            L, C, P, num_per_class, ignore_index, inv_temperature,
+            x.stride(0), x.stride(1), x.stride(2), w_op.stride(0), w_op.stride(1),
+            target.stride(0), target.stride(1),
+            COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
+            UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
+            **_fwd_options(x.device, x.dtype),
+        )
         return loss, lse, pos, best
-    block_n, block_p, block_c = _blocks(x.device, L, P, C, x.element_size())
-    dot, _ = _dot_dtypes(x.dtype)
-    grid = (B * triton.cdiv(L, block_n),)
-    # The GEMM operand, rounded once here, and the same rounding in the backward: the
-    # backward's recomputed z must be the forward's bit for bit.
-    w_op = w_hat.to(x.dtype)
-    _contrastive_fwd_kernel[grid](
-        x, w_op, target, loss, lse, pos, best,
-        L, C, P, num_per_class, ignore_index, inv_temperature,
-        x.stride(0), x.stride(1), x.stride(2), w_op.stride(0), w_op.stride(1),
-        target.stride(0), target.stride(1),
-        COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
-        UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, **_fwd_options(x.device, x.dtype),
-    )
-    return loss, lse, pos, best
 
 
 @torch.library.custom_op("torch_ppl::contrastive_loss_bwd", mutates_args=())
@@ -495,37 +497,38 @@ def _bwd_op(
     """``(dx, dw_hat)``: ``dx`` like ``x`` (its dtype and strides), ``dw_hat`` ``(P, C)`` float32.
     A gradient that is not asked for is not computed and comes back as an empty ``(0,)``
     tensor."""
-    B, L, C = x.shape
-    P = w_hat.shape[0]
-    dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
-    dw = torch.zeros((P, C), device=x.device, dtype=torch.float32) if need_dw else w_hat.new_empty((0,))
-    if B * L == 0:
+    with launch_device(x):
+        B, L, C = x.shape
+        P = w_hat.shape[0]
+        dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+        dw = torch.zeros((P, C), device=x.device, dtype=torch.float32) if need_dw else w_hat.new_empty((0,))
+        if B * L == 0:
+            return dx, dw
+        dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C, x.dtype)
+        dot, dw_dot = _dot_dtypes(x.dtype)
+        w_op = w_hat.to(x.dtype)  # the forward's GEMM operand, rounded alike
+        common = (grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
+                  w_op.stride(0), w_op.stride(1), target.stride(0), target.stride(1))
+        flags = dict(COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee", UPCAST_DOT=upcast_dot())
+        if need_dx:
+            _contrastive_bwd_dx_kernel[(B * triton.cdiv(L, dx_cfg["BLOCK_N"]),)](
+                grad, x, w_op, target, lse, pos, best, dx,
+                L, C, P, num_per_class, ignore_index, inv_temperature,
+                *common, dx.stride(0), dx.stride(1), dx.stride(2), **flags, **dx_cfg,
+            )
+        if need_dw:
+            num_tiles = B * triton.cdiv(L, dw_cfg["BLOCK_N"])
+            p_tiles = triton.cdiv(P, dw_cfg["BLOCK_P"])
+            splits = pixel_splits(x.device, p_tiles, num_tiles)
+            out = torch.empty((splits, P, C), device=x.device, dtype=torch.float32) if deterministic else dw
+            _contrastive_bwd_dw_kernel[(p_tiles, splits)](
+                grad, x, w_op, target, lse, pos, best, out,
+                B, L, C, P, num_per_class, ignore_index, inv_temperature,
+                *common, DW_DOT_DTYPE=dw_dot, DETERMINISTIC=deterministic, **flags, **dw_cfg,
+            )
+            if deterministic:
+                dw = out.sum(0)  # stage two: the splits' partials added in a fixed order
         return dx, dw
-    dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C, x.dtype)
-    dot, dw_dot = _dot_dtypes(x.dtype)
-    w_op = w_hat.to(x.dtype)  # the forward's GEMM operand, rounded alike
-    common = (grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
-              w_op.stride(0), w_op.stride(1), target.stride(0), target.stride(1))
-    flags = dict(COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee", UPCAST_DOT=upcast_dot())
-    if need_dx:
-        _contrastive_bwd_dx_kernel[(B * triton.cdiv(L, dx_cfg["BLOCK_N"]),)](
-            grad, x, w_op, target, lse, pos, best, dx,
-            L, C, P, num_per_class, ignore_index, inv_temperature,
-            *common, dx.stride(0), dx.stride(1), dx.stride(2), **flags, **dx_cfg,
-        )
-    if need_dw:
-        num_tiles = B * triton.cdiv(L, dw_cfg["BLOCK_N"])
-        p_tiles = triton.cdiv(P, dw_cfg["BLOCK_P"])
-        splits = pixel_splits(x.device, p_tiles, num_tiles)
-        out = torch.empty((splits, P, C), device=x.device, dtype=torch.float32) if deterministic else dw
-        _contrastive_bwd_dw_kernel[(p_tiles, splits)](
-            grad, x, w_op, target, lse, pos, best, out,
-            B, L, C, P, num_per_class, ignore_index, inv_temperature,
-            *common, DW_DOT_DTYPE=dw_dot, DETERMINISTIC=deterministic, **flags, **dw_cfg,
-        )
-        if deterministic:
-            dw = out.sum(0)  # stage two: the splits' partials added in a fixed order
-    return dx, dw
 
 
 @_fwd_op.register_fake

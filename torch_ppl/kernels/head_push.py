@@ -27,7 +27,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import as_blc, check_dtypes, needs_wide_offsets, new_rows, on_gpu, pixel_splits
+from ._common import as_blc, check_dtypes, launch_device, needs_wide_offsets, new_rows, on_gpu, pixel_splits
 from .similarity import (_POOL_CODE, _Config, _joint_dw_config, _logits_bwd_dx_kernel, _logits_fwd_kernel,
                          _logits_push_bwd_dw_kernel, _new_stat, prototype_operands)
 
@@ -66,31 +66,32 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
         float32 (cosine); ``loss``, ``lse``, ``pos`` ``(B, L)`` float32 and ``best`` ``(B, L)``
         int32. The tensors a configuration does not use are empty.
     """
-    k, m, c = w_hat.shape
-    out = new_rows(x, k, torch.float32)
-    x3, out3 = as_blc(x), as_blc(out)
-    nb, nl, _ = x3.shape
-    y = target.reshape(nb, nl)
-    pool = _POOL_CODE[pooling]
-    stat = _new_stat(x, nb, nl, k, m, pool)
-    inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
-    loss = x.new_empty((nb, nl), dtype=torch.float32)
-    lse, pos = torch.empty_like(loss), torch.empty_like(loss)
-    best = x.new_empty((nb, nl), dtype=torch.int32)
-    if out.numel() == 0:
+    with launch_device(x):
+        k, m, c = w_hat.shape
+        out = new_rows(x, k, torch.float32)
+        x3, out3 = as_blc(x), as_blc(out)
+        nb, nl, _ = x3.shape
+        y = target.reshape(nb, nl)
+        pool = _POOL_CODE[pooling]
+        stat = _new_stat(x, nb, nl, k, m, pool)
+        inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
+        loss = x.new_empty((nb, nl), dtype=torch.float32)
+        lse, pos = torch.empty_like(loss), torch.empty_like(loss)
+        best = x.new_empty((nb, nl), dtype=torch.int32)
+        if out.numel() == 0:
+            return out, stat, inv, loss, lse, pos, best
+        cfg = _config(x.device, c, k, m, x.dtype)
+        _logits_fwd_kernel[(nb * triton.cdiv(nl, cfg.block_n),)](
+            x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
+            y, loss, lse, pos, best,
+            nl, c, k, m, ignore_index, inv_temperature,
+            *x3.stride(), *out3.stride(), *y.stride(),
+            COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
+            PUSH=True, NEAREST=nearest,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
+            num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
+        )
         return out, stat, inv, loss, lse, pos, best
-    cfg = _config(x.device, c, k, m, x.dtype)
-    _logits_fwd_kernel[(nb * triton.cdiv(nl, cfg.block_n),)](
-        x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
-        y, loss, lse, pos, best,
-        nl, c, k, m, ignore_index, inv_temperature,
-        *x3.stride(), *out3.stride(), *y.stride(),
-        COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
-        PUSH=True, NEAREST=nearest,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
-        num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
-    )
-    return out, stat, inv, loss, lse, pos, best
 
 
 @_fwd_op.register_fake
@@ -113,58 +114,59 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
     together; ``grad_logits`` ``(..., K)`` and ``grad_loss`` ``(B, L)``, any strides. A gradient
     that is not asked for is not computed: dx and dŴ come back as empty ``(0,)`` tensors,
     dscale as 0."""
-    k, m, c = w_hat.shape
-    dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
-    dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
-    dscale = torch.zeros((), dtype=torch.float32, device=x.device)
-    x3, g3 = as_blc(x), as_blc(grad_logits)
-    nb, nl, _ = x3.shape
-    y = target.reshape(nb, nl)
-    pool = _POOL_CODE[pooling]
-    stat = stat if pool != 2 else None
-    if x.numel() == 0 or k == 0:
-        if need_dx:
-            dx.zero_()
+    with launch_device(x):
+        k, m, c = w_hat.shape
+        dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
+        dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
+        dscale = torch.zeros((), dtype=torch.float32, device=x.device)
+        x3, g3 = as_blc(x), as_blc(grad_logits)
+        nb, nl, _ = x3.shape
+        y = target.reshape(nb, nl)
+        pool = _POOL_CODE[pooling]
+        stat = stat if pool != 2 else None
+        if x.numel() == 0 or k == 0:
+            if need_dx:
+                dx.zero_()
+            return dx, dw, dscale
+        cfg = _config(x.device, c, k, m, x.dtype)
+        w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed from the same rounding
+        push = (y, grad_loss, lse, pos, best)
+
+        if need_dx or need_dscale:
+            dx3 = as_blc(dx) if need_dx else None
+            n_blocks = nb * triton.cdiv(nl, cfg.bwd_block_n)
+            partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
+            # without dx the push adds nothing (dscale is the head's alone)
+            _logits_bwd_dx_kernel[(n_blocks,)](
+                x3, w_hat, w_dot, scale, g3, stat, dx3, partial,
+                *(push if need_dx else (None,) * 5),
+                nl, c, k, m, ignore_index, inv_temperature,
+                *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), *y.stride(), *grad_loss.stride(),
+                COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
+                GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype != torch.float16, UPCAST_DOT=cfg.upcast,
+                NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest, WIDE=needs_wide_offsets(x3),
+                BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
+                num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+            )
+            if need_dscale:
+                dscale = partial.sum()
+
+        if need_dw:
+            tiles = _joint_dw_config(x.device, c, x.dtype, channels_last=x3.stride(2) == 1)
+            p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
+            grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
+            target_dw = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
+            _logits_push_bwd_dw_kernel[grid](
+                x3, w_dot, scale, g3, stat, *push, target_dw,
+                nb, nl, c, k, m, ignore_index, inv_temperature,
+                *x3.stride(), *g3.stride(), *y.stride(), *grad_loss.stride(),
+                COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
+                GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic, PUSH=True,
+                WIDE=needs_wide_offsets(x3), **tiles,
+            )
+            if deterministic:
+                dw = target_dw.sum(0)  # the splits' partials added in a fixed order
         return dx, dw, dscale
-    cfg = _config(x.device, c, k, m, x.dtype)
-    w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed from the same rounding
-    push = (y, grad_loss, lse, pos, best)
-
-    if need_dx or need_dscale:
-        dx3 = as_blc(dx) if need_dx else None
-        n_blocks = nb * triton.cdiv(nl, cfg.bwd_block_n)
-        partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
-        # without dx the push adds nothing (dscale is the head's alone)
-        _logits_bwd_dx_kernel[(n_blocks,)](
-            x3, w_hat, w_dot, scale, g3, stat, dx3, partial,
-            *(push if need_dx else (None,) * 5),
-            nl, c, k, m, ignore_index, inv_temperature,
-            *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), *y.stride(), *grad_loss.stride(),
-            COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
-            GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype != torch.float16, UPCAST_DOT=cfg.upcast,
-            NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest, WIDE=needs_wide_offsets(x3),
-            BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
-            num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
-        )
-        if need_dscale:
-            dscale = partial.sum()
-
-    if need_dw:
-        tiles = _joint_dw_config(x.device, c, x.dtype, channels_last=x3.stride(2) == 1)
-        p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
-        grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
-        target_dw = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
-        _logits_push_bwd_dw_kernel[grid](
-            x3, w_dot, scale, g3, stat, *push, target_dw,
-            nb, nl, c, k, m, ignore_index, inv_temperature,
-            *x3.stride(), *g3.stride(), *y.stride(), *grad_loss.stride(),
-            COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
-            GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic, PUSH=True,
-            WIDE=needs_wide_offsets(x3), **tiles,
-        )
-        if deterministic:
-            dw = target_dw.sum(0)  # the splits' partials added in a fixed order
-    return dx, dw, dscale
 
 
 @_bwd_op.register_fake

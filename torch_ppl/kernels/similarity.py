@@ -54,8 +54,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, needs_wide_offsets, new_rows,
-                      next_pow2, on_gpu, pixel_splits, upcast_dot)
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, launch_device, needs_wide_offsets,
+                      new_rows, next_pow2, on_gpu, pixel_splits, upcast_dot)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
 
@@ -881,28 +881,29 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
     of the similarities (float32) for ``"logsumexp"``; for cosine similarity each pixel's
     ``1 / max(|x|, eps)`` ``(B, L)`` float32 (empty tensors otherwise). ``w_hat`` is the
     ``(K, M, C)`` fp32 prototype tensor, already normalised for cosine."""
-    k, m, c = w_hat.shape
-    out = new_rows(x, k, torch.float32)
-    x3, out3 = as_blc(x), as_blc(out)
-    nb, nl, _ = x3.shape
-    pool = _POOL_CODE[pooling]
-    stat = _new_stat(x, nb, nl, k, m, pool)
-    inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
-    if out.numel() == 0:
+    with launch_device(x):
+        k, m, c = w_hat.shape
+        out = new_rows(x, k, torch.float32)
+        x3, out3 = as_blc(x), as_blc(out)
+        nb, nl, _ = x3.shape
+        pool = _POOL_CODE[pooling]
+        stat = _new_stat(x, nb, nl, k, m, pool)
+        inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
+        if out.numel() == 0:
+            return out, stat, inv
+        cfg = _Config(x.device, c, k, m, x.dtype)
+        grid = (nb * triton.cdiv(nl, cfg.block_n),)
+        _logits_fwd_kernel[grid](
+            x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
+            *_NO_PUSH,
+            nl, c, k, m, 0, 1.0,
+            *x3.stride(), *out3.stride(), 0, 0,
+            COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
+            PUSH=False, NEAREST=False,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
+            num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
+        )
         return out, stat, inv
-    cfg = _Config(x.device, c, k, m, x.dtype)
-    grid = (nb * triton.cdiv(nl, cfg.block_n),)
-    _logits_fwd_kernel[grid](
-        x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
-        *_NO_PUSH,
-        nl, c, k, m, 0, 1.0,
-        *x3.stride(), *out3.stride(), 0, 0,
-        COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
-        PUSH=False, NEAREST=False,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
-        num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
-    )
-    return out, stat, inv
 
 
 def _new_stat(x: Tensor, nb: int, nl: int, k: int, m: int, pool: int) -> Tensor:
@@ -930,79 +931,80 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
             pooling: str, need_dx: bool, need_dw: bool, need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx in x.dtype, dŴ (K, M, C) fp32, dscale 0-d fp32)``. A gradient that is not asked
     for is not computed: dx and dŴ come back as empty ``(0,)`` tensors, dscale as 0."""
-    k, m, c = w_hat.shape
-    dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
-    dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
-    dscale = torch.zeros((), dtype=torch.float32, device=x.device)
-    x3, g3 = as_blc(x), as_blc(grad)
-    dx3 = as_blc(dx) if need_dx else None
-    nb, nl, _ = x3.shape
-    pool = _POOL_CODE[pooling]
-    winners = stat if pool == 0 else None
-    if x.numel() == 0 or k == 0:
-        if need_dx:
-            dx.zero_()
+    with launch_device(x):
+        k, m, c = w_hat.shape
+        dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
+        dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
+        dscale = torch.zeros((), dtype=torch.float32, device=x.device)
+        x3, g3 = as_blc(x), as_blc(grad)
+        dx3 = as_blc(dx) if need_dx else None
+        nb, nl, _ = x3.shape
+        pool = _POOL_CODE[pooling]
+        winners = stat if pool == 0 else None
+        if x.numel() == 0 or k == 0:
+            if need_dx:
+                dx.zero_()
+            return dx, dw, dscale
+        cfg = _Config(x.device, c, k, m, x.dtype)
+        w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
+        common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
+                      GRAD_DTYPE=cfg.grad_dtype, UPCAST_DOT=cfg.upcast,
+                      num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+
+        if need_dx or need_dscale:
+            block_n, stages = cfg.bwd_block_n, cfg.num_stages
+            if pool == 1 or need_dscale:  # the similarities are recomputed
+                block_n, stages = min(block_n, cfg.recompute_block_n), cfg.recompute_stages
+            n_blocks = nb * triton.cdiv(nl, block_n)
+            partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
+            _logits_bwd_dx_kernel[(n_blocks,)](
+                x3, w_hat, w_dot, scale, g3, stat if pool in (0, 1) else None, dx3, partial,
+                *_NO_PUSH,
+                nl, c, k, m, 0, 1.0,
+                *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
+                # fp32 features: w_dot is w_hat itself
+                NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
+                PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3),
+                BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
+                **dict(common, num_stages=stages),
+            )
+            if need_dscale:
+                dscale = partial.sum()
+
+        if need_dw:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            if pool == 1:
+                # logsumexp: ds = scale g exp(s - pooled) needs the similarities, recomputed over all
+                # channels per flat prototype tile by the joint kernel without the push
+                tiles = _joint_dw_config(x.device, c, x.dtype, channels_last=x3.stride(2) == 1)
+                p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
+                grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
+                target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
+                _logits_push_bwd_dw_kernel[grid](
+                    x3, w_dot, scale, g3, stat, *_NO_PUSH, target,
+                    nb, nl, c, k, m, 0, 1.0,
+                    *x3.stride(), *g3.stride(), 0, 0, 0, 0,
+                    COSINE=cosine, POOL=pool, NEAREST=False, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
+                    GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
+                    PUSH=False, WIDE=needs_wide_offsets(x3), **tiles,
+                )
+            else:
+                p_tiles, c_slices = triton.cdiv(k * m, cfg.dw_block_p), triton.cdiv(c, cfg.dw_block_c)
+                pixel_tiles = nb * triton.cdiv(nl, cfg.dw_block_n)
+                grid = (p_tiles, c_slices, pixel_splits(x.device, p_tiles * c_slices, pixel_tiles))
+                target = w_hat.new_empty((grid[2], k, m, c)) if deterministic else dw
+                _logits_bwd_dw_kernel[grid](
+                    x3, inv if cosine else None, scale, g3, winners, target,
+                    nb, nl, c, k, m,
+                    *x3.stride(), *g3.stride(),
+                    COSINE=cosine, POOL=pool, GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision,
+                    UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
+                    BLOCK_N=cfg.dw_block_n, BLOCK_P=cfg.dw_block_p, BLOCK_C=cfg.dw_block_c,
+                    num_warps=cfg.dw_num_warps, num_stages=cfg.dw_stages, maxnreg=cfg.dw_maxnreg,
+                )
+            if deterministic:
+                dw = target.sum(0)  # the splits' partials added in a fixed order
         return dx, dw, dscale
-    cfg = _Config(x.device, c, k, m, x.dtype)
-    w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
-    common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
-                  GRAD_DTYPE=cfg.grad_dtype, UPCAST_DOT=cfg.upcast,
-                  num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
-
-    if need_dx or need_dscale:
-        block_n, stages = cfg.bwd_block_n, cfg.num_stages
-        if pool == 1 or need_dscale:  # the similarities are recomputed
-            block_n, stages = min(block_n, cfg.recompute_block_n), cfg.recompute_stages
-        n_blocks = nb * triton.cdiv(nl, block_n)
-        partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
-        _logits_bwd_dx_kernel[(n_blocks,)](
-            x3, w_hat, w_dot, scale, g3, stat if pool in (0, 1) else None, dx3, partial,
-            *_NO_PUSH,
-            nl, c, k, m, 0, 1.0,
-            *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
-            # fp32 features: w_dot is w_hat itself
-            NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
-            PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3),
-            BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
-            **dict(common, num_stages=stages),
-        )
-        if need_dscale:
-            dscale = partial.sum()
-
-    if need_dw:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        if pool == 1:
-            # logsumexp: ds = scale g exp(s - pooled) needs the similarities, recomputed over all
-            # channels per flat prototype tile by the joint kernel without the push
-            tiles = _joint_dw_config(x.device, c, x.dtype, channels_last=x3.stride(2) == 1)
-            p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
-            grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
-            target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
-            _logits_push_bwd_dw_kernel[grid](
-                x3, w_dot, scale, g3, stat, *_NO_PUSH, target,
-                nb, nl, c, k, m, 0, 1.0,
-                *x3.stride(), *g3.stride(), 0, 0, 0, 0,
-                COSINE=cosine, POOL=pool, NEAREST=False, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
-                GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
-                PUSH=False, WIDE=needs_wide_offsets(x3), **tiles,
-            )
-        else:
-            p_tiles, c_slices = triton.cdiv(k * m, cfg.dw_block_p), triton.cdiv(c, cfg.dw_block_c)
-            pixel_tiles = nb * triton.cdiv(nl, cfg.dw_block_n)
-            grid = (p_tiles, c_slices, pixel_splits(x.device, p_tiles * c_slices, pixel_tiles))
-            target = w_hat.new_empty((grid[2], k, m, c)) if deterministic else dw
-            _logits_bwd_dw_kernel[grid](
-                x3, inv if cosine else None, scale, g3, winners, target,
-                nb, nl, c, k, m,
-                *x3.stride(), *g3.stride(),
-                COSINE=cosine, POOL=pool, GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision,
-                UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
-                BLOCK_N=cfg.dw_block_n, BLOCK_P=cfg.dw_block_p, BLOCK_C=cfg.dw_block_c,
-                num_warps=cfg.dw_num_warps, num_stages=cfg.dw_stages, maxnreg=cfg.dw_maxnreg,
-            )
-        if deterministic:
-            dw = target.sum(0)  # the splits' partials added in a fixed order
-    return dx, dw, dscale
 
 
 @_bwd_op.register_fake
