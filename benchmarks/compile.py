@@ -15,7 +15,9 @@ kernel for it, with the ``ptxas`` that Triton ships, and launches nothing (Trito
 * from the Triton metadata: warps, stages and the dynamic shared memory the launch asks for.
 
 Nothing here needs CUDA, a driver or a GPU; it needs Triton's NVIDIA backend (any Linux wheel).
-The command exits with 1 if any kernel fails to compile.
+The command exits with 1 if any kernel fails to compile, asks a block for more shared memory
+than the GPU has, or compiles to a ``trap`` (which Triton emits, without an error, for a kernel
+it cannot lower).
 """
 from __future__ import annotations
 
@@ -342,6 +344,8 @@ def ptx_counts(ptx: str) -> Dict[str, int]:
         mma_sync=len(re.findall(r"^\s*mma\.sync", ptx, re.M)),
         atom_relaxed=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global\S*\.relaxed", ptx, re.M)),
         atom_acq_rel=len(re.findall(r"^\s*(?:@%p\d+\s+)?(?:atom|red)\.global\S*\.acq_rel", ptx, re.M)),
+        # none of the kernels asserts anything, so a trap is Triton's: see analyse
+        traps=len(re.findall(r"^\s*(?:@!?%p\d+\s+)?trap;", ptx, re.M)),
     )
 
 
@@ -401,6 +405,13 @@ def analyse(launches: List[Launch], out_dir: Path, shape=None, arch: int = 90) -
         row["waves"], row["wave_efficiency"] = waves(programs, row["per_sm"], num_sms)
         row.update(sass_counts(cubin))
         row.update(ptx_counts(k.asm["ptx"]))
+        if row["traps"]:
+            # Triton 3.8 and 3.9 compile a kernel they cannot lower into a lone `trap` without an
+            # error: on sm_100, two 64 x 256 fp32 tcgen05 accumulators and an operand, more
+            # than the 512 columns of tensor memory an SM has. It would stop the program at
+            # its first launch.
+            row["error"] = (f"compiles to code that traps ({row['traps']} `trap` in its PTX, "
+                            f"{row['instructions']} SASS instructions): it cannot run")
         row["files"] = [ptx.name, cubin.name]
         if shape is not None:
             from . import roofline
@@ -588,7 +599,9 @@ at fewer shapes with Triton 3.3.1, the oldest the kernels take; with the newest 
 fp16 and fp32 features, for sm_86 and sm_120 (99 KB of shared memory per block) and for sm_100
 (B200). By default the command also compiles the head with logsumexp and mean pooling and a
 learnable scale, and the attention with `exclude=` and a layer scale. It fails on any compile
-error or launch that does not fit the GPU's shared memory, and on any spill for bf16 features
+error, launch that does not fit the GPU's shared memory or kernel compiled to a `trap` (Triton
+3.8 and 3.9 emit one, without an error, for a kernel they cannot lower: on sm_100, tensor-memory
+accumulators over an SM's 512 columns), and on any spill for bf16 features
 on sm_90 (`--max-stack 0`; 8 bytes with Triton 3.8, whose head prototype gradient spills that
 much at voc; no limit with Triton 3.3), for fp16 and fp32 features on sm_90 and at voc on
 sm_100.

@@ -269,3 +269,52 @@ def test_channels_option_must_be_a_positive_int(bad, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--channels", bad])
     assert f"argument --channels: expected a positive number of channels, got '{bad}'" in capsys.readouterr().err
+
+
+_TRAP = r"""
+import sys
+from pathlib import Path
+import triton, triton.language as tl
+import torch
+from benchmarks import compile as gate
+
+@triton.jit
+def kernel(a_ptr, b_ptr, out_ptr, K, N: tl.constexpr):
+    # two 64 x N fp32 accumulators of tcgen05 MMAs (Blackwell keeps them in tensor memory)
+    rows, kk, cols = tl.arange(0, 64), tl.arange(0, 32), tl.arange(0, N)
+    acc0 = tl.zeros((64, N), tl.float32)
+    acc1 = tl.zeros((64, N), tl.float32)
+    for k0 in range(0, K, 32):
+        a = (tl.load(a_ptr + rows[:, None] * K + k0 + kk[None, :]) * 2.0).to(tl.bfloat16)
+        acc0 = tl.dot(a, tl.load(b_ptr + (k0 + kk)[:, None] * N + cols[None, :]), acc0)
+        acc1 = tl.dot(a, tl.load(b_ptr + K * N + (k0 + kk)[:, None] * N + cols[None, :]), acc1)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc0 + acc1)
+
+for n in (128, 256):
+    with gate.record_launches(100, 148) as launches:
+        kernel[(1,)](torch.empty(64, 64, dtype=torch.bfloat16), torch.empty(2, 64, n, dtype=torch.bfloat16),
+                     torch.empty(64, n), 64, N=n, num_warps=8)
+    row, = gate.analyse(launches, Path(sys.argv[1]) / str(n), arch=100)
+    print(n, row["traps"], row.get("error", "COMPILED"))
+"""
+
+
+def test_the_gate_catches_a_kernel_compiled_to_a_trap(tmp_path):
+    """Triton 3.8 and 3.9 compile this kernel for sm_100 with 256 columns per accumulator (512 of
+    tensor memory, and its operand) into a lone ``trap``, and raise nothing: the gate reports it.
+    With 128 columns it compiles to tcgen05 MMAs, and passes."""
+    import triton
+
+    if tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 8):
+        pytest.skip("older Tritons lower this kernel")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    script = tmp_path / "trap.py"
+    script.write_text(_TRAP)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    fits, traps = done.stdout.strip().splitlines()[-2:]
+    assert fits == "128 0 COMPILED", fits
+    assert traps.startswith("256 1 compiles to code that traps"), traps
