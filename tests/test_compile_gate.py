@@ -216,8 +216,12 @@ def test_attention_with_exclude_and_layer_scale_compiles(tmp_path):
 def test_blackwell_targets_compile(tmp_path):
     """sm_100 (B200): the head's forward GEMM lowers to tcgen05 (counted as such); sm_120 (RTX 50
     series, 99 KB per block): every kernel of the head and the attention compiles and fits."""
-    rows = _by_kernel(_compile(tmp_path / "sm_100", "sm_100", ["prototype_logits"]))
+    rows = _by_kernel(_compile(tmp_path / "sm_100", "sm_100", ["prototype_logits", "prototype_logits_and_contrastive"]))
     assert rows["_logits_fwd_kernel"]["tcgen05"] > 0, rows["_logits_fwd_kernel"]
+    assert rows["_logits_bwd_dw_kernel"]["tcgen05"] > 0, rows["_logits_bwd_dw_kernel"]
+    # the one-pass prototype gradient takes Hopper's transposed 128-prototype tile there
+    joint = rows["_logits_push_bwd_dw_kernel"]
+    assert joint["tcgen05"] > 0 and joint["meta"]["S_TRANSPOSED"] and joint["meta"]["BLOCK_P"] == 128, joint
     assert all(row["hgmma"] == 0 for row in rows.values())  # no Hopper wgmma on Blackwell
     rows = _by_kernel(_compile(tmp_path / "sm_120", "sm_120", ["prototype_logits", "prototype_attention"]))
     assert len(rows) == 6 and all(row["regs"] > 0 for row in rows.values()), rows

@@ -35,7 +35,7 @@ from ..reference import EPS
 
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
-    "launch_device", "num_sms", "pixel_splits", "has_wgmma", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
+    "launch_device", "num_sms", "pixel_splits", "has_wgmma", "has_tcgen05", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -142,6 +142,18 @@ def has_wgmma(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device) == (9, 0)
+
+
+def has_tcgen05(device: torch.device) -> bool:
+    """Whether ``device`` (or the target of :func:`compile_for`) is a data-centre Blackwell GPU
+    (sm_100: B200, GB200), whose ``tcgen05`` MMA keeps its accumulators in tensor memory rather
+    than registers: some tiles that spill in registers elsewhere fit there. The RTX 50 series
+    (sm_120) has no ``tcgen05``."""
+    if compile_target() is not None:
+        return compile_target().arch // 10 == 10
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] == 10
 
 
 def large_shared(device: torch.device) -> bool:

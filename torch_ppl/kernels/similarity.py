@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, launch_device, needs_wide_offsets,
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, launch_device, needs_wide_offsets,
                       new_rows, next_pow2, on_gpu, pixel_splits, upcast_dot)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
@@ -688,7 +688,9 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     bfloat16 features on sm_90 up to 256 channels take 128 prototypes, with the similarity
     transposed (``S_TRANSPOSED``): as a wgmma, ``Ŵ``'s tile stays in shared memory instead of
     every warp's registers, and 8 warps hold the ``128 x C`` accumulator without spilling (voc,
-    NCHW and channels-last, Triton 3.8 and 3.9): a modelled 94 µs instead of 179 at voc.
+    NCHW and channels-last, Triton 3.8 and 3.9): a modelled 94 µs instead of 179 at voc. So do
+    they on sm_100 (B200), where the products lower to tcgen05 (18 MMAs, no spill, Triton 3.9)
+    instead of 64 prototypes on mma.sync.
     float16 features, whose gradient GEMM takes fp32 operands, spilled 32 bytes per thread
     with Triton 3.8. NCHW features spilled 88 to 224 bytes per thread with this tile while
     ``x`` was addressed with 64-bit offsets: the column part (``col * H * W``), the same for
@@ -727,8 +729,8 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
         # memory, over an A100's 163
         return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=0, S_TRANSPOSED=False, num_warps=8,
                     num_stages=1)
-    if x_dtype == torch.bfloat16 and has_wgmma(device) and block_c <= 256:
-        # 128 prototypes, half the re-reads of x, with the similarity on wgmma
+    if x_dtype == torch.bfloat16 and (has_wgmma(device) or has_tcgen05(device)) and block_c <= 256:
+        # 128 prototypes, half the re-reads of x, with the similarity on wgmma (tcgen05 on sm_100)
         return dict(BLOCK_N=16, BLOCK_P=128, BLOCK_C=block_c, S_CHUNK=0, S_TRANSPOSED=True, num_warps=8,
                     num_stages=1)
     # sm_80 at C = 512: the similarity over channel chunks, beside one 64 x C accumulator
@@ -838,8 +840,10 @@ class _Config:
                     # 256 do not spill, while 128 or one stage fit two blocks per SM, which the
                     # grid, sized for one (pixel_splits), fills worse: 33 % more modelled time.
                     self.dw_block_p = min(128, self.dw_block_p)
-                elif sm80 and self.block_c > 256:
-                    # 16-bit features at C = 512: 8 warps spilled 8 to 16 bytes per thread
+                elif sm80 and self.block_c > 256 and not has_tcgen05(device):
+                    # 16-bit features at C = 512: 8 warps spilled 8 to 16 bytes per thread.
+                    # Not on sm_100, where 8 warps keep the accumulator in tensor memory
+                    # (tcgen05, no spill; 16 warps ran mma.sync there)
                     self.dw_num_warps = 16
         else:
             self.block_n = self.bwd_block_n = self.recompute_block_n = 16
