@@ -23,7 +23,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, NamedTuple, Optional
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -134,14 +134,18 @@ def on_gpu(device: torch.device) -> bool:
     return device.type == "cuda" or compile_target() is not None
 
 
+def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
+    """Compute capability of the GPU the launchers tile for (a CUDA ``device`` or the target of
+    :func:`compile_for`); ``None`` on the interpreter."""
+    if not on_gpu(device):
+        return None
+    return _backend.gpu_properties(device)[0]
+
+
 def has_wgmma(device: torch.device) -> bool:
     """Whether ``device`` (or the target of :func:`compile_for`) is a Hopper GPU, whose
     warpgroup MMA keeps its accumulators in a layout of its own: some tiles are sized for it."""
-    if compile_target() is not None:
-        return compile_target().arch == 90
-    if device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device) == (9, 0)
+    return _capability(device) == (9, 0)
 
 
 def has_tcgen05(device: torch.device) -> bool:
@@ -149,11 +153,8 @@ def has_tcgen05(device: torch.device) -> bool:
     (sm_100: B200, GB200), whose ``tcgen05`` MMA keeps its accumulators in tensor memory rather
     than registers: some tiles that spill in registers elsewhere fit there. The RTX 50 series
     (sm_120) has no ``tcgen05``."""
-    if compile_target() is not None:
-        return compile_target().arch // 10 == 10
-    if device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device)[0] == 10
+    capability = _capability(device)
+    return capability is not None and capability[0] == 10
 
 
 def large_shared(device: torch.device) -> bool:
