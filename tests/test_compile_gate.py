@@ -26,8 +26,9 @@ from benchmarks import compile as gate
 from benchmarks.shapes import Shape
 
 target, ops, layout = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
-# odd sizes: 2 images of 9 x 7 pixels, 48 channels, 3 classes x 3 prototypes
-shape = Shape("tiny", "test", 2, 9, 7, 48, 3, 3)
+# odd sizes: 2 images of 9 x 7 pixels, 48 channels, 3 classes x 3 prototypes; or B,H,W,C,K,M
+sizes = tuple(map(int, sys.argv[5].split(","))) if len(sys.argv) > 5 else (2, 9, 7, 48, 3, 3)
+shape = Shape("tiny", "test", *sizes)
 launches = gate.compile_ops(target, shape, "bf16", layout, ops)
 rows = gate.analyse(launches, __import__("pathlib").Path(sys.argv[4]), gate.resolve_shape(shape, "bf16"),
                     gate.TARGETS[target][0])
@@ -37,11 +38,12 @@ print(json.dumps(rows, default=str))
 """
 
 
-def _compile(tmp_path, target, ops, layout="nchw"):
+def _compile(tmp_path, target, ops, layout="nchw", sizes=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, target, ",".join(ops), layout, str(tmp_path)],
+    extra = [",".join(map(str, sizes))] if sizes else []
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, target, ",".join(ops), layout, str(tmp_path), *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -213,6 +215,49 @@ def test_attention_with_exclude_and_layer_scale_compiles(tmp_path):
     assert not rows["_attention_bwd_dx_kernel"]["meta"]["NEED_GREAD"]
 
 
+def test_unaligned_channel_strides_do_not_spill(tmp_path):
+    """NCHW features of an odd H x W: the channel stride has no 16-element alignment, so each
+    thread's element offsets are distinct, and the compiler held them across the pixel-tile
+    loop of the prototype-gradient kernels. At 512 channels that spilled 256 bytes per thread
+    in the attention's and 128 in the push's; recomputed per tile (``OPAQUE_X``), nothing."""
+    ops = ["contrastive_loss", "prototype_attention"]
+    sizes = (2, 17, 17, 512, 21, 10)  # 289-pixel images: a channel stride of 289
+    nchw = _by_kernel(_compile(tmp_path / "nchw", "sm_90", ops, "nchw", sizes))
+    for kernel in ("_contrastive_bwd_dw_kernel", "_attention_bwd_dproto_kernel"):
+        row = nchw[kernel]
+        assert row["meta"]["OPAQUE_X"], row["meta"]
+        assert row["stack"] == 0, row
+    assert nchw["_attention_bwd_dproto_kernel"]["meta"]["OPAQUE_G"]
+    # channels-last features (channel stride 1, contiguous channels) keep their vector loads
+    nhwc = _by_kernel(_compile(tmp_path / "nhwc", "sm_90", ops, "nhwc", sizes))
+    assert not nhwc["_contrastive_bwd_dw_kernel"]["meta"]["OPAQUE_X"]
+    assert not nhwc["_attention_bwd_dproto_kernel"]["meta"]["OPAQUE_X"]
+
+
+def test_class_tiles_pad_least_and_stay_at_most_32():
+    """The head's class tile: 64 classes spilled 190 to 360 bytes per thread in the forward at
+    K = 60 on sm_90, and never pads less than 32."""
+    from torch_ppl.kernels.similarity import _class_tile
+
+    assert {k: _class_tile(k) for k in (1, 3, 19, 21, 33, 60, 64, 100, 120, 150, 171)} == {
+        1: 16, 3: 16, 19: 32, 21: 32, 33: 16, 60: 32, 64: 32, 100: 16, 120: 32, 150: 32, 171: 16}
+
+
+def test_opaque_stride_only_for_unaligned_gpu_strides():
+    import torch
+
+    from torch_ppl.kernels import _common
+
+    cpu = torch.device("cpu")
+    assert not _common.opaque_stride(cpu, 289, 512)  # the interpreter runs no PTX
+    with _common.compile_for(_common.CompileTarget(90, 132)):
+        assert _common.opaque_stride(cpu, 289, 512) and _common.opaque_stride(cpu, 129 * 129, 384)
+        assert not _common.opaque_stride(cpu, 129 * 129, 256)  # narrower rows hold few offsets
+        assert not _common.opaque_stride(cpu, 1, 512)  # channels-last: contiguous channels
+        assert not _common.opaque_stride(cpu, 128 * 128, 512)  # aligned: vector loads
+        assert not _common.opaque_stride(cpu, 2 ** 31 + 1, 512)  # a 64-bit stride
+
+
 def test_blackwell_targets_compile(tmp_path):
     """sm_100 (B200): the head's forward GEMM lowers to tcgen05 (counted as such); sm_120 (RTX 50
     series, 99 KB per block): every kernel of the head and the attention compiles and fits."""
@@ -261,18 +306,30 @@ def test_wide_features_compile_only_the_ops_that_take_them():
     assert (shape.C, shape.name, shape.N) == (720, "voc-C720", gate.resolve_shape("voc", "fp16").N)
 
 
+def test_shape_options_replace_the_named_shapes_sizes():
+    from benchmarks import compile as gate
+
+    voc = gate.resolve_shape("voc", "bf16")
+    shape = gate.resolve_shape("ade", "bf16", classes=60, protos_per_class=5, size=129)
+    assert (shape.C, shape.K, shape.M, shape.P, shape.H, shape.W, shape.B) == (512, 60, 5, 300, 129, 129, 16)
+    assert shape.name == "ade-K60-M5-S129"
+    # a size equal to the shape's own changes nothing
+    assert gate.resolve_shape("voc", "bf16", size=voc.H) == voc
+
+
+@pytest.mark.parametrize("option", ["--channels", "--classes", "--protos-per-class", "--size"])
 @pytest.mark.parametrize("bad", ["0", "-3", "wide"])
-def test_channels_option_must_be_a_positive_int(bad, capsys):
+def test_shape_options_must_be_positive_ints(option, bad, capsys):
     import argparse
 
     from benchmarks import compile as gate
 
     parser = argparse.ArgumentParser()
     gate.add_arguments(parser)
-    assert parser.parse_args(["--channels", "720"]).channels == 720
+    assert getattr(parser.parse_args([option, "720"]), option[2:].replace("-", "_")) == 720
     with pytest.raises(SystemExit):
-        parser.parse_args(["--channels", bad])
-    assert f"argument --channels: expected a positive number of channels, got '{bad}'" in capsys.readouterr().err
+        parser.parse_args([option, bad])
+    assert f"argument {option}: expected a positive integer, got '{bad}'" in capsys.readouterr().err
 
 
 _TRAP = r"""

@@ -36,6 +36,7 @@ from ..reference import EPS
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
     "launch_device", "num_sms", "pixel_splits", "has_wgmma", "has_tcgen05", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
+    "opaque_stride", "per_iteration",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -216,6 +217,36 @@ def dot_operand(t, DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr):
     if UPCAST_DOT:
         t = t.to(tl.float32)
     return t
+
+
+def opaque_stride(device: torch.device, stride: int, channels: int) -> bool:
+    """The ``OPAQUE_*`` flag of a pixel-tile loop that reads ``channels``-wide rows with this
+    channel stride: on for more than 256 channels when the stride is neither 1 nor a multiple
+    of 16 (NCHW features of an odd ``H * W``) and fits 32 bits, on an NVIDIA GPU
+    (:func:`per_iteration` is PTX).
+
+    Such a stride gives the compiler no alignment to vectorise with, so each thread's element
+    offsets ``chan * stride`` are all distinct; they do not change from one pixel tile to the
+    next, and the compiler keeps them in registers for the whole loop, one per element (32 per
+    tensor for a 16 x 512 tile on 256 threads). Beside a 32 x 512 or 64 x 512 fp32 accumulator
+    that spilled: 128 to 256 bytes per thread on sm_90 at 512 channels and 129 x 129 features,
+    where 128 x 128 (aligned) did not. Recomputed in each iteration (one integer multiply-add per
+    element), nothing spills. An aligned stride keeps its known divisibility (vector loads).
+    Narrower rows hold fewer offsets: at 96 channels recomputing them spilled 8 bytes per
+    thread in the attention's prototype gradient where holding them spilled nothing."""
+    return (on_gpu(device) and torch.version.hip is None and channels > 256 and stride != 1
+            and stride % 16 != 0 and abs(stride) < 2 ** 31)
+
+
+@triton.jit
+def per_iteration(v, OPAQUE: tl.constexpr):
+    """``v`` (an int32 scalar) made opaque to loop-invariant code motion when ``OPAQUE``: called
+    inside a loop, whatever is computed from it is recomputed in each iteration rather than
+    held in registers across the loop (see :func:`opaque_stride`). A ``mov`` with side effects,
+    which the compiler may neither hoist nor fold."""
+    if OPAQUE:
+        v = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=False, pack=1)
+    return v
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:

@@ -48,8 +48,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (as_blc, check_dtypes, has_wgmma, large_shared, launch_device, needs_wide_offsets, on_gpu, pixel_splits,
-                      upcast_dot)
+from ._common import (as_blc, check_dtypes, has_wgmma, large_shared, launch_device, needs_wide_offsets, on_gpu,
+                      opaque_stride, per_iteration, pixel_splits, upcast_dot)
 
 __all__ = ["prototype_attention", "prototype_side"]
 
@@ -343,6 +343,7 @@ def _attention_bwd_dproto_kernel(
     DETERMINISTIC: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr, SPLIT16: tl.constexpr, SPLIT_TF32: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    OPAQUE_X: tl.constexpr, OPAQUE_G: tl.constexpr,
 ):
     # Gradients of the prototype-side tensors, reductions over pixels:
     #   dKt[i,p] = sum_n ds[n,i,p] x[n]
@@ -403,8 +404,9 @@ def _attention_bwd_dproto_kernel(
     for t in range(split, NUM_N_TILES, SPLITS):
         b, offs_l, mask_n, n64 = _tile_rows(t, L, BLOCK_N)
         mask = mask_n[None, :, None] & mask_c
-        x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, sx_c, WIDE)
-        g = _chunked_rows(g_ptr, b, offs_l, chan, mask, sg_b, sg_l, sg_c, WIDE)
+        # unaligned channel strides: offsets recomputed per tile, not held (opaque_stride)
+        x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, per_iteration(sx_c, OPAQUE_X), WIDE)
+        g = _chunked_rows(g_ptr, b, offs_l, chan, mask, sg_b, sg_l, per_iteration(sg_c, OPAQUE_G), WIDE)
         if SPLIT16:
             if UPCAST_DOT:
                 x, g = x.to(tl.float32), g.to(tl.float32)
@@ -717,6 +719,8 @@ def _bwd_op(
             *x.stride(), *grad.stride(),
             DETERMINISTIC=deterministic, BLOCK_N=block_n, SPLIT16=x.dtype == torch.bfloat16,
             SPLIT_TF32=exact_tf32, UPCAST_DOT=upcast_dot(),
+            OPAQUE_X=opaque_stride(dev, x.stride(2), channels),
+            OPAQUE_G=opaque_stride(dev, grad.stride(2), channels),
             **common, **_launch_options(dev, num_stages=1),
         )
         if deterministic:

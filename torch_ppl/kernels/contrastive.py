@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, large_shared, launch_device, next_pow2,
-                      on_gpu, pixel_splits, upcast_dot)
+                      on_gpu, opaque_stride, per_iteration, pixel_splits, upcast_dot)
 
 __all__ = ["contrastive_loss"]
 
@@ -282,6 +282,7 @@ def _contrastive_bwd_dw_kernel(
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, Z_CHUNK: tl.constexpr,
+    OPAQUE_X: tl.constexpr,
 ):
     # Program (prototype tile, split) owns BLOCK_P prototypes, all C channels, and the pixel
     # tiles split, split + SPLITS, ...: its dW_hat tile stays on chip and is flushed once, by
@@ -305,16 +306,17 @@ def _contrastive_bwd_dw_kernel(
         b, rows64, row_in, valid, y, lse, pos, best, g_tau = _pixel_tile(
             tile, L, y_ptr, g_ptr, lse_ptr, pos_ptr, best_ptr, ignore_index, inv_tau,
             stride_yb, stride_yl, stride_gb, stride_gl, BLOCK_N)
+        # an unaligned channel stride: the offsets recomputed per tile, not held (opaque_stride)
+        sxc = per_iteration(stride_xc, OPAQUE_X)
         if Z_CHUNK == 0:
-            x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc,
-                                           COSINE)
+            x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, sxc, COSINE)
             acc = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(w_op), input_precision=INPUT_PRECISION)
         else:
             _, acc, rnorm, _ = _z_tile(x_ptr + b * stride_xb + rows64 * stride_xl, valid, w_ptr, offs_p, p_in, C,
-                                       stride_xc, stride_wp, stride_wc, inv_tau, COSINE, DOT_DTYPE, INPUT_PRECISION,
+                                       sxc, stride_wp, stride_wc, inv_tau, COSINE, DOT_DTYPE, INPUT_PRECISION,
                                        UPCAST_DOT, BLOCK_N, BLOCK_P, Z_CHUNK)
             x = tl.load(x_ptr + b * stride_xb + rows64[:, None] * stride_xl
-                        + offs_c[None, :].to(tl.int64) * stride_xc, mask=valid[:, None] & c_in[None, :], other=0.0)
+                        + offs_c[None, :].to(tl.int64) * sxc, mask=valid[:, None] & c_in[None, :], other=0.0)
         dz = _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST)
         # dW_hat += (dz * row_scale)^T x: the per-pixel factor goes on the small dz tile, so the
         # x tile is the GEMM operand as loaded (row_scale = g / tau * rnorm; the fp16 case,
@@ -524,7 +526,8 @@ def _bwd_op(
             _contrastive_bwd_dw_kernel[(p_tiles, splits)](
                 grad, x, w_op, target, lse, pos, best, out,
                 B, L, C, P, num_per_class, ignore_index, inv_temperature,
-                *common, DW_DOT_DTYPE=dw_dot, DETERMINISTIC=deterministic, **flags, **dw_cfg,
+                *common, DW_DOT_DTYPE=dw_dot, DETERMINISTIC=deterministic,
+                OPAQUE_X=opaque_stride(x.device, x.stride(2), C), **flags, **dw_cfg,
             )
             if deterministic:
                 dw = out.sum(0)  # stage two: the splits' partials added in a fixed order

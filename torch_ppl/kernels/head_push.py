@@ -152,7 +152,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
                 dscale = partial.sum()
 
         if need_dw:
-            tiles = _joint_dw_config(x.device, c, x.dtype, channels_last=x3.stride(2) == 1)
+            tiles = _joint_dw_config(x.device, c, x.dtype, x3.stride(2))
             p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
             grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
             target_dw = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw

@@ -55,7 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, launch_device, needs_wide_offsets,
-                      new_rows, next_pow2, on_gpu, pixel_splits, upcast_dot)
+                      new_rows, next_pow2, on_gpu, opaque_stride, per_iteration, pixel_splits, upcast_dot)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
 
@@ -514,7 +514,7 @@ def _logits_bwd_dw_kernel(
     stride_gb, stride_gl, stride_gk,
     COSINE: tl.constexpr, POOL: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, DETERMINISTIC: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, OPAQUE_X: tl.constexpr,
 ):
     # Max and mean pooling: ds does not depend on s (the winner is saved, the mean is 1/M), so
     # the prototype gradient needs no similarity and no full row:
@@ -544,7 +544,9 @@ def _logits_bwd_dw_kernel(
         b = (blk // num_blocks).to(tl.int64)
         rows = (blk % num_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_in = rows < L
-        x = tl.load(X + b * stride_xb + rows.to(tl.int64)[:, None] * stride_xl + cols.to(tl.int64)[None, :] * stride_xc,
+        # an unaligned channel stride: the offsets recomputed per tile, not held (opaque_stride)
+        sxc = per_iteration(stride_xc, OPAQUE_X)
+        x = tl.load(X + b * stride_xb + rows.to(tl.int64)[:, None] * stride_xl + cols.to(tl.int64)[None, :] * sxc,
                     mask=row_in[:, None] & c_in[None, :], other=0.0)
         mask = row_in[:, None] & p_in[None, :]
         # g[n, k] once per prototype of class k: repeated addresses, served by L1
@@ -575,7 +577,7 @@ def _logits_push_bwd_dw_kernel(
     GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     DETERMINISTIC: tl.constexpr, PUSH: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
-    S_TRANSPOSED: tl.constexpr,
+    S_TRANSPOSED: tl.constexpr, OPAQUE_X: tl.constexpr,
 ):
     # The prototype gradient of the head and the push together (without PUSH, the head's
     # alone: logsumexp pooling, whose ds needs the similarities, runs here too): the push's ds needs the
@@ -626,16 +628,18 @@ def _logits_push_bwd_dw_kernel(
             rows64 = ((tile % num_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
             row_in = rows64 < L
         l0 = (tile % num_blocks) * BLOCK_N
+        # an unaligned channel stride: the offsets recomputed per tile, not held (opaque_stride)
+        sxc = per_iteration(stride_xc, OPAQUE_X)
         if S_CHUNK == 0:
-            x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE, WIDE)
+            x0, x1, _, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, sxc, BLOCK_N, HALF, COSINE, WIDE)
             if S_TRANSPOSED:
                 s = _half_similarity_t(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
             else:
                 s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
         else:
-            s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, protos, 0, K * M, 1, ones,
+            s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, sxc, WD, protos, 0, K * M, 1, ones,
                                   PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, S_CHUNK)
-            x, _, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, BLOCK_C, COSINE)
+            x, _, inv = _load_rows(X, b, l0, L, C, stride_xb, stride_xl, sxc, BLOCK_N, BLOCK_C, COSINE)
             s = s * inv[:, None]
         if PUSH:
             ds = g_tau[:, None] * _dz_tile(s, ones, inv_tau, protos, p_in, valid, y, lse, pos, p_best, M, NEAREST)
@@ -674,9 +678,15 @@ def _logits_push_bwd_dw_kernel(
 
 
 # ============================================================================ host helpers
-def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channels_last: bool) -> dict:
+def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel_stride: int) -> dict:
     """Tiles of :func:`_logits_push_bwd_dw_kernel`: ``BLOCK_P`` prototypes of the flat axis x all
-    ``C`` channels of fp32 accumulator, ``BLOCK_N`` pixels per step.
+    ``C`` channels of fp32 accumulator, ``BLOCK_N`` pixels per step; ``channel_stride`` is that
+    of the ``(B, L, C)`` features (1: channels-last).
+
+    ``OPAQUE_X`` (:func:`~torch_ppl.kernels._common.opaque_stride`) for 16-bit features: at 512
+    channels on 129 x 129 pixels (NCHW) it took the spill from 48 to 24 bytes per thread. Not
+    for fp32 features, whose chunked tile never spilled for it: there it freed registers to
+    two blocks per SM, which the grid, sized for one (``pixel_splits``), fills worse.
 
     On the GPU, 64 prototypes, 8 warps and one stage: compiled for sm_90 and sm_80 at voc
     (C = 256) and ade (C = 512) with bf16 features, NCHW and NHWC, with Triton 3.9 and 3.8
@@ -714,6 +724,14 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     grow with the reduction length) and a 255-register budget (ptxas's own choice, 128
     registers, spilled 8 to 32 bytes)."""
     block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
+    channels_last = channel_stride == 1
+    config = _joint_dw_tiles(device, block_c, x_dtype, channels_last)
+    config["OPAQUE_X"] = x_dtype != torch.float32 and opaque_stride(device, channel_stride, c)
+    return config
+
+
+def _joint_dw_tiles(device: torch.device, block_c: int, x_dtype: torch.dtype, channels_last: bool) -> dict:
+    """The tiles of :func:`_joint_dw_config`, which says why."""
     if not on_gpu(device):
         # small tiles on the interpreter, so that tests cross prototype tiles mid-class; the
         # transposed similarity with channels-last features, as on sm_90, so that tests run it
@@ -750,8 +768,12 @@ def _argmax_dtype(m: int) -> torch.dtype:
 
 def _class_tile(k: int) -> int:
     """Classes per tile of the forward and dx kernels: the tile is a GEMM side (>= 16), and of
-    16, 32 and 64 the largest that pads ``K`` least (K = 150: 32 pads to 160, 64 to 192)."""
-    return min((16, 32, 64), key=lambda t: (triton.cdiv(k, t) * t, -t))
+    16 and 32 the larger unless 16 pads ``K`` less (K = 21: 32; K = 100: 16 pads to 112).
+
+    Not 64: it never pads less than 32 (only as much, K = 49 to 64 or 113 to 128), and with 64
+    classes the forward spilled 190 to 360 bytes per thread at K = 60 on sm_90 (C = 64 to 256,
+    bf16), the one-pass dx up to 210."""
+    return min((16, 32), key=lambda t: (triton.cdiv(k, t) * t, -t))
 
 
 class _Config:
@@ -980,7 +1002,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
             if pool == 1:
                 # logsumexp: ds = scale g exp(s - pooled) needs the similarities, recomputed over all
                 # channels per flat prototype tile by the joint kernel without the push
-                tiles = _joint_dw_config(x.device, c, x.dtype, channels_last=x3.stride(2) == 1)
+                tiles = _joint_dw_config(x.device, c, x.dtype, x3.stride(2))
                 p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
                 grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
                 target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
@@ -1004,6 +1026,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                     COSINE=cosine, POOL=pool, GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision,
                     UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
                     BLOCK_N=cfg.dw_block_n, BLOCK_P=cfg.dw_block_p, BLOCK_C=cfg.dw_block_c,
+                    OPAQUE_X=opaque_stride(x.device, x3.stride(2), c),
                     num_warps=cfg.dw_num_warps, num_stages=cfg.dw_stages, maxnreg=cfg.dw_maxnreg,
                 )
             if deterministic:
