@@ -429,9 +429,11 @@ def _h100():
     return dict(roofline.PEAKS)["H100"]
 
 
-def resolve_shape(shape, dtype: str, channels: Optional[int] = None):
+def resolve_shape(shape, dtype: str, channels: Optional[int] = None, classes: Optional[int] = None,
+                  protos_per_class: Optional[int] = None, size: Optional[int] = None):
     """The :class:`~benchmarks.shapes.Shape` a name (or shape) and dtype stand for, with
-    ``channels`` features if given (the shape's own ``C`` otherwise)."""
+    ``channels`` features, ``classes`` x ``protos_per_class`` prototypes and ``size`` x ``size``
+    pixels per image where given (the shape's own otherwise)."""
     import torch
 
     from . import shapes
@@ -439,8 +441,12 @@ def resolve_shape(shape, dtype: str, channels: Optional[int] = None):
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     if isinstance(shape, str):
         shape = next(s for s in shapes.headline() if s.name == shape)
-    if channels is not None and channels != shape.C:
-        shape = dataclasses.replace(shape, name=f"{shape.name}-C{channels}", C=channels)
+    for key, value, tag in (("C", channels, "C"), ("K", classes, "K"), ("M", protos_per_class, "M"),
+                            ("H", size, "S")):
+        if value is not None and value != getattr(shape, key):
+            shape = dataclasses.replace(shape, name=f"{shape.name}-{tag}{value}", **{key: value})
+            if key == "H":
+                shape = dataclasses.replace(shape, W=value)
     return dataclasses.replace(shape, feature_dtype=dt)
 
 
@@ -546,7 +552,7 @@ def run(args) -> int:
     out_dir.mkdir(parents=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.monotonic()
-    shape = resolve_shape(args.shape, args.dtype, args.channels)
+    shape = resolve_shape(args.shape, args.dtype, args.channels, args.classes, args.protos_per_class, args.size)
     ops, too_wide = fitting_ops(args.ops, shape.C, SHARED_LIMIT[TARGETS[args.target][0]])
     for op in too_wide:
         print(f"{op}: skipped, C = {shape.C} is wider than its kernels take (the reference runs it)")
@@ -556,7 +562,8 @@ def run(args) -> int:
              f"triton {triton.__version__}" + (", deterministic" if args.deterministic else ""))
     table = markdown(rows, title) + "\n" + "\n".join(predictions(rows, shape)) + "\n"
     (out_dir / "table.md").write_text(table)
-    meta = dict(target=args.target, shape=args.shape, channels=shape.C, dtype=args.dtype, layout=args.layout,
+    meta = dict(target=args.target, shape=args.shape, channels=shape.C, classes=shape.K, protos_per_class=shape.M,
+                height=shape.H, width=shape.W, dtype=args.dtype, layout=args.layout,
                 deterministic=args.deterministic, triton=triton.__version__, torch=torch.__version__)
     (out_dir / "table.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     print(table)
@@ -597,7 +604,9 @@ shape, for sm_90 at ade, and at 720 and 1024 channels (`--channels`, wide featur
 kernels do not take that width are skipped), with the newest Triton and with Triton 3.8.0, and
 at fewer shapes with Triton 3.3.1, the oldest the kernels take; with the newest Triton also for
 fp16 and fp32 features, for sm_86 and sm_120 (99 KB of shared memory per block) and for sm_100
-(B200). By default the command also compiles the head with logsumexp and mean pooling and a
+(B200), and for sm_90 at 60 classes of 5 prototypes (`--classes 60 --protos-per-class 5`) and
+at ade's sizes on 129 x 129 pixels (`--size 129`: an NCHW channel stride without 16-element
+alignment). By default the command also compiles the head with logsumexp and mean pooling and a
 learnable scale, and the attention with `exclude=` and a layer scale. It fails on any compile
 error, launch that does not fit the GPU's shared memory or kernel compiled to a `trap` (Triton
 3.8 and 3.9 emit one, without an error, for a kernel they cannot lower: on sm_100, tensor-memory
@@ -690,14 +699,14 @@ def write_docs(path: Path, shapes=("voc", "ade"), layouts=LAYOUTS, target: str =
     return 1 if failed else 0
 
 
-def _channels(text: str) -> int:
-    """``--channels``: a positive int, else argparse's usage error naming the option."""
+def _positive(text: str) -> int:
+    """``--channels`` and the like: a positive int, else argparse's usage error."""
     try:
         value = int(text)
     except ValueError:
         value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number of channels, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
@@ -705,8 +714,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="sm_90", choices=tuple(TARGETS), help="GPU to compile for (default: %(default)s)")
     p.add_argument("--shape", default="voc", choices=("voc", "cityscapes", "ade", "voc-fullres"),
                    help="benchmark shape (default: %(default)s)")
-    p.add_argument("--channels", type=_channels, default=None, metavar="C",
+    p.add_argument("--channels", type=_positive, default=None, metavar="C",
                    help="feature channels instead of the shape's own (wide features: 720, 2048, ...)")
+    p.add_argument("--classes", type=_positive, default=None, metavar="K",
+                   help="classes instead of the shape's own")
+    p.add_argument("--protos-per-class", type=_positive, default=None, metavar="M",
+                   help="prototypes per class instead of the shape's own")
+    p.add_argument("--size", type=_positive, default=None, metavar="S",
+                   help="S x S feature pixels per image instead of the shape's own (odd S: NCHW channel "
+                        "strides without 16-element alignment)")
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="feature dtype (default: %(default)s)")
     p.add_argument("--layout", default="nchw", choices=LAYOUTS,
                    help="feature memory layout: nchw (contiguous) or nhwc (channels_last)")
