@@ -234,6 +234,14 @@ def test_unaligned_channel_strides_do_not_spill(tmp_path):
     assert not nhwc["_attention_bwd_dproto_kernel"]["meta"]["OPAQUE_X"]
 
 
+def test_one_prototype_per_class_fits_99_kb_of_shared_memory(tmp_path):
+    """M = 1 (which Triton specialises, unrolling the loop over m): the head's two-stage forward
+    asked for 104 KB at 512 channels, more than the 99 KB a block may use on sm_86, sm_89 and
+    sm_120 (RTX 30/40/50 series, A10, L4): a launch failure. One stage there."""
+    rows = _by_kernel(_compile(tmp_path, "sm_86", ["prototype_logits"], "nchw", (2, 17, 17, 512, 19, 1)))
+    assert rows["_logits_fwd_kernel"]["stages"] == 1, rows["_logits_fwd_kernel"]
+
+
 def test_class_tiles_pad_least_and_stay_at_most_32():
     """The head's class tile: 64 classes spilled 190 to 360 bytes per thread in the forward at
     K = 60 on sm_90, and never pads less than 32."""

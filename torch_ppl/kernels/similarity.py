@@ -54,8 +54,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, launch_device, needs_wide_offsets,
-                      new_rows, next_pow2, on_gpu, opaque_stride, per_iteration, pixel_splits, upcast_dot)
+from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, large_shared, launch_device,
+                      needs_wide_offsets, new_rows, next_pow2, on_gpu, opaque_stride, per_iteration, pixel_splits,
+                      upcast_dot)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
 
@@ -827,6 +828,11 @@ class _Config:
             # stages of the forward, of dx without recomputed similarities and of the one-pass
             # dx; on sm_80 one in dx (two spilled 8 bytes per thread for fp16 at ade)
             self.fwd_stages = 2
+            if self.block_c > 256 and not large_shared(device):
+                # 99 KB of shared memory per block (sm_86, sm_89, sm_120): with one prototype per
+                # class (M = 1, which Triton specialises: the loop over m is unrolled) the
+                # two-stage forward asked for 104 KB at 257 to 512 channels. One stage: 80 KB
+                self.fwd_stages = 1
             self.num_stages = 1 if sm80 else 2
             if fp32:
                 # fp32 GEMMs run on the CUDA cores (fma), whose register tiles are far larger:
