@@ -430,10 +430,11 @@ def _h100():
 
 
 def resolve_shape(shape, dtype: str, channels: Optional[int] = None, classes: Optional[int] = None,
-                  protos_per_class: Optional[int] = None, size: Optional[int] = None):
+                  protos_per_class: Optional[int] = None, size: Optional[int] = None,
+                  similarity: Optional[str] = None):
     """The :class:`~benchmarks.shapes.Shape` a name (or shape) and dtype stand for, with
-    ``channels`` features, ``classes`` x ``protos_per_class`` prototypes and ``size`` x ``size``
-    pixels per image where given (the shape's own otherwise)."""
+    ``channels`` features, ``classes`` x ``protos_per_class`` prototypes, ``size`` x ``size``
+    pixels per image and ``similarity`` where given (the shape's own otherwise)."""
     import torch
 
     from . import shapes
@@ -447,6 +448,8 @@ def resolve_shape(shape, dtype: str, channels: Optional[int] = None, classes: Op
             shape = dataclasses.replace(shape, name=f"{shape.name}-{tag}{value}", **{key: value})
             if key == "H":
                 shape = dataclasses.replace(shape, W=value)
+    if similarity is not None and similarity != shape.similarity:
+        shape = dataclasses.replace(shape, name=f"{shape.name}-{similarity}", similarity=similarity)
     return dataclasses.replace(shape, feature_dtype=dt)
 
 
@@ -552,7 +555,8 @@ def run(args) -> int:
     out_dir.mkdir(parents=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     start = time.monotonic()
-    shape = resolve_shape(args.shape, args.dtype, args.channels, args.classes, args.protos_per_class, args.size)
+    shape = resolve_shape(args.shape, args.dtype, args.channels, args.classes, args.protos_per_class, args.size,
+                          args.similarity)
     ops, too_wide = fitting_ops(args.ops, shape.C, SHARED_LIMIT[TARGETS[args.target][0]])
     for op in too_wide:
         print(f"{op}: skipped, C = {shape.C} is wider than its kernels take (the reference runs it)")
@@ -563,7 +567,7 @@ def run(args) -> int:
     table = markdown(rows, title) + "\n" + "\n".join(predictions(rows, shape)) + "\n"
     (out_dir / "table.md").write_text(table)
     meta = dict(target=args.target, shape=args.shape, channels=shape.C, classes=shape.K, protos_per_class=shape.M,
-                height=shape.H, width=shape.W, dtype=args.dtype, layout=args.layout,
+                height=shape.H, width=shape.W, similarity=shape.similarity, dtype=args.dtype, layout=args.layout,
                 deterministic=args.deterministic, triton=triton.__version__, torch=torch.__version__)
     (out_dir / "table.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     print(table)
@@ -606,7 +610,8 @@ at fewer shapes with Triton 3.3.1, the oldest the kernels take; with the newest 
 fp16 and fp32 features, for sm_86 and sm_120 (99 KB of shared memory per block) and for sm_100
 (B200), and for sm_90 at 60 classes of 5 prototypes (`--classes 60 --protos-per-class 5`) and
 at ade's sizes on 129 x 129 pixels (`--size 129`: an NCHW channel stride without 16-element
-alignment). By default the command also compiles the head with logsumexp and mean pooling and a
+alignment), and with dot-product similarity (`--similarity dot`) at voc with one prototype per
+class and at ade. By default the command also compiles the head with logsumexp and mean pooling and a
 learnable scale, and the attention with `exclude=` and a layer scale. It fails on any compile
 error, launch that does not fit the GPU's shared memory or kernel compiled to a `trap` (Triton
 3.8 and 3.9 emit one, without an error, for a kernel they cannot lower: on sm_100, tensor-memory
@@ -723,6 +728,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=_positive, default=None, metavar="S",
                    help="S x S feature pixels per image instead of the shape's own (odd S: NCHW channel "
                         "strides without 16-element alignment)")
+    p.add_argument("--similarity", default=None, choices=("cosine", "dot"),
+                   help="similarity of the head and the push instead of the shape's own (cosine)")
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="feature dtype (default: %(default)s)")
     p.add_argument("--layout", default="nchw", choices=LAYOUTS,
                    help="feature memory layout: nchw (contiguous) or nhwc (channels_last)")

@@ -323,6 +323,8 @@ def test_shape_options_replace_the_named_shapes_sizes():
     assert shape.name == "ade-K60-M5-S129"
     # a size equal to the shape's own changes nothing
     assert gate.resolve_shape("voc", "bf16", size=voc.H) == voc
+    dot = gate.resolve_shape("voc", "bf16", similarity="dot")
+    assert (dot.similarity, dot.name, voc.similarity) == ("dot", "voc-dot", "cosine")
 
 
 @pytest.mark.parametrize("option", ["--channels", "--classes", "--protos-per-class", "--size"])
