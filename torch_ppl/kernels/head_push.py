@@ -144,7 +144,8 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
                 *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), *y.stride(), *grad_loss.stride(),
                 COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
                 GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype != torch.float16, UPCAST_DOT=cfg.upcast,
-                NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest, WIDE=needs_wide_offsets(x3),
+                NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest,
+                WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
                 BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
                 num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
             )

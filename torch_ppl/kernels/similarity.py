@@ -179,10 +179,18 @@ def _chunk_similarity(X, b, l0, L, C, stride_b, stride_l, stride_c, WD, ks, m, K
 
 @triton.jit
 def _store_half_rows(DX, dx, b, l0, c0, L, C, stride_b, stride_l, stride_c,
-                     BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+                     BLOCK_N: tl.constexpr, HALF: tl.constexpr, WIDE: tl.constexpr):
+    """``dx`` into channels ``c0 .. c0+HALF`` of rows ``l0 .. l0+BLOCK_N`` of image ``b``, in
+    ``DX``'s dtype. Offsets within the image are 32-bit unless ``WIDE``, as in
+    :func:`_load_half_rows`: with an unaligned channel stride (NCHW, odd ``H * W``) nothing is
+    vectorised, and 64-bit offsets took two registers per element (the head's dx spilled 40
+    bytes per thread at 512 channels on 129 x 129 pixels)."""
     rows = l0 + tl.arange(0, BLOCK_N)
     cols = c0 + tl.arange(0, HALF)
-    ptrs = DX + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
+    if WIDE:
+        ptrs = DX + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
+    else:
+        ptrs = (DX + b.to(tl.int64) * stride_b) + (rows[:, None] * stride_l + cols[None, :] * stride_c)
     tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=(rows < L)[:, None] & (cols < C)[None, :])
 
 
@@ -488,8 +496,8 @@ def _logits_bwd_dx_kernel(
             radial = tl.where(norm > EPS_C, radial, 0.0)
             du0 = (du0 - x0f * radial[:, None]) * inv[:, None]
             du1 = (du1 - x1f * radial[:, None]) * inv[:, None]
-        _store_half_rows(DX, du0, b, l0, 0, L, C, stride_db, stride_dl, stride_dc, BLOCK_N, HALF)
-        _store_half_rows(DX, du1, b, l0, HALF, L, C, stride_db, stride_dl, stride_dc, BLOCK_N, HALF)
+        _store_half_rows(DX, du0, b, l0, 0, L, C, stride_db, stride_dl, stride_dc, BLOCK_N, HALF, WIDE)
+        _store_half_rows(DX, du1, b, l0, HALF, L, C, stride_db, stride_dl, stride_dc, BLOCK_N, HALF, WIDE)
     if NEED_DSCALE:
         # dscale = sum_{n,k} g[n,k] * pooled[n,k]; one partial per program, summed on the host
         # side in a fixed order.
@@ -996,7 +1004,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
                 # fp32 features: w_dot is w_hat itself
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
-                PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3),
+                PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
                 BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
                 **dict(common, num_stages=stages),
             )
