@@ -105,6 +105,18 @@ def _load_class_rows(W, ks, m, K, M, C, c0, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def _row_ptrs(X, b, rows, cols, stride_b, stride_l, stride_c, WIDE: tl.constexpr):
+    """Pointers to channels ``cols`` of rows ``rows`` of image ``b`` of a ``(B, L, C)`` strided
+    tensor, ``(len(rows), len(cols))``. Offsets within the image are 32-bit unless ``WIDE`` (an
+    image of 2**31 elements or more): 64-bit offsets take two registers per element, and those
+    that stay the same from one pixel tile to the next (``col * H * W`` for NCHW) the compiler
+    keeps for the whole loop."""
+    if WIDE:
+        return X + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
+    return (X + b.to(tl.int64) * stride_b) + (rows[:, None] * stride_l + cols[None, :] * stride_c)
+
+
+@triton.jit
 def _load_half_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
                     BLOCK_N: tl.constexpr, HALF: tl.constexpr, COSINE: tl.constexpr, WIDE: tl.constexpr):
     """:func:`_load_rows` as two channel halves ``(BLOCK_N, HALF)``, with the norms of the whole
@@ -114,10 +126,7 @@ def _load_half_rows(X, b, l0, L, C, stride_b, stride_l, stride_c,
     128-prototype tile spilled 88 to 224 bytes per thread on sm_90."""
     rows = l0 + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HALF)
-    if WIDE:
-        base = X + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
-    else:
-        base = (X + b.to(tl.int64) * stride_b) + (rows[:, None] * stride_l + cols[None, :] * stride_c)
+    base = _row_ptrs(X, b, rows, cols, stride_b, stride_l, stride_c, WIDE)
     row_in = (rows < L)[:, None]
     x0 = tl.load(base, mask=row_in & (cols < C)[None, :], other=0.0)
     x1 = tl.load(base + HALF * stride_c, mask=row_in & (cols + HALF < C)[None, :], other=0.0)
@@ -181,17 +190,12 @@ def _chunk_similarity(X, b, l0, L, C, stride_b, stride_l, stride_c, WD, ks, m, K
 def _store_half_rows(DX, dx, b, l0, c0, L, C, stride_b, stride_l, stride_c,
                      BLOCK_N: tl.constexpr, HALF: tl.constexpr, WIDE: tl.constexpr):
     """``dx`` into channels ``c0 .. c0+HALF`` of rows ``l0 .. l0+BLOCK_N`` of image ``b``, in
-    ``DX``'s dtype. Offsets within the image are 32-bit unless ``WIDE``, as in
-    :func:`_load_half_rows`: with an unaligned channel stride (NCHW, odd ``H * W``) nothing is
-    vectorised, and 64-bit offsets took two registers per element (the head's dx spilled 40
-    bytes per thread at 512 channels on 129 x 129 pixels)."""
+    ``DX``'s dtype, through :func:`_row_ptrs`: with an unaligned channel stride (NCHW, odd
+    ``H * W``) nothing is vectorised, and 64-bit offsets took two registers per element (the
+    head's dx spilled 40 bytes per thread at 512 channels on 129 x 129 pixels)."""
     rows = l0 + tl.arange(0, BLOCK_N)
     cols = c0 + tl.arange(0, HALF)
-    if WIDE:
-        ptrs = DX + _pixel_offsets(b, rows, stride_b, stride_l)[:, None] + cols.to(tl.int64)[None, :] * stride_c
-    else:
-        ptrs = (DX + b.to(tl.int64) * stride_b) + (rows[:, None] * stride_l + cols[None, :] * stride_c)
-    tl.store(ptrs, dx.to(DX.dtype.element_ty), mask=(rows < L)[:, None] & (cols < C)[None, :])
+    tl.store(_row_ptrs(DX, b, rows, cols, stride_b, stride_l, stride_c, WIDE), dx.to(DX.dtype.element_ty), mask=(rows < L)[:, None] & (cols < C)[None, :])
 
 
 @triton.jit
