@@ -6,6 +6,8 @@
 * :mod:`.head_push`: the head's logits and the push in one pass
   (``torch_ppl::prototype_logits_contrastive_fwd`` / ``_bwd``), on the head's kernels with the
   push folded in.
+* :mod:`.projected`: the attention's projected form (PyTorch's GEMMs and fused attention),
+  which :mod:`.attention` runs instead of its kernels with many heads on a GPU.
 * :mod:`._common`: the conventions the three share (layouts, flags, numerics, GPU tiling).
 
 Each op module exposes a function with the same signature as its counterpart in

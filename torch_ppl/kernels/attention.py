@@ -36,6 +36,10 @@ PyTorch in each parameter's dtype. GEMM precision follows the features (_dot_pre
 float16 features every product with ``x`` or the output gradient on one side is two TF32
 products against the fp32 side's halves (_tf32_halves). float64 inputs are not supported
 (``TypeError`` before any launch; use ``backend="reference"``).
+
+With many heads the fast form's GEMMs cost more than the projected form's (``h·P`` rows
+against ``P``): on a GPU, :func:`prototype_attention` then runs the projected form
+(:mod:`.projected`) instead, when a model of both costs says so.
 """
 from __future__ import annotations
 
@@ -50,6 +54,7 @@ from torch import Tensor
 
 from ._common import (as_blc, check_dtypes, has_wgmma, large_shared, launch_device, needs_wide_offsets, on_gpu,
                       opaque_stride, per_iteration, pixel_splits, upcast_dot)
+from . import projected
 
 __all__ = ["prototype_attention", "prototype_side"]
 
@@ -842,7 +847,8 @@ def prototype_attention(
     protos_per_class: int = 1,
 ) -> Tensor:
     """Fused counterpart of :func:`torch_ppl.reference.prototype_attention` (same signature,
-    same result: ``(..., C)`` in ``x``'s dtype).
+    same result: ``(..., C)`` in ``x``'s dtype). Runs the projected form instead where
+    :func:`.projected.choose_form` says it is cheaper.
 
     Args:
         x: ``(..., C)`` rows, any strides (the channels-last view of NCHW features is read in
@@ -858,6 +864,11 @@ def prototype_attention(
     check_dtypes("prototype_attention", x=x, prototypes=prototypes, q_weight=q_weight, k_weight=k_weight,
                  v_weight=v_weight, out_weight=out_weight, q_bias=q_bias, k_bias=k_bias, v_bias=v_bias,
                  out_bias=out_bias, gamma=gamma)
+    form = projected.choose_form(x.device, x.dtype, x.shape[-1], num_heads, prototypes.shape[0], q_weight.shape[0],
+                                 exclude is not None)
+    if form == "projected":
+        return projected.prototype_attention(x, prototypes, q_weight, k_weight, v_weight, out_weight, q_bias,
+                                             k_bias, v_bias, out_bias, gamma, num_heads=num_heads)
     kt, c, vt = prototype_side(prototypes, q_weight, k_weight, v_weight, out_weight, q_bias, k_bias, v_bias,
                                num_heads)
     x3 = as_blc(x)
