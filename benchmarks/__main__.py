@@ -3,7 +3,9 @@ repository root.
 
 ``python -m benchmarks gpu`` measures everything on a CUDA GPU: every op, provider and pass at
 the headline shapes, the loss and head at the M=1 dot-product shapes (where Liger and CCE
-compete), then the N and P sweeps (fwd+bwd, without torch.compile). Results are appended to
+compete), then the N and P sweeps (fwd+bwd, without torch.compile), then the attention with
+eight heads in each of its two forms (fused kernels; PyTorch's GEMMs and fused attention).
+Results are appended to
 ``benchmarks/results/<device>.jsonl`` (+ ``.csv``) and plotted into
 ``benchmarks/results/<device>/``. It stops cleanly after ``--time-budget`` seconds (default
 480); rerun the same command until it prints ``complete``: it skips what is already measured.
@@ -102,11 +104,13 @@ class Step(NamedTuple):
 # 2. at the M = 1 dot-product shapes the ops that M and the similarity change: the loss (where
 #    Liger and CCE compete) and the head (the 1x1-conv replacement);
 # 3. the sweeps over N and P, forward+backward only and without torch.compile, whose fresh
-#    compile for every shape and op would cost more device time than all the measuring.
+#    compile for every shape and op would cost more device time than all the measuring;
+# 4. the attention with eight heads, in bf16 and fp32 features, in each of its two forms.
 GPU_PLAN = [
     Step(["headline"], list(roofline.PASSES)),
     Step(["m1-dot"], list(roofline.PASSES), ops=["contrastive_loss", "prototype_logits"]),
     Step(["sweep-N", "sweep-P"], ["fwdbwd"], providers=[p for p in providers.PROVIDERS if p != "compile"]),
+    Step(["heads"], list(roofline.PASSES), ops=["prototype_attention"]),
 ]
 
 

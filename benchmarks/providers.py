@@ -8,6 +8,9 @@ Providers, all run in the same process on the same inputs:
 * ``sdpa``: the attention as a user would write it with PyTorch's fused attention:
   ``q_proj`` on every pixel, ``k_proj``/``v_proj`` on the prototypes expanded over the batch,
   ``F.scaled_dot_product_attention``, ``out_proj``; in the features' dtype (bf16).
+* ``fast-form``, ``projected-form``: the attention on ``backend="triton"`` with its form forced
+  (``TORCH_PPL_ATTENTION_FORM``), at shapes with more than one head, where ``triton`` picks
+  one of the two by a model: the fused kernels, or PyTorch's GEMMs and fused attention.
 * ``liger``: Liger-Kernel's fused linear cross-entropy, for the contrastive loss in the
   ``M = 1``, dot-product, temperature-1 case (where it is exactly ``CE(x W^T, y)``).
 * ``cce``: Cut-Cross-Entropy's ``linear_cross_entropy`` for the same case.
@@ -22,6 +25,7 @@ import dataclasses
 import functools
 import importlib
 import math
+import os
 from typing import Callable, Dict, Optional
 
 import torch
@@ -33,7 +37,8 @@ from torch_ppl import functional as PF
 
 from .shapes import Shape
 
-PROVIDERS = ("triton", "reference", "compile", "sdpa", "liger", "cce")
+PROVIDERS = ("triton", "reference", "compile", "sdpa", "fast-form", "projected-form", "liger", "cce")
+_FORMS = {"fast-form": "fast", "projected-form": "projected"}
 IGNORE_INDEX = 255
 IGNORE_FRAC = 0.2  # fraction of ignored pixels in the targets, as in the tests
 SCALE = 10.0  # head logit scale (the default of MultiPrototypeClassifier)
@@ -152,6 +157,22 @@ def sdpa_attention(p: Problem) -> Tensor:
     return (rows + out).reshape(s.B, s.H, s.W, s.C).movedim(-1, 1)
 
 
+def attention_in_form(form: str, p: Problem) -> Tensor:
+    """The attention on ``backend="triton"`` in ``form`` (``"fast"`` or ``"projected"``),
+    whatever the model would pick; the form is chosen in the forward."""
+    from torch_ppl.kernels import projected
+
+    saved = os.environ.get(projected.FORM_ENV_VAR)
+    os.environ[projected.FORM_ENV_VAR] = form
+    try:
+        return prototype_attention(p, "triton")
+    finally:
+        if saved is None:
+            del os.environ[projected.FORM_ENV_VAR]
+        else:
+            os.environ[projected.FORM_ENV_VAR] = saved
+
+
 def _ce_rows(p: Problem):
     """``(N, C)`` features, ``(K, C)`` weight in the features' dtype and ``(N,)`` targets: what a
     fused linear cross-entropy takes. The copy to channel-last rows is part of the timed work."""
@@ -188,11 +209,14 @@ def _has(module: str) -> bool:
 
 def applies(provider: str, op: str, shape: Shape) -> bool:
     """Whether ``provider`` computes ``op`` at ``shape`` at all (no row is written where it
-    does not: SDPA is only an attention, Liger and CCE only the ``M = 1`` dot-product loss)."""
+    does not: SDPA is only an attention, the forced forms only a multi-head attention, Liger and
+    CCE only the ``M = 1`` dot-product loss)."""
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose from {PROVIDERS}")
     if provider == "sdpa":
         return op == "prototype_attention"
+    if provider in _FORMS:
+        return op == "prototype_attention" and shape.heads > 1
     if provider in ("liger", "cce"):
         # CE(x W^T, y) is the contrastive loss only with one dot-product prototype per class
         # and temperature 1.
@@ -206,7 +230,7 @@ def unavailable(provider: str, op: str, shape: Shape, device: torch.device) -> O
     wrong device), or ``None`` if it can. Only asked where :func:`applies` holds."""
     if provider in ("reference", "compile", "sdpa"):
         return None
-    if provider == "triton":
+    if provider == "triton" or provider in _FORMS:
         try:
             for kernel_op in _KERNEL_OPS[op]:
                 resolved = _backend.resolve("triton", torch.empty(0, device=device), op=kernel_op)
@@ -236,6 +260,8 @@ def build(provider: str, op: str, problem: Problem, compile_backend: str = "indu
         return functools.partial(compiled, problem, "reference")
     if provider == "sdpa":
         return functools.partial(sdpa_attention, problem)
+    if provider in _FORMS:
+        return functools.partial(attention_in_form, _FORMS[provider], problem)
     if provider == "liger":
         return functools.partial(liger_ce, problem)
     if provider == "cce":

@@ -51,12 +51,14 @@ def _contrastive(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
 
 
 def _attention(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
-    """Attention in the fast form (docs/math.md): per pixel two GEMMs against ``h P`` rows of width
-    ``C`` (``4 N h P C``), plus the prototype side (``k``, ``v`` projections and the folded
-    ``K~``, ``V~``: ``8 P C h d``). The backward is 2.5x the per-pixel forward, as in flash
-    attention (recompute scores, ``dA = dO V~^T``, ``dx``, ``dK~``, ``dV~``), and twice the
-    prototype side. Bytes: ``x`` in and out (plus ``dout`` and ``dx`` backward), per-pixel
-    softmax statistics, and the small weights."""
+    """Attention FLOPs in the cheaper of its two forms. The fast form (docs/math.md): per pixel
+    two GEMMs against ``h P`` rows of width ``C`` (``4 N h P C``), plus the prototype side (``k``,
+    ``v`` projections and the folded ``K~``, ``V~``: ``8 P C h d``); the backward is 2.5x the
+    per-pixel forward, as in flash attention (recompute scores, ``dA = dO V~^T``, ``dx``,
+    ``dK~``, ``dV~``), and twice the prototype side. The projected form: ``q_proj``,
+    ``out_proj`` and an attention of ``d``-wide heads per pixel. Bytes: the fast form's (the
+    fewer), ``x`` in and out (plus ``dout`` and ``dx`` backward), per-pixel softmax statistics,
+    and the small weights."""
     xb, wb = _elem(s.feature_dtype), _elem(s.prototype_dtype)
     n, c, p, h = s.N, s.C, s.P, s.heads
     hd = c  # head_dim defaults to C // heads, so h * d = C
@@ -64,8 +66,14 @@ def _attention(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:
     fwd_bytes = 2 * n * c * xb + 2 * n * h * 4 + small
     bwd_bytes = 3 * n * c * xb + 2 * n * h * 4 + 2 * small
     proto_side = 8 * p * c * hd
-    return (dict(fwd=fwd_bytes, bwd=bwd_bytes),
-            dict(fwd=4 * n * h * p * c + proto_side, bwd=10 * n * h * p * c + 2 * proto_side))
+    fast = dict(fwd=4 * n * h * p * c + proto_side, bwd=10 * n * h * p * c + 2 * proto_side)
+    # The projected form: q_proj and out_proj per pixel (4 N C hd forward, twice that backward)
+    # and the attention over P keys of d channels per head (4 N P hd, 2.5x backward). With
+    # several heads it needs fewer FLOPs than the fast form; the op's roofline is the cheaper.
+    small_side = 4 * p * c * hd
+    projected = dict(fwd=4 * n * c * hd + 4 * n * p * hd + small_side,
+                     bwd=8 * n * c * hd + 10 * n * p * hd + 2 * small_side)
+    return (dict(fwd=fwd_bytes, bwd=bwd_bytes), {k: min(fast[k], projected[k]) for k in fast})
 
 
 def _logits_contrastive(s: Shape) -> Tuple[Dict[str, int], Dict[str, int]]:

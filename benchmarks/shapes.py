@@ -1,8 +1,8 @@
 """The problem sizes: the headline shapes (docs/benchmarks.md), sweeps over N (pixels) and P (prototypes),
-the M = 1 dot-product variants that outside fused cross-entropy kernels can run, and tiny
-shapes for the CPU smoke test.
+the M = 1 dot-product variants that outside fused cross-entropy kernels can run, voc with eight
+attention heads, and tiny shapes for the CPU smoke test.
 
-Every shape carries bf16 features and fp32 prototypes.
+Every shape carries fp32 prototypes and bf16 features, except the fp32 variant of the heads set.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ class Shape:
     """One problem size. ``group`` says which set it belongs to (plots group by it)."""
 
     name: str
-    group: str  # "headline", "sweep-N", "sweep-P", "m1-dot", "smoke"
+    group: str  # "headline", "sweep-N", "sweep-P", "m1-dot", "heads", "smoke"
     B: int
     H: int
     W: int
@@ -81,12 +81,21 @@ def m1_dot() -> List[Shape]:
             for n, b, h, w, c, k, _ in _HEADLINE]
 
 
+def heads() -> List[Shape]:
+    """voc with eight heads of 32 channels (as the docs' examples configure the attention), in
+    bf16 and in fp32 features: where the attention's fast and projected forms compete."""
+    return [Shape(f"voc-h8{suffix}", "heads", 16, 129, 129, 256, 21, 10, heads=8, feature_dtype=dtype)
+            for suffix, dtype in (("", torch.bfloat16), ("-fp32", torch.float32))]
+
+
 def smoke() -> List[Shape]:
     """Tiny sizes for the CPU smoke test (odd H, W so that nothing divides evenly)."""
     return [
         Shape("smoke", "smoke", 2, 5, 7, 16, 3, 2),
         # Liger's kernel runs one interpreted program per row on the CPU: keep N small.
         Shape("smoke-m1dot", "smoke", 1, 3, 5, 16, 3, 1, similarity="dot", temperature=1.0),
+        # two heads of 8 channels: the attention's two forms
+        Shape("smoke-h2", "smoke", 1, 3, 5, 16, 3, 2, heads=2),
     ]
 
 
@@ -95,6 +104,7 @@ SETS = {
     "sweep-N": sweep_n,
     "sweep-P": sweep_p,
     "m1-dot": m1_dot,
+    "heads": heads,
     "smoke": smoke,
 }
 DEFAULT_SETS = ("headline", "m1-dot", "sweep-N", "sweep-P")

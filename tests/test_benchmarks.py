@@ -31,14 +31,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, one_thread):
-    """Every op and provider at the tiny shape, and at its M=1 dot-product twin the loss only
-    (where Liger and CCE apply; the other ops there would only repeat the first shape)."""
+    """Every op and provider at the tiny shape, at its M=1 dot-product twin the loss only
+    (where Liger and CCE apply; the other ops there would only repeat the first shape), and at
+    its two-head twin the attention only (where its two forms compete)."""
     out = tmp_path_factory.mktemp("bench") / "smoke.jsonl"
-    main, m1 = shapes.smoke()
+    main, m1, h2 = shapes.smoke()
     kwargs = dict(device=torch.device("cpu"), out=out, compile_backend="eager", cpu_reps=1, log=lambda *_: None)
-    first = runner.run([main], **kwargs)
-    second = runner.run([m1], ops=["contrastive_loss"], **kwargs)
-    return out, dict(rows=first["rows"] + second["rows"], complete=first["complete"] and second["complete"])
+    parts = [runner.run([main], **kwargs), runner.run([m1], ops=["contrastive_loss"], **kwargs),
+             runner.run([h2], ops=["prototype_attention"], **kwargs)]
+    return out, dict(rows=[r for part in parts for r in part["rows"]], complete=all(p["complete"] for p in parts))
 
 
 def _rows(grid):
@@ -84,12 +85,16 @@ def _every_applicable_cell_has_one_row(grid):
     rows = _rows(grid)
     keys = [(r["shape"], r["op"], r["provider"], r["pass"]) for r in rows]
     assert len(keys) == len(set(keys))
-    main, m1 = shapes.smoke()
-    expected = {(s.name, op, prov, p) for s, ops in ((main, roofline.OPS), (m1, ["contrastive_loss"]))
+    main, m1, h2 = shapes.smoke()
+    expected = {(s.name, op, prov, p)
+                for s, ops in ((main, roofline.OPS), (m1, ["contrastive_loss"]), (h2, ["prototype_attention"]))
                 for op in ops for prov in providers.PROVIDERS if providers.applies(prov, op, s) for p in PASSES}
     assert set(keys) == expected
     # the outside tools only where they compute the same thing
-    assert {(s, o) for s, o, p, _ in keys if p == "sdpa"} == {("smoke", "prototype_attention")}
+    assert {(s, o) for s, o, p, _ in keys if p == "sdpa"} == {("smoke", "prototype_attention"),
+                                                            ("smoke-h2", "prototype_attention")}
+    assert {(s, o) for s, o, p, _ in keys if p in ("fast-form", "projected-form")} == {
+        ("smoke-h2", "prototype_attention")}
     assert {(s, o) for s, o, p, _ in keys if p in ("liger", "cce")} == {("smoke-m1dot", "contrastive_loss")}
 
 
@@ -100,7 +105,7 @@ def _cpu_providers_run_and_agree_with_the_reference(grid):
     rows = _rows(grid)
     by = {(r["shape"], r["op"], r["provider"], r["pass"]): r for r in rows}
     for (shape, op, prov, p), r in by.items():
-        if prov in ("reference", "compile", "sdpa") or (prov == "liger" and HAS_LIGER):
+        if prov in ("reference", "compile", "sdpa", "fast-form", "projected-form") or (prov == "liger" and HAS_LIGER):
             assert r["status"] == "ok", (shape, op, prov, p, r["reason"])
         if prov == "liger" and not HAS_LIGER:
             assert r["status"] == "unavailable" and "pip install liger-kernel" in r["reason"]
@@ -278,7 +283,7 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "r.jsonl"
     assert cli.main(["run", "--shapes", "smoke", "--ops", "prototype_logits", "--providers", "reference",
                      "--passes", "fwd", "--out", str(out)]) == 0
-    assert len(runner.read_rows(out)) == 2 and out.with_suffix(".csv").exists()
+    assert len(runner.read_rows(out)) == len(shapes.smoke()) and out.with_suffix(".csv").exists()
     out.with_suffix(".csv").unlink()
     assert cli.main(["plot", str(out), "--pass", "fwd"]) == 0
     assert out.with_suffix(".csv").exists()
@@ -288,18 +293,20 @@ def test_cli(tmp_path, capsys):
 
 def test_gpu_command_plan(monkeypatch):
     """`gpu` writes to results/<device>.jsonl: the headline shapes first, then the M=1 shapes,
-    then the sweeps forward+backward, within the default time budget."""
+    then the sweeps forward+backward, then the attention's two forms with eight heads, within
+    the default time budget."""
     seen = {}
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cli.runner, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(cli, "_run", lambda args, out, plan=None: seen.update(args=args, out=out, plan=plan) or 1)
     assert cli.main(["gpu"]) == 1
     assert seen["out"] == runner.RESULTS_DIR / "nvidia-h100-80gb-hbm3.jsonl"
-    headline, m1, sweeps = seen["plan"]
+    headline, m1, sweeps, heads = seen["plan"]
     assert headline == cli.Step(["headline"], list(PASSES))
     assert m1.sets == ["m1-dot"] and m1.passes == list(PASSES) and "contrastive_loss" in m1.ops
     assert sweeps.sets == ["sweep-N", "sweep-P"] and sweeps.passes == ["fwdbwd"]
     assert "triton" in sweeps.providers and "compile" not in sweeps.providers
+    assert heads.sets == ["heads"] and heads.ops == ["prototype_attention"] and heads.providers is None
     assert 0 < seen["args"].time_budget < 600
     assert cli.main(["gpu", "--shapes", "headline"]) == 1
     assert seen["plan"] is None and seen["args"].passes == list(PASSES)
@@ -316,6 +323,7 @@ def test_plan_steps_limit_ops_and_providers(tmp_path):
             cli.Step(["smoke"], ["bwd"], ops=["prototype_logits"])]
     assert cli._run(args, out, plan) == 0
     cells = sorted((r["op"], r["provider"], r["pass"]) for r in runner.read_rows(out))
-    # two smoke shapes; sdpa only where it applies; liger was not asked for on the command line
-    assert cells == sorted([("prototype_attention", "sdpa", "fwd")] * 2
-                           + [("prototype_logits", "reference", "bwd")] * 2)
+    # three smoke shapes; sdpa only where it applies (the attention); liger was not asked for
+    # on the command line
+    assert cells == sorted([("prototype_attention", "sdpa", "fwd")] * 3
+                           + [("prototype_logits", "reference", "bwd")] * 3)
