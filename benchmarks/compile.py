@@ -254,18 +254,21 @@ def _op(name: str):
 
 
 def compile_ops(target: str, shape, dtype: str, layout: str, ops=OPS,
-                deterministic: bool = False) -> List[Launch]:
+                deterministic: bool = False, tf32: bool = False) -> List[Launch]:
     """Forward and backward of each op at ``shape`` (a headline shape's name or a
     :class:`~benchmarks.shapes.Shape`) through the real launchers, compiled for ``target``; the
     launches in order, each with its compiled kernel or its error. ``ops`` may name
-    :data:`VARIANTS` too."""
+    :data:`VARIANTS` too. ``tf32``: with PyTorch's float32 matmuls allowed to use TF32, which
+    the GEMMs of float32 features follow."""
     import torch
 
     arch, sms = TARGETS[target]
     problem = _problem(shape, dtype, layout)
     out: List[Launch] = []
     previous = torch.are_deterministic_algorithms_enabled()
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         for op in ops:
             with record_launches(arch, sms) as launches:
@@ -283,6 +286,7 @@ def compile_ops(target: str, shape, dtype: str, layout: str, ops=OPS,
                 leaf.grad = None
     finally:
         torch.use_deterministic_algorithms(previous)
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
     return out
 
 
@@ -560,15 +564,16 @@ def run(args) -> int:
     ops, too_wide = fitting_ops(args.ops, shape.C, SHARED_LIMIT[TARGETS[args.target][0]])
     for op in too_wide:
         print(f"{op}: skipped, C = {shape.C} is wider than its kernels take (the reference runs it)")
-    launches = compile_ops(args.target, shape, args.dtype, args.layout, ops, args.deterministic)
+    launches = compile_ops(args.target, shape, args.dtype, args.layout, ops, args.deterministic, args.tf32)
     rows = analyse(launches, out_dir, shape, TARGETS[args.target][0])
     title = (f"{shape.name}, {args.dtype} features ({args.layout.upper()}), {args.target}, "
-             f"triton {triton.__version__}" + (", deterministic" if args.deterministic else ""))
+             f"triton {triton.__version__}" + (", deterministic" if args.deterministic else "")
+             + (", TF32 allowed" if args.tf32 else ""))
     table = markdown(rows, title) + "\n" + "\n".join(predictions(rows, shape)) + "\n"
     (out_dir / "table.md").write_text(table)
     meta = dict(target=args.target, shape=args.shape, channels=shape.C, classes=shape.K, protos_per_class=shape.M,
                 height=shape.H, width=shape.W, similarity=shape.similarity, dtype=args.dtype, layout=args.layout,
-                deterministic=args.deterministic, triton=triton.__version__, torch=torch.__version__)
+                deterministic=args.deterministic, tf32=args.tf32, triton=triton.__version__, torch=torch.__version__)
     (out_dir / "table.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1, default=str))
     print(table)
     errors = [r for r in rows if "error" in r]
@@ -618,7 +623,9 @@ error, launch that does not fit the GPU's shared memory or kernel compiled to a 
 accumulators over an SM's 512 columns), and on any spill for bf16 features
 on sm_90 (`--max-stack 0`; 8 bytes with Triton 3.8, whose head prototype gradient spills that
 much at voc; no limit with Triton 3.3), for fp16 and fp32 features on sm_90 and at voc on
-sm_100.
+sm_100, and for fp32 features with TF32 allowed (`--tf32`) on sm_90 at voc and ade (with the
+newest Triton and 3.8); fp32 with TF32 is also compiled for sm_80 and sm_86 (and with Triton
+3.3 for sm_80), where every launch must fit.
 
 ## The kernels
 
@@ -690,15 +697,18 @@ def write_docs(path: Path, shapes=("voc", "ade"), layouts=LAYOUTS, target: str =
                  "float16 runs the attention's products that have a float16 side (exact in TF32) as two TF32 "
                  "products against the float32 side's halves, the others in 3xTF32; float32 runs every GEMM in "
                  "exact fp32 on the CUDA cores (`-` under tensor cores), as PyTorch's float32 matmul does by "
-                 "default. Both use smaller tiles than bf16, channel chunks and register budgets where that "
-                 "removed spills.\n")
-    for dtype in ("fp16", "fp32"):
-        launches = compile_ops(target, "voc", dtype, "nchw")
+                 "default, and in TF32 on the tensor cores where PyTorch's float32 matmuls may use it "
+                 "(`torch.backends.cuda.matmul.allow_tf32`; `--tf32` here). Both use smaller tiles than bf16, "
+                 "channel chunks and register budgets where that removed spills; the float32 tiles were chosen "
+                 "for the CUDA cores.\n")
+    for dtype, tf32 in (("fp16", False), ("fp32", False), ("fp32", True)):
+        launches = compile_ops(target, "voc", dtype, "nchw", tf32=tf32)
         resolved = resolve_shape("voc", dtype)
         with tempfile.TemporaryDirectory() as tmp:
             rows = analyse(launches, Path(tmp), resolved, TARGETS[target][0])
         failed += sum("error" in r for r in rows)
-        parts.append(markdown(rows, f"voc, {dtype} features (NCHW), {target}, triton {triton.__version__}"))
+        title = f"voc, {dtype} features (NCHW), {target}, triton {triton.__version__}" + (", TF32 allowed" if tf32 else "")
+        parts.append(markdown(rows, title) + ("\n" + "\n".join(predictions(rows, resolved)) + "\n" if tf32 else ""))
     path.write_text("\n".join(parts))
     print(f"wrote {path}" + (f"; {failed} kernels failed to compile" if failed else ""))
     return 1 if failed else 0
@@ -740,5 +750,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also fail if a kernel uses more stack per thread than this (0: no spills)")
     p.add_argument("--deterministic", action="store_true",
                    help="compile the deterministic-mode kernels (torch.use_deterministic_algorithms)")
+    p.add_argument("--tf32", action="store_true",
+                   help="with torch.backends.cuda.matmul.allow_tf32 = True: the GEMMs of fp32 features run in TF32")
     p.add_argument("--out", type=Path, default=Path("compile-out"),
                    help="folder for the .ptx, .cubin, table.md and table.json (emptied first)")

@@ -255,8 +255,9 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             raise KeyError(f"no traffic model for kernel {kernel!r}")
     elif kernel.startswith("_contrastive_"):
         p_pad = _pad(p, int(meta["BLOCK_P"]))
-        dot = "16-bit" if xb == 2 else "ieee"  # the features' own dtype
-        dw_dot = "16-bit" if s.feature_dtype == torch.bfloat16 else "ieee"  # fp16 features: fp32 dW GEMM
+        dot = _precision(meta, "INPUT_PRECISION", s.feature_dtype)  # the features' own dtype
+        # fp16 features: fp32 dW GEMM, exact
+        dw_dot = dot if s.feature_dtype != torch.float16 else "ieee"
         per_pixel = 8 + 4 * 4  # label, upstream gradient or loss, lse, pos, best
         if kernel == "_contrastive_fwd_kernel":
             bytes_ = once = n * c * xb + p * c * xb + n * per_pixel

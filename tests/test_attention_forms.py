@@ -214,15 +214,24 @@ def test_form_costs_fast_grows_with_heads_projected_does_not():
             assert proj == pytest.approx(one_proj)
         # TF32 projections only make the projected form cheaper
         assert costs(8, 210, 256, 256, dtype, True)[1] < one_proj
+    # with TF32 allowed the fused kernels multiply float32 features in TF32, as bfloat16's
+    assert costs(8, 210, 256, 256, torch.float32, True)[0] == costs(8, 210, 256, 256, torch.bfloat16, True)[0]
 
 
 def test_many_heads_of_float32_features_take_the_projected_form():
     """Eight heads at voc (the docs' examples): float32 features take the projected form;
-    bfloat16 features keep the fused kernels, whose GEMMs run on tensor cores."""
+    bfloat16 features, and float32 ones with TF32 allowed, keep the fused kernels, whose GEMMs
+    run on tensor cores."""
     choose = _projected().choose_form
     voc = dict(channels=256, num_heads=8, num_protos=210, inner=256, exclude=False)
     assert choose(CUDA, torch.float32, **voc) == "projected"
     assert choose(CUDA, torch.bfloat16, **voc) == "fast"
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:  # the fused kernels then multiply float32 features in TF32 too
+        assert choose(CUDA, torch.float32, **voc) == "fast"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
 
 
 def test_form_environment_variable(monkeypatch):

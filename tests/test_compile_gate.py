@@ -25,25 +25,26 @@ import json, sys
 from benchmarks import compile as gate
 from benchmarks.shapes import Shape
 
-target, ops, layout = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+target, ops, layout, dtype, tf32 = sys.argv[1], sys.argv[2].split(","), sys.argv[3], sys.argv[5], sys.argv[6] == "1"
 # odd sizes: 2 images of 9 x 7 pixels, 48 channels, 3 classes x 3 prototypes; or B,H,W,C,K,M
-sizes = tuple(map(int, sys.argv[5].split(","))) if len(sys.argv) > 5 else (2, 9, 7, 48, 3, 3)
+sizes = tuple(map(int, sys.argv[7].split(","))) if len(sys.argv) > 7 else (2, 9, 7, 48, 3, 3)
 shape = Shape("tiny", "test", *sizes)
-launches = gate.compile_ops(target, shape, "bf16", layout, ops)
-rows = gate.analyse(launches, __import__("pathlib").Path(sys.argv[4]), gate.resolve_shape(shape, "bf16"),
+launches = gate.compile_ops(target, shape, dtype, layout, ops, tf32=tf32)
+rows = gate.analyse(launches, __import__("pathlib").Path(sys.argv[4]), gate.resolve_shape(shape, dtype),
                     gate.TARGETS[target][0])
-for line in gate.predictions(rows, gate.resolve_shape(shape, "bf16")):
+for line in gate.predictions(rows, gate.resolve_shape(shape, dtype)):
     print(line, file=sys.stderr)
 print(json.dumps(rows, default=str))
 """
 
 
-def _compile(tmp_path, target, ops, layout="nchw", sizes=None):
+def _compile(tmp_path, target, ops, layout="nchw", sizes=None, dtype="bf16", tf32=False):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     extra = [",".join(map(str, sizes))] if sizes else []
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, target, ",".join(ops), layout, str(tmp_path), *extra],
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, target, ",".join(ops), layout, str(tmp_path), dtype,
+                           "1" if tf32 else "0", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -240,6 +241,48 @@ def test_one_prototype_per_class_fits_99_kb_of_shared_memory(tmp_path):
     sm_120 (RTX 30/40/50 series, A10, L4): a launch failure. One stage there."""
     rows = _by_kernel(_compile(tmp_path, "sm_86", ["prototype_logits"], "nchw", (2, 17, 17, 512, 19, 1)))
     assert rows["_logits_fwd_kernel"]["stages"] == 1, rows["_logits_fwd_kernel"]
+
+
+def test_float32_features_follow_pytorchs_tf32_setting(tmp_path):
+    """float32 features multiply exactly on the CUDA cores by default, as PyTorch's float32
+    matmuls do; with ``torch.backends.cuda.matmul.allow_tf32`` every op's GEMMs run on the tensor
+    cores in TF32, as PyTorch's then do, without spilling."""
+    ops = ["prototype_logits", "contrastive_loss", "prototype_attention", "prototype_logits_and_contrastive"]
+    exact = _by_kernel(_compile(tmp_path / "ieee", "sm_90", ops, dtype="fp32"))
+    tf32 = _by_kernel(_compile(tmp_path / "tf32", "sm_90", ops, dtype="fp32", tf32=True))
+    assert set(exact) == set(tf32) and len(tf32) == 10, sorted(tf32)
+    for name in tf32:
+        assert exact[name]["hgmma"] + exact[name]["hmma"] == 0, exact[name]
+        assert tf32[name]["hgmma"] + tf32[name]["hmma"] > 0, tf32[name]
+        assert tf32[name]["stack"] == 0, tf32[name]
+
+
+@pytest.mark.parametrize("allow_tf32", [False, True])
+def test_gemm_precision_of_each_feature_dtype(allow_tf32):
+    """What each op passes its kernels as ``tl.dot`` precision: float32 features follow
+    ``torch.backends.cuda.matmul.allow_tf32``; 16-bit features do not depend on it."""
+    import torch
+
+    from torch_ppl.kernels import attention, contrastive, similarity
+
+    fp32 = "tf32" if allow_tf32 else "ieee"
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    try:
+        def head(dtype):
+            cfg = similarity._Config(torch.device("cpu"), 48, 3, 3, dtype)
+            return cfg.precision, cfg.grad_precision
+
+        assert head(torch.float32) == (fp32, fp32)
+        assert head(torch.bfloat16)[1] == head(torch.float16)[1] == "tf32"
+        assert contrastive._input_precision(torch.float32, 512) == fp32
+        assert contrastive._input_precision(torch.float32, 720) == "ieee"  # TF32 spilled there
+        assert contrastive._input_precision(torch.float16, 256) == "ieee"  # its exact fp32 dW GEMM
+        assert attention._dot_precision(torch.float32) == fp32
+        assert attention._dot_precision(torch.bfloat16) == "tf32"
+        assert attention._dot_precision(torch.float16) == "tf32x3"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
 
 
 def test_class_tiles_pad_least_and_stay_at_most_32():

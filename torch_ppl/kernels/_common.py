@@ -36,7 +36,7 @@ from ..reference import EPS
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
     "launch_device", "num_sms", "pixel_splits", "has_wgmma", "has_tcgen05", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
-    "opaque_stride", "per_iteration",
+    "opaque_stride", "per_iteration", "fp32_precision",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -202,6 +202,16 @@ def pixel_splits(device: torch.device, units: int, pixel_tiles: int, min_waves: 
         if fill > best_fill:
             best, best_fill = splits, fill
     return best
+
+
+def fp32_precision() -> str:
+    """``tl.dot`` precision of the GEMMs of float32 features: TF32 when PyTorch's float32
+    matmuls may use it (``torch.backends.cuda.matmul.allow_tf32``, which
+    ``torch.set_float32_matmul_precision("high")`` sets), as PyTorch's own matmuls and
+    Inductor's Triton GEMMs then do; exact IEEE float32 otherwise (PyTorch's default). Read at
+    each launch, forward and backward, as PyTorch's matmuls read it: the backward follows the
+    setting in effect when it runs."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def upcast_dot() -> bool:

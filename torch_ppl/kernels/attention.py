@@ -52,8 +52,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (as_blc, check_dtypes, has_wgmma, large_shared, launch_device, needs_wide_offsets, on_gpu,
-                      opaque_stride, per_iteration, pixel_splits, upcast_dot)
+from ._common import (as_blc, check_dtypes, fp32_precision, has_wgmma, large_shared, launch_device,
+                      needs_wide_offsets, on_gpu, opaque_stride, per_iteration, pixel_splits, upcast_dot)
+from .. import _backend
 from . import projected
 
 __all__ = ["prototype_attention", "prototype_side"]
@@ -64,6 +65,8 @@ _TRITON = tuple(int(v) for v in triton.__version__.split(".")[:2])
 # The narrowest prototype tile of float16 and float32 features (_blocks, _dx_blocks): a tl.dot
 # with fp32 operands may be 8 deep from Triton 3.8 on; 3.3 to 3.7 take no side under 16
 _NARROW_P = 8 if _TRITON >= (3, 8) else 16
+# Shared memory a block may use on an H100 (and a B200)
+_LARGEST_SHARED = 227 * 1024
 
 # ============================================================================ Triton kernels
 @triton.jit
@@ -579,7 +582,8 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision. Every GEMM here takes fp32 operands (16-bit ``x`` is exact in
-    them; ``Kt``/``Vt`` are fp32): exact IEEE products for float32 features, TF32 for bfloat16
+    them; ``Kt``/``Vt`` are fp32): for float32 features exact IEEE products, or TF32 where
+    PyTorch's float32 matmuls may use it (fp32_precision); TF32 for bfloat16
     (a 10-bit mantissa, finer than bf16's 7) and 3xTF32 for float16 (plain TF32 would be as
     coarse as float16 itself). With float16 features only the products with both sides fp32
     take 3xTF32; those with ``x`` or the output gradient on one side are split by hand into two
@@ -591,18 +595,36 @@ def _dot_precision(dtype: torch.dtype) -> str:
     same dtype on some inputs, which the tests do not allow (``tests/test_kernel_attention.py``,
     ``test_low_precision_no_worse_than_reference``). The CPU interpreter ignores the setting
     (fp32 products)."""
-    return {torch.bfloat16: "tf32", torch.float16: "tf32x3"}.get(dtype, "ieee")
+    return {torch.bfloat16: "tf32", torch.float16: "tf32x3"}.get(dtype) or fp32_precision()
 
 
-def _launch_options(device: torch.device, num_stages: int) -> dict:
+def _dproto_precision(device: torch.device, dtype: torch.dtype, block_c: int) -> str:
+    """The prototype gradient's ``tl.dot`` precision: :func:`_dot_precision`'s, but IEEE for
+    float32 features wider than 256 channels where a block may use less shared memory than an
+    H100's (227 KB): its TF32 products stage the ``x``, ``g``, ``Kt`` and ``Vt`` tiles in shared
+    memory, ``x`` and ``g`` once per operand side, 192 KB at ``C = 512``, more than an A100's
+    163 KB (16-row tiles are the smallest ``tl.dot`` takes)."""
+    precision = _dot_precision(dtype)
+    if precision == "tf32" and dtype == torch.float32 and block_c > 256 and on_gpu(device):
+        if _backend.gpu_properties(device)[1] < _LARGEST_SHARED:
+            return "ieee"
+    return precision
+
+
+def _launch_options(device: torch.device, num_stages: int, tf32_fp32: bool = False) -> dict:
     """GPU launch options. Software-pipelining depth bounds shared memory (Triton's default of
     3 stages asked for up to 264 KiB in the fp16 backward). Eight warps: with four, the
     full-channel fp32 tiles spilled in every kernel at C = 256 (80 to 5600 bytes of stack per
     thread on sm_90). Sixteen (at most 128 registers per thread) spilled 1 to 6 KB in the
     unchunked forward and ``dx`` with float16 and float32 features, and with the present tiles
     still 8 to 56 bytes in ``dx`` or the prototype gradient at C = 256 and 512 on sm_90.
+    ``tf32_fp32`` (float32 features multiplied in TF32): a 255-register budget; left to itself
+    ptxas held the forward and ``dx`` to 128 registers (two blocks per SM) and spilled 8 to 16
+    bytes per thread with ``exclude=`` and a layer scale at ``C = 256`` on sm_90 (NHWC).
     ``python -m benchmarks compile`` shows what each choice compiles to."""
-    return {"num_stages": num_stages, "num_warps": 8} if on_gpu(device) else {}
+    if not on_gpu(device):
+        return {}
+    return {"num_stages": num_stages, "num_warps": 8, "maxnreg": 255 if tf32_fp32 else None}
 
 
 def _dense(*tensors: Optional[Tensor]):
@@ -637,7 +659,8 @@ def _fwd_op(
             HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
             BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
             DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
-            **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype)),
+            **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype),
+                              tf32_fp32=x.dtype == torch.float32 and _dot_precision(x.dtype) == "tf32"),
         )
         return out, lse
 
@@ -697,7 +720,8 @@ def _bwd_op(
             WIDE=needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
             EXACT_TF32=exact_tf32,
             **dict(common, BLOCK_N=block_n, BLOCK_K=block_k),
-            **_launch_options(dev, num_stages=1),
+            **_launch_options(dev, num_stages=1,
+                              tf32_fp32=x.dtype == torch.float32 and _dot_precision(x.dtype) == "tf32"),
         )
         gread = gread.sum(0) if gread_in_dx else gread
         gsum = gsum.sum(0) if need_gsum else gsum
@@ -705,7 +729,8 @@ def _bwd_op(
             return dx, empty(), empty(), empty(), gread, gsum
 
         block_n, block_p, block_k = _dproto_blocks(dev, num_protos, block_c, x.dtype)
-        common.update(BLOCK_P=block_p, BLOCK_K=block_k, WIDE=needs_wide_offsets(x, grad))
+        common.update(BLOCK_P=block_p, BLOCK_K=block_k, WIDE=needs_wide_offsets(x, grad),
+                      DOT_PREC=_dproto_precision(dev, x.dtype, block_c))
         num_n_tiles = batch * triton.cdiv(length, block_n)
         tiles_per_head = triton.cdiv(num_protos, block_p)
         num_p_programs = num_heads * tiles_per_head

@@ -40,7 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, large_shared, launch_device, next_pow2,
-                      on_gpu, opaque_stride, per_iteration, pixel_splits, upcast_dot)
+                      on_gpu, opaque_stride, per_iteration, pixel_splits, fp32_precision, upcast_dot)
 
 __all__ = ["contrastive_loss"]
 
@@ -336,6 +336,16 @@ def _contrastive_bwd_dw_kernel(
 _DOT_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def _input_precision(x_dtype: torch.dtype, channels: int) -> str:
+    """``tl.dot`` precision of the GEMMs with fp32 operands: those of float32 features follow
+    PyTorch's float32 matmul setting (fp32_precision) up to 512 channels; wider, where the ``dx``
+    kernel holds 1024 fp32 channels per pixel, its TF32 operands spilled 1.1 KB per thread at
+    720 channels on sm_90 (exact: 184 bytes), so the op stays exact (forward and backward alike:
+    the backward recomputes the forward's ``z`` bit for bit). float16 features' dW GEMM (fp32
+    operands, see _dot_dtypes) stays exact."""
+    return fp32_precision() if x_dtype == torch.float32 and channels <= 512 else "ieee"
+
+
 def _dot_dtypes(x_dtype: torch.dtype):
     """GEMM operand dtypes: the features' own 16-bit type (fp32 accumulation), else fp32 in IEEE
     precision. The dW GEMM multiplies by ``g / tau * x_hat``, which may pass fp16's range, so
@@ -483,7 +493,7 @@ def _fwd_op(
             L, C, P, num_per_class, ignore_index, inv_temperature,
             x.stride(0), x.stride(1), x.stride(2), w_op.stride(0), w_op.stride(1),
             target.stride(0), target.stride(1),
-            COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee",
+            COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION=_input_precision(x.dtype, C),
             UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
             **_fwd_options(x.device, x.dtype),
         )
@@ -511,7 +521,8 @@ def _bwd_op(
         w_op = w_hat.to(x.dtype)  # the forward's GEMM operand, rounded alike
         common = (grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
                   w_op.stride(0), w_op.stride(1), target.stride(0), target.stride(1))
-        flags = dict(COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION="ieee", UPCAST_DOT=upcast_dot())
+        flags = dict(COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION=_input_precision(x.dtype, C),
+                     UPCAST_DOT=upcast_dot())
         if need_dx:
             _contrastive_bwd_dx_kernel[(B * triton.cdiv(L, dx_cfg["BLOCK_N"]),)](
                 grad, x, w_op, target, lse, pos, best, dx,

@@ -37,8 +37,10 @@ IEEE = 989.0 / 67.0
 # backward, by the features' dtype. bfloat16: 2 TF32 GEMMs forward, 4 in dx, and 4 in the
 # prototype gradient as 8 16-bit products (hi + lo halves). float16: the products with a
 # float16 side as two TF32 products, those with two float32 sides in 3xTF32 (10 forward, 20
-# in dx, 16 in the prototype gradient). float32: 10 GEMMs on the CUDA cores.
+# in dx, 16 in the prototype gradient). float32: 10 GEMMs on the CUDA cores, or in TF32 where
+# PyTorch's float32 matmuls may use it (as bfloat16's, unsplit).
 FAST_UNITS = {torch.bfloat16: 20.0, torch.float16: 46.0, torch.float32: 10 * IEEE}
+FAST_UNITS_FP32_TF32 = 10 * TF32
 
 # GEMMs of the projected form, forward and backward: q_proj and out_proj 3 each (output,
 # input gradient, weight gradient) of C × h·d per pixel; the fused attention 7 of P × h·d
@@ -60,11 +62,13 @@ MIN_GAIN = 2.0
 def form_costs(num_heads: int, num_protos: int, channels: int, inner: int, x_dtype: torch.dtype,
                tf32_matmul: bool) -> Tuple[float, float]:
     """Modelled GEMM time per pixel, forward and backward, of ``(fast, projected)``, in units
-    of one 16-bit tensor-core multiply-add. The projected form computes in float32: its
-    projections in TF32 when PyTorch's float32 matmuls may use it (``tf32_matmul``), else on the
-    CUDA cores; its fused attention on the CUDA cores (the rate that PyTorch's float32 attention
-    kernels reach at most, without TF32)."""
-    fast = FAST_UNITS[x_dtype] * num_heads * num_protos * channels
+    of one 16-bit tensor-core multiply-add. ``tf32_matmul``: PyTorch's float32 matmuls may use
+    TF32, and so do the fused kernels' GEMMs of float32 features. The projected form computes in
+    float32: its projections in TF32 when allowed, else on the CUDA cores; its fused attention
+    on the CUDA cores (the rate that PyTorch's float32 attention kernels reach at most, without
+    TF32)."""
+    units = FAST_UNITS_FP32_TF32 if (x_dtype == torch.float32 and tf32_matmul) else FAST_UNITS[x_dtype]
+    fast = units * num_heads * num_protos * channels
     projections = PROJECTION_GEMMS * channels * inner * (TF32 if tf32_matmul else IEEE)
     attention = ATTENTION_GEMMS * num_protos * inner * IEEE
     return fast, projections + attention

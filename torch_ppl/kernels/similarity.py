@@ -56,7 +56,7 @@ from torch import Tensor
 
 from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, large_shared, launch_device,
                       needs_wide_offsets, new_rows, next_pow2, on_gpu, opaque_stride, per_iteration, pixel_splits,
-                      upcast_dot)
+                      fp32_precision, upcast_dot)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
 
@@ -874,6 +874,11 @@ class _Config:
                     # two stages spilled 16 to 88 bytes per thread; one and a 255-register
                     # budget do not, at the same modelled time
                     self.dw_stages, self.dw_maxnreg = 1, 255
+                    if fp32_precision() == "tf32":
+                        # TF32 mma.sync operands: 64 channels spilled 8 to 40 bytes per
+                        # thread (voc and ade, NHWC); 32 do not, at 30 % more modelled time
+                        # (128 prototypes: 70 %)
+                        self.dw_block_c = min(32, self.block_c)
                 elif fp32 and self.block_c <= 256:
                     # sm_90, voc: 256 prototypes spilled 16 to 104 bytes per thread (NCHW); 128
                     # read x twice, which the fp32 GEMM's time hides in the model. At C = 512
@@ -893,14 +898,15 @@ class _Config:
             # straddling them) and channel slices
             self.dw_block_p, self.dw_block_c, self.dw_block_n = 16, 16, 16
             self.dw_num_warps = 4
-        # fp32 features: an exact fp32 GEMM (the reference does not use TF32 either); for
-        # bf16/fp16 operands the precision argument is unused (fp32 accumulation).
-        self.precision = "ieee"
+        # fp32 features: exact fp32 GEMMs, as PyTorch's by default, or TF32 where PyTorch's
+        # float32 matmuls may use it (fp32_precision); for bf16/fp16 operands the precision
+        # argument is unused (fp32 accumulation).
+        self.precision = fp32_precision() if fp32 else "ieee"
         # Gradient GEMMs: bfloat16 features round ds to bfloat16 (16-bit tensor-core operands;
         # bfloat16 has fp32's exponent range, so small gradients survive). float16 would flush
-        # them to zero: fp32 operands in TF32 there, exact fp32 when the features are fp32.
+        # them to zero: fp32 operands in TF32 there; fp32 features as their forward.
         self.grad_dtype = tl.bfloat16 if x_dtype == torch.bfloat16 else tl.float32
-        self.grad_precision = "ieee" if fp32 else "tf32"
+        self.grad_precision = self.precision if fp32 else "tf32"
         self.upcast = not fp32 and upcast_dot()
         if gpu and self.block_c > 512:
             # wider features (torch_ppl._backend.MAX_TRITON_CHANNELS): at 720 to 1024 channels
