@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from helpers import DEVICE, LOW_PRECISION, TOL, assert_no_worse, requires_triton
 from test_kernel_attention import FP32, NO_SHRINK, make_case, run
+from test_kernel_attention import shapes as kernel_shapes
 
 pytestmark = requires_triton
 
@@ -46,20 +47,8 @@ def projected_form():
         yield spy.call_args_list
 
 
-shapes = st.fixed_dictionaries({
-    "layout": st.sampled_from(["flat", "flat_strided", "nchw", "channels_last", "nchw_strided"]),
-    "batch": st.integers(1, 2),
-    "height": st.integers(1, 5),
-    "width": st.integers(1, 5),
-    "channels": st.integers(1, 24),
-    "num_heads": st.integers(1, 4),
-    "head_dim": st.integers(1, 9),
-    "num_classes": st.integers(1, 5),
-    "protos_per_class": st.integers(1, 3),
-    "bias": st.booleans(),
-    "gamma": st.booleans(),
-    "exclude": st.just(False),
-})
+# the fused kernels' shapes, without exclude= (which the projected form does not take)
+shapes = kernel_shapes.map(lambda case: dict(case, exclude=False))
 
 
 @settings(max_examples=15, phases=NO_SHRINK, deadline=None)
