@@ -735,11 +735,16 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     fp32 features: 16 prototypes, the similarity over 64-channel chunks (held halves spilled 32
     bytes per thread at ade on sm_90: fp32 GEMMs run on the CUDA cores, whose operand registers
     grow with the reduction length) and a 255-register budget (ptxas's own choice, 128
-    registers, spilled 8 to 32 bytes)."""
+    registers, spilled 8 to 32 bytes). In TF32 more prototypes (_joint_dw_tiles), but 16 with an
+    unaligned NCHW channel stride above 256 channels."""
     block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
     channels_last = channel_stride == 1
     config = _joint_dw_tiles(device, block_c, x_dtype, channels_last)
     config["OPAQUE_X"] = x_dtype != torch.float32 and opaque_stride(device, channel_stride, c)
+    if x_dtype == torch.float32 and opaque_stride(device, channel_stride, c):
+        # the TF32 tiles with a stride that has no 16-element alignment: 32 prototypes spilled
+        # 168 to 232 bytes per thread at 512 channels on 129 x 129 pixels (sm_90); 16 do not
+        config["BLOCK_P"] = min(config["BLOCK_P"], 16)
     return config
 
 
@@ -752,8 +757,13 @@ def _joint_dw_tiles(device: torch.device, block_c: int, x_dtype: torch.dtype, ch
                     S_TRANSPOSED=channels_last and x_dtype == torch.bfloat16, num_warps=4, num_stages=1)
     if x_dtype == torch.float32:
         # fp32 GEMMs run on the CUDA cores, whose register tiles are larger: small prototype
-        # tiles, the similarity over channel chunks
-        return dict(BLOCK_N=16, BLOCK_P=16, BLOCK_C=block_c, S_CHUNK=64, S_TRANSPOSED=False, num_warps=8,
+        # tiles, the similarity over channel chunks. In TF32 (fp32_precision), on the tensor
+        # cores, 64 prototypes (a quarter of the re-reads of x) up to 256 channels and 32 at
+        # 512 (64 spilled 8 to 32 bytes per thread there on sm_90) compile without spilling
+        block_p = 16
+        if fp32_precision() == "tf32" and block_c <= 512 and (large_shared(device) or block_c <= 256):
+            block_p = 64 if block_c <= 256 else 32
+        return dict(BLOCK_N=16, BLOCK_P=block_p, BLOCK_C=block_c, S_CHUNK=64, S_TRANSPOSED=False, num_warps=8,
                     num_stages=1, maxnreg=255)
     if block_c > 512:
         # wider features (up to 1024 channels): 64 prototypes asked for 168 to 197 KB of shared
