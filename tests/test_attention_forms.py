@@ -249,3 +249,28 @@ def test_exclude_runs_the_fused_kernels_even_when_projected_is_asked_for(monkeyp
     ref, _ = run(x, w, params, labels, 2, "reference")
     assert not spy.called
     torch.testing.assert_close(out, ref, **FP32)
+
+
+def test_projected_form_keeps_no_copy_of_float32_nchw_features(monkeypatch):
+    """The projected form's q_proj keeps the features themselves for its weight gradient, not a
+    row-major copy of NCHW features (N x C floats more)."""
+    monkeypatch.setenv("TORCH_PPL_ATTENTION_FORM", "projected")
+    case = dict(layout="nchw", batch=2, height=5, width=7, channels=24, num_heads=2, head_dim=8,
+                num_classes=3, protos_per_class=2, bias=True, gamma=True, exclude=False)
+    x, w, params, _ = make_case(4, **case)
+    x.requires_grad_()
+    params = {k: v.requires_grad_() for k, v in params.items() if v is not None}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = torch_ppl.functional.prototype_attention(
+            x, w, params["q_weight"], params["k_weight"], params["v_weight"], params["out_weight"],
+            params["q_bias"], params["k_bias"], params["v_bias"], params["out_bias"], num_heads=2,
+            gamma=params["gamma"], backend="triton")
+    out.sum().backward()
+    assert x.grad is not None and any("ScaledDotProduct" in n for n in _autograd_nodes(out))
+    storage = x.untyped_storage().data_ptr()
+    rows = x.detach().permute(0, 2, 3, 1).reshape(-1)
+    copies = [tuple(t.shape) for t in saved if t.numel() == x.numel() and t.untyped_storage().data_ptr() != storage
+              and torch.equal(t.detach().reshape(-1), rows)]
+    assert not copies, copies
+    assert any(t.untyped_storage().data_ptr() == storage for t in saved)  # x itself is kept

@@ -146,9 +146,17 @@ def prototype_attention(
         head_dim = inner // num_heads
         num_protos = prototypes.shape[0]
         xc = x.to(dtype)
+        # q_proj as a batched product over the images' (L, C) rows, not F.linear: linear copies
+        # rows that are not contiguous (the channel-last view of NCHW features) and keeps the
+        # copy for its weight gradient (N x C floats); bmm takes the strided rows as they are
+        # and keeps the features themselves
+        x3 = xc.unsqueeze(0) if xc.dim() == 2 else xc.flatten(1, -2)
+        q = torch.bmm(x3, cast(q_weight).t().expand(x3.shape[0], -1, -1))
+        if q_bias is not None:
+            q = q + cast(q_bias)
         # (1, h, N, d) queries against (1, h, P, d) keys: one attention batch per head, every
         # pixel of every image a query row.
-        q = F.linear(xc, cast(q_weight), cast(q_bias)).reshape(1, -1, num_heads, head_dim).transpose(1, 2)
+        q = q.reshape(1, -1, num_heads, head_dim).transpose(1, 2)
         w = prototypes.to(dtype)
         k = F.linear(w, cast(k_weight), cast(k_bias)).view(1, num_protos, num_heads, head_dim).transpose(1, 2)
         v = F.linear(w, cast(v_weight), cast(v_bias)).view(1, num_protos, num_heads, head_dim).transpose(1, 2)
