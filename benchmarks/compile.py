@@ -611,7 +611,8 @@ python -m benchmarks compile --target sm_90 --shape ade --dtype bf16 --layout nh
 CI runs that command for sm_90 and sm_80, NCHW and NHWC, and in deterministic mode, at the voc
 shape, for sm_90 at ade, and at 720 and 1024 channels (`--channels`, wide features; ops whose
 kernels do not take that width are skipped), with the newest Triton and with Triton 3.8.0, and
-at fewer shapes with Triton 3.3.1, the oldest the kernels take; with the newest Triton also for
+at fewer shapes with Triton 3.3.1, the oldest the kernels take, and at voc for sm_90 with each
+release in between (3.4 to 3.7); with the newest Triton also for
 fp16 and fp32 features, for sm_86 and sm_120 (99 KB of shared memory per block) and for sm_100
 (B200), and for sm_90 at 60 classes of 5 prototypes (`--classes 60 --protos-per-class 5`) and
 at ade's sizes on 129 x 129 pixels (`--size 129`: an NCHW channel stride without 16-element
