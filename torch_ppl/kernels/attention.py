@@ -598,17 +598,21 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "tf32", torch.float16: "tf32x3"}.get(dtype) or fp32_precision()
 
 
+def _fp32_in_tf32(dtype: torch.dtype) -> bool:
+    """Whether the GEMMs run in TF32 on float32 features (fp32_precision)."""
+    return dtype == torch.float32 and fp32_precision() == "tf32"
+
+
 def _dproto_precision(device: torch.device, dtype: torch.dtype, block_c: int) -> str:
     """The prototype gradient's ``tl.dot`` precision: :func:`_dot_precision`'s, but IEEE for
     float32 features wider than 256 channels where a block may use less shared memory than an
     H100's (227 KB): its TF32 products stage the ``x``, ``g``, ``Kt`` and ``Vt`` tiles in shared
     memory, ``x`` and ``g`` once per operand side, 192 KB at ``C = 512``, more than an A100's
     163 KB (16-row tiles are the smallest ``tl.dot`` takes)."""
-    precision = _dot_precision(dtype)
-    if precision == "tf32" and dtype == torch.float32 and block_c > 256 and on_gpu(device):
+    if _fp32_in_tf32(dtype) and block_c > 256 and on_gpu(device):
         if _backend.gpu_properties(device)[1] < _LARGEST_SHARED:
             return "ieee"
-    return precision
+    return _dot_precision(dtype)
 
 
 def _launch_options(device: torch.device, num_stages: int, tf32_fp32: bool = False) -> dict:
@@ -659,8 +663,7 @@ def _fwd_op(
             HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
             BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
             DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
-            **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype),
-                              tf32_fp32=x.dtype == torch.float32 and _dot_precision(x.dtype) == "tf32"),
+            **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype), tf32_fp32=_fp32_in_tf32(x.dtype)),
         )
         return out, lse
 
@@ -720,8 +723,7 @@ def _bwd_op(
             WIDE=needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
             EXACT_TF32=exact_tf32,
             **dict(common, BLOCK_N=block_n, BLOCK_K=block_k),
-            **_launch_options(dev, num_stages=1,
-                              tf32_fp32=x.dtype == torch.float32 and _dot_precision(x.dtype) == "tf32"),
+            **_launch_options(dev, num_stages=1, tf32_fp32=_fp32_in_tf32(x.dtype)),
         )
         gread = gread.sum(0) if gread_in_dx else gread
         gsum = gsum.sum(0) if need_gsum else gsum

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..reference import compute_dtype
+from ._common import fp32_precision
 
 # The time of one multiply-add in each precision, relative to a 16-bit tensor-core one, from an
 # H100's dense peaks: 989 TFLOP/s for 16-bit operands, 494 for TF32, 67 for float32 on the
@@ -103,8 +104,7 @@ def choose_form(device: torch.device, x_dtype: torch.dtype, channels: int, num_h
         return forced
     if device.type != "cuda" or torch.are_deterministic_algorithms_enabled() or (inner // num_heads) % 8:
         return "fast"
-    fast, projected = form_costs(num_heads, num_protos, channels, inner, x_dtype,
-                                 bool(torch.backends.cuda.matmul.allow_tf32))
+    fast, projected = form_costs(num_heads, num_protos, channels, inner, x_dtype, fp32_precision() == "tf32")
     return "projected" if MIN_GAIN * projected <= fast else "fast"
 
 

@@ -740,8 +740,9 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     block_c = next_pow2(c, 32)  # two halves, each a GEMM side of >= 16
     channels_last = channel_stride == 1
     config = _joint_dw_tiles(device, block_c, x_dtype, channels_last)
-    config["OPAQUE_X"] = x_dtype != torch.float32 and opaque_stride(device, channel_stride, c)
-    if x_dtype == torch.float32 and opaque_stride(device, channel_stride, c):
+    unaligned = opaque_stride(device, channel_stride, c)
+    config["OPAQUE_X"] = x_dtype != torch.float32 and unaligned
+    if x_dtype == torch.float32 and unaligned:
         # the TF32 tiles with a stride that has no 16-element alignment: 32 prototypes spilled
         # 168 to 232 bytes per thread at 512 channels on 129 x 129 pixels (sm_90); 16 do not
         config["BLOCK_P"] = min(config["BLOCK_P"], 16)
