@@ -500,12 +500,12 @@ def _atomics(row) -> str:
 
 def markdown(rows: List[Dict[str, object]], title: str) -> str:
     head = ("| op | kernel | grid | waves | warps | stages | regs | stack B | STL/LDL | shared B | tensor cores "
-            "| global loads (bits×count) | atomics | model MB | model GFLOP | ideal µs |")
-    lines = [f"**{title}**", "", head, "|" + " --- |" * 16]
+            "| global loads (bits×count) | atomics | model MB | L2 MB | model GFLOP | ideal µs |")
+    lines = [f"**{title}**", "", head, "|" + " --- |" * 17]
     for r in rows:
         if "error" in r:
             msg = str(r["error"]).splitlines()[0][:120]
-            lines.append(f"| {r['op']} | `{r['kernel']}` | {r['grid']} | **compile error**: {msg} |" + " |" * 12)
+            lines.append(f"| {r['op']} | `{r['kernel']}` | {r['grid']} | **compile error**: {msg} |" + " |" * 13)
             continue
         lines.append(
             f"| {r['op']} | `{r['kernel']}` | {r['grid']} | {_waves(r)} | {r['warps']} | {r['stages']} | {r['regs']} "
@@ -521,11 +521,11 @@ def _waves(r) -> str:
 
 def _model(r) -> str:
     if "model" not in r:
-        return "- | - | -"
+        return "- | - | - | -"
     m = r["model"]
     gflop = sum(m["flops"].values()) / 1e9
     precisions = "+".join(sorted(m["flops"]))
-    return f"{m['bytes'] / 1e6:.0f} | {gflop:.1f} ({precisions}) | {r['ideal_us']:.0f}"
+    return f"{m['bytes'] / 1e6:.0f} | {m['l2_bytes'] / 1e6:.0f} | {gflop:.1f} ({precisions}) | {r['ideal_us']:.0f}"
 
 
 def fitting_ops(ops, channels: int, shared: Optional[int] = None) -> Tuple[List[str], List[str]]:
@@ -654,21 +654,26 @@ newest Triton and 3.8); fp32 with TF32 is also compiled for sm_80 and sm_86 (and
   vectorised, because the pixel count of these shapes is odd and the loads are masked.
 - **atomics**: `ATOMG`/`REDG` instructions, their memory order in the PTX, and the
   `MEMBAR.*.GPU` fences around them. Relaxed atomics compile without fences.
-- **model MB, model GFLOP, ideal µs**: a traffic and FLOP model of that launch with its actual
-  grid and tiles (`benchmarks/roofline.py`, `kernel_work`): every N-sized tensor is charged
-  each time a distinct program reads it (re-reads included), the small prototype-side tensors
-  once; GEMM FLOPs on the padded tiles, with the precision class they run in (`16-bit`
-  operands; `tf32`, `tf32x3`; `ieee`: fp32 on the CUDA cores). The ideal time is the larger of
-  bytes over the H100's 3.35 TB/s and FLOPs over the peak of their precision (989 TFLOP/s
-  bf16, half that for TF32, 67 TFLOP/s fp32), divided by the grid's wave share (its SMs sit
-  idle in a partial last wave; exact for GEMM-bound kernels, pessimistic for memory-bound
-  ones, where fewer SMs can still draw much of the bandwidth). `mma.sync` is charged like
-  `wgmma`, which is optimistic.
+- **model MB, L2 MB, model GFLOP, ideal µs**: a traffic and FLOP model of that launch with its
+  actual grid and tiles (`benchmarks/roofline.py`, `kernel_work`). HBM (model MB): every
+  N-sized tensor is charged each time a distinct program reads it (re-reads included), the
+  small prototype-side tensors once. L2 MB: what the programs read from L2 in all, the HBM
+  traffic plus each program's own pass over the prototype-side tensors (`Ŵ`, or the
+  attention's float32 `K~` and `V~`): a kernel that tiles the pixels streams all prototypes
+  through every program, so its L2 traffic grows as its pixel tile shrinks. GEMM FLOPs on the
+  padded tiles, with the precision class they run in (`16-bit` operands; `tf32`, `tf32x3`;
+  `ieee`: fp32 on the CUDA cores). The ideal time is the largest of bytes over the H100's
+  3.35 TB/s, L2 bytes over 9 TB/s (NVIDIA publishes no L2 bandwidth; this is the high end of
+  the public figures) and FLOPs over the peak of their precision (989 TFLOP/s bf16, half
+  that for TF32, 67 TFLOP/s fp32), divided by the grid's wave share (its SMs sit idle in a
+  partial last wave; exact for GEMM-bound kernels, pessimistic for memory-bound ones, where
+  fewer SMs can still draw much of the bandwidth). `mma.sync` is charged like `wgmma`, which
+  is optimistic.
 - Below each table, the **predicted share of the H100 roofline** of each op (forward +
   backward): the op's own roofline time (its minimal bytes and FLOPs) over the sum of its
   kernels' ideal times, first with every re-read charged to HBM, then ("at best") with L2
   serving every re-read (the programs that re-read a tile run side by side in launch order,
-  so the truth lies in between). It says how much the tiling wastes (re-reads, recomputation,
+  so the truth lies in between); the L2 traffic is charged in both. It says how much the tiling wastes (re-reads, recomputation,
   padding, slower GEMM precisions) if every kernel ran at its own bound. It is a model, not a
   measurement, and an upper bound on what a GPU run would show.
 

@@ -173,16 +173,25 @@ def rates(bytes_: int, flops: int, median_ms: float, peak: Optional[DevicePeak])
 # * HBM traffic: every N-sized tensor a program set reads is charged each time a distinct
 #   program reads it (a kernel whose grid splits the prototypes re-reads x once per prototype
 #   tile); the small prototype-side tensors are charged once (they live in L2).
+# * L2 traffic: what the programs read from L2 in all, the HBM traffic plus every program's
+#   own pass over the prototype-side tensors: a kernel that tiles the pixels streams all of
+#   Ŵ (or K~ and V~) through every program, so its L2 bytes per FLOP fall with the pixel tile
+#   (a GEMM's operand re-read per output tile). Nothing is assumed to stay in L1.
 # * FLOPs: 2·m·n·k per GEMM on the padded tile sizes, at the peak of its operand precision:
 #   16-bit operands at the dense bf16/fp16 tensor peak, TF32 at half of it, 3xTF32 at a sixth,
 #   IEEE fp32 at the CUDA-core fp32 peak. mma.sync is charged like wgmma (optimistic: on
 #   Hopper mma.sync reaches well below the wgmma peak).
-# * A kernel's ideal time is max(bytes / bandwidth, Σ flops / peak), divided by its grid's wave
+# * A kernel's ideal time is max(bytes / bandwidth, L2 bytes / L2 bandwidth, Σ flops / peak),
+#   divided by its grid's wave
 #   efficiency when the compiled kernel is known (benchmarks/compile.py: a partial last wave
 #   leaves SMs idle); kernels run one after another; launch overheads and the small torch ops
 #   around the kernels are left out.
 # The result is a prediction from a model, not a measurement.
 H100_FP32_FLOPS = 67e12  # H100 SXM datasheet, FP32 (CUDA cores)
+# L2 -> SM bandwidth. NVIDIA publishes none; 9.0 TB/s is the high end of the public figures for
+# an H100 (8,986 GB/s in a published table of GH100's full 144-SM configuration; microbenchmarks
+# of an H100 PCIe measure less), so the L2 bound it gives is optimistic, like the rest.
+H100_L2_BANDWIDTH = 9.0e12
 _PRECISION_SHARE = {"16-bit": 1.0, "tf32": 0.5, "tf32x3": 1.0 / 6.0}
 
 
@@ -200,10 +209,15 @@ def _precision(meta: Dict[str, object], key: str, feature_dtype) -> str:
 
 
 def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: Shape) -> Dict[str, object]:
-    """``bytes`` (HBM) and ``flops`` (by precision class) of one launch at shape ``s``."""
+    """``bytes`` (HBM), ``l2_bytes`` (read from L2 by all programs) and ``flops`` (by precision
+    class) of one launch at shape ``s``."""
     xb = _elem(s.feature_dtype)
     n, c, k, p, h = s.N, s.C, s.K, s.P, s.heads
     flops: Dict[str, float] = {}
+    programs = 1
+    for g in grid:
+        programs *= int(g)
+    stream = 0  # prototype-side bytes each program of a pixel-tiled kernel reads through L2
 
     def gemm(amount: float, precision: str) -> None:
         flops[precision] = flops.get(precision, 0.0) + amount
@@ -226,11 +240,16 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         stat = {0: n * k, 1: n * k * 4}.get(meta.get("POOL"), 0)
         if kernel == "_logits_fwd_kernel":
             bytes_ = once = n * c * xb + p * c * xb + n * k * 4 + stat + push_bytes
+            stream = p * c * xb
             gemm(2 * n * p_pad * c, x16)
         elif kernel == "_logits_bwd_dx_kernel":
             bytes_ = once = 2 * n * c * xb + n * k * 4 + stat + 2 * p * c * 4 + push_bytes
             # similarities recomputed only for logsumexp, for dscale and for the push
             recompute = int(meta.get("POOL") == 1 or bool(meta.get("NEED_DSCALE")) or push)
+            # Ŵ in the features' dtype for the recomputed s and, but for float16 features,
+            # for dx's GEMM; float16's dx multiplies the float32 Ŵ
+            need_dx, from_wd = bool(meta.get("NEED_DX", True)), bool(meta.get("GRAD_FROM_WD", True))
+            stream = p * c * (xb * (recompute or (need_dx and from_wd)) + 4 * (need_dx and not from_wd))
             if recompute:
                 gemm(recompute * 2 * n * p_pad * c, x16)
             if meta.get("NEED_DX", True):
@@ -261,9 +280,11 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         per_pixel = 8 + 4 * 4  # label, upstream gradient or loss, lse, pos, best
         if kernel == "_contrastive_fwd_kernel":
             bytes_ = once = n * c * xb + p * c * xb + n * per_pixel
+            stream = p * c * xb
             gemm(2 * n * p_pad * c, dot)
         elif kernel == "_contrastive_bwd_dx_kernel":
             bytes_ = once = 2 * n * c * xb + p * c * xb + n * per_pixel
+            stream = p * c * xb  # one pass over Ŵ serves both GEMMs
             gemm(4 * n * p_pad * c, dot)
         else:  # _contrastive_bwd_dw_kernel: every prototype tile re-reads all of x
             tiles = grid[0]
@@ -280,9 +301,11 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         split = "tf32" if meta.get("EXACT_TF32") or meta.get("SPLIT_TF32") else None
         if kernel == "_attention_fwd_kernel":
             bytes_ = once = 2 * n * c * xb + n * h * 4 + small
+            stream = small  # Kt and Vt, float32
             exact, other = 1, 1  # s = x Kt, o = a Vt
         elif kernel == "_attention_bwd_dx_kernel":
             bytes_ = once = 3 * n * c * xb + 2 * n * h * 4 + small
+            stream = small
             exact = 2 + bool(meta.get("NEED_GREAD"))  # s, da = dout Vt, and a^T dout for d(gamma)
             other = bool(meta.get("NEED_DX")) * 2  # (a da) Kt, a Kt
         else:  # _attention_bwd_dproto_kernel: every (head, prototype tile) re-reads x and dout
@@ -303,18 +326,23 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         raise KeyError(f"no traffic model for kernel {kernel!r}")
     # bytes_once: the same launch if L2 served every re-read (programs that re-read a tile run
     # side by side in launch order, so some of it will be): the optimistic end of the range
-    return dict(bytes=int(bytes_), bytes_once=int(once), flops={key: int(v) for key, v in flops.items()})
+    # L2: the HBM traffic (re-reads included: a re-read served by L2 still crosses it) and the
+    # prototype side once more for every program past the first
+    l2 = bytes_ + max(programs - 1, 0) * stream
+    return dict(bytes=int(bytes_), bytes_once=int(once), l2_bytes=int(l2),
+                flops={key: int(v) for key, v in flops.items()})
 
 
 def ideal_seconds(work_: Dict[str, object], peak: DevicePeak, reread_from_l2: bool = False) -> float:
-    """``max(bytes / bandwidth, Σ flops / peak of their precision)`` of one launch, over its
-    grid's wave efficiency when the compiled kernel gave one; with ``reread_from_l2`` the
-    re-reads cost nothing."""
+    """``max(bytes / bandwidth, L2 bytes / L2 bandwidth, Σ flops / peak of their precision)`` of
+    one launch, over its grid's wave efficiency when the compiled kernel gave one; with
+    ``reread_from_l2`` the re-reads cost no HBM traffic (they still cross L2)."""
     t_flops = 0.0
     for precision, amount in work_["flops"].items():
         rate = H100_FP32_FLOPS if precision == "ieee" else peak.tensor_flops * _PRECISION_SHARE[precision]
         t_flops += amount / rate
-    t_bound = max(work_["bytes_once" if reread_from_l2 else "bytes"] / peak.bandwidth, t_flops)
+    t_l2 = work_.get("l2_bytes", 0) / H100_L2_BANDWIDTH
+    t_bound = max(work_["bytes_once" if reread_from_l2 else "bytes"] / peak.bandwidth, t_l2, t_flops)
     return t_bound / work_.get("wave_efficiency", 1.0)
 
 

@@ -261,6 +261,30 @@ def test_roofline_models_and_peaks():
     assert r["bound"] == "compute" and r["roofline_fraction"] == pytest.approx(0.5)
 
 
+def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
+    """A pixel-tiled kernel streams every prototype through every program: its L2 traffic is
+    its HBM traffic plus the prototype side once per further program, so doubling the pixel
+    tile (half the programs) halves that part; a kernel that tiles the prototypes reads each
+    tile once and re-reads ``x``, which its HBM traffic already counts. The ideal time takes
+    the L2 bound where it is the largest."""
+    s = shapes.Shape("t", "smoke", 2, 8, 8, 64, 10, 3, feature_dtype=torch.bfloat16)  # N = 128, P = 30
+    n, c, p = 128, 64, 30
+    meta = {"BLOCK_P": 16}
+    small, large = (roofline.kernel_work("_contrastive_fwd_kernel", (g,), meta, s) for g in (8, 4))
+    assert small["bytes"] == large["bytes"]
+    assert small["l2_bytes"] == small["bytes"] + 7 * p * c * 2
+    assert large["l2_bytes"] - large["bytes"] == 3 * p * c * 2
+    att = roofline.kernel_work("_attention_fwd_kernel", (8,), {"BLOCK_P": 16, "DOT_PREC": "tf32"}, s)
+    assert att["l2_bytes"] - att["bytes"] == 7 * 2 * p * c * 4  # float32 Kt and Vt, one head
+    dw = roofline.kernel_work("_contrastive_bwd_dw_kernel", (2, 3), meta, s)
+    assert dw["l2_bytes"] == dw["bytes"] > dw["bytes_once"]
+    peak = roofline.DevicePeak("toy", bandwidth=1e12, tensor_flops=1e15, source="test")
+    l2_bound = dict(bytes=10**9, bytes_once=10**9, l2_bytes=10**11, flops={"16-bit": 10})
+    assert roofline.ideal_seconds(l2_bound, peak) == pytest.approx(10**11 / roofline.H100_L2_BANDWIDTH)
+    hbm_bound = dict(l2_bound, l2_bytes=10**9)
+    assert roofline.ideal_seconds(hbm_bound, peak) == pytest.approx(1e-3)
+
+
 def test_headline_shapes_are_the_documented_table():
     table = {s.name: (s.B, s.H, s.W, s.C, s.K, s.M) for s in shapes.headline()}
     assert table == {"voc": (16, 129, 129, 256, 21, 10), "cityscapes": (8, 201, 201, 256, 19, 10),
