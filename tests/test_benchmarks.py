@@ -268,7 +268,7 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
     tile once and re-reads ``x``, which its HBM traffic already counts. The ideal time takes
     the L2 bound where it is the largest."""
     s = shapes.Shape("t", "smoke", 2, 8, 8, 64, 10, 3, feature_dtype=torch.bfloat16)  # N = 128, P = 30
-    n, c, p = 128, 64, 30
+    c, p = 64, 30
     meta = {"BLOCK_P": 16}
     small, large = (roofline.kernel_work("_contrastive_fwd_kernel", (g,), meta, s) for g in (8, 4))
     assert small["bytes"] == large["bytes"]
