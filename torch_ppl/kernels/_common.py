@@ -36,8 +36,12 @@ from ..reference import EPS
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
     "launch_device", "num_sms", "pixel_splits", "has_wgmma", "has_tcgen05", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
-    "opaque_stride", "per_iteration", "fp32_precision",
+    "opaque_stride", "per_iteration", "fp32_precision", "TRITON_VERSION",
 ]
+
+# (major, minor) of the installed Triton: some tiles compile without spilling with one release
+# and not with another
+TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_wgmma, large_shared, launch_device, next_pow2,
+from ._common import (EPS, EPS_C, TRITON_VERSION, as_blc, check_dtypes, dot_operand, has_wgmma, large_shared, launch_device, next_pow2,
                       on_gpu, opaque_stride, per_iteration, pixel_splits, fp32_precision, upcast_dot)
 
 __all__ = ["contrastive_loss"]
@@ -380,7 +380,8 @@ def _fwd_options(device: torch.device, dtype: torch.dtype) -> dict:
     return {}
 
 
-def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtype) -> Tuple[dict, dict]:
+def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtype,
+                 channel_stride: int = 1) -> Tuple[dict, dict]:
     """Tiles of the two backward kernels ``(dx, dW)``. All channels stay on chip
     (``BLOCK_C = next_pow2(C)``): the dx program reads its x tile once and writes dx once; the
     dW program keeps a ``BLOCK_P x C`` fp32 accumulator. On a GPU, 8 warps and the largest
@@ -436,7 +437,20 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
             # sm_90, with one stage; at 512 channels they need 128 KB of shared memory
             dw.update(BLOCK_P=min(64, next_pow2(P)), num_stages=1)
         return dx, dw
-    dx = dict(gpu, BLOCK_N=32 if block_c <= 256 else 16, BLOCK_P=min(64, next_pow2(P)))
+    dx = dict(gpu, BLOCK_N=32, BLOCK_P=min(64, next_pow2(P)))
+    if block_c > 256:
+        # dx streams all of Ŵ through every pixel tile, so its reads from L2 halve with each
+        # doubling of BLOCK_N (docs/decisions.md). At C = 512, 32 pixels fit beside their
+        # 32 x C accumulator on sm_90 with 16 prototypes per tile and three stages, from Triton
+        # 3.6 on. Spilled, per thread: 64 prototypes 56 B; 32 with two stages 8 B (one stage
+        # does not spill, but leaves each Ŵ tile's L2 latency bare); 16 with two stages 8 B
+        # for channels_last; 64 pixels 1.7 to 2.5 KB with 8 or 16 warps; Triton 3.3 to 3.5 8 to
+        # 328 B; NCHW features with an unaligned channel stride (opaque_stride) 120 B. Those
+        # keep 16 pixels.
+        if TRITON_VERSION >= (3, 6) and not opaque_stride(device, channel_stride, C):
+            dx.update(BLOCK_P=min(16, next_pow2(P)), num_stages=3)
+        else:
+            dx.update(BLOCK_N=16)
     dw = dict(gpu, BLOCK_N=16, BLOCK_P=min(64, next_pow2(P)))
     if has_wgmma(device) and dtype == torch.bfloat16:
         if block_c <= 256:
@@ -522,7 +536,7 @@ def _bwd_op(
         dw = torch.zeros((P, C), device=x.device, dtype=torch.float32) if need_dw else w_hat.new_empty((0,))
         if B * L == 0:
             return dx, dw
-        dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C, x.dtype)
+        dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C, x.dtype, x.stride(2))
         dot, dw_dot = _dot_dtypes(x.dtype)
         w_op = w_hat.to(x.dtype)  # the forward's GEMM operand, rounded alike
         common = (grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), x.stride(2),
