@@ -360,24 +360,31 @@ def _blocks(device: torch.device, L: int, P: int, C: int, itemsize: int) -> Tupl
     if _FORCE_BLOCKS is not None:
         return _FORCE_BLOCKS
     if on_gpu(device):
-        # fp32 features multiply on the CUDA cores, whose register tiles are larger: 64^3 tiles
-        # spilled 5.6 KB per thread on sm_90
-        cap_n, cap_p, cap_c = (64, 64, 64) if itemsize < 4 else (16, 32, 32)
+        # Every program streams all of Ŵ, so the pixel tile sets the reads from L2: 128 pixels
+        # (two warpgroups, _fwd_options) halve those of 64 (at ade 3.4 GB instead of 6.6; one
+        # GEMM per pass over Ŵ needs about 110 pixels to run at the bfloat16 peak from L2,
+        # docs/decisions.md). fp32 features multiply on the CUDA cores, whose register tiles
+        # are larger: 64^3 tiles spilled 5.6 KB per thread on sm_90
+        cap_n, cap_p, cap_c = (128, 64, 64) if itemsize < 4 else (16, 32, 32)
     else:  # the interpreter: few, large tiles (each tile op is one numpy call)
         cap_n, cap_p, cap_c = 128, 128, 128
     return min(cap_n, next_pow2(L)), min(cap_p, next_pow2(P)), min(cap_c, next_pow2(C))
 
 
 def _fwd_options(device: torch.device, dtype: torch.dtype) -> dict:
-    """Launch options of the forward besides Triton's defaults (4 warps, 3 stages): on sm_80,
-    and for fp32 features, a budget of 255 registers (``maxnreg``). Left to itself ptxas held
-    the kernel to 168 registers (three blocks per SM) and spilled 8 to 24 bytes per thread on
-    sm_80 (bf16, fp16 and fp32 at voc, 16-bit at ade; Triton 3.8 also fp32 on sm_90); with the
-    budget it takes 185 to 215 (two blocks per SM; modelled time -3 to +3 %, wave quantisation).
-    sm_90 with 16-bit features compiles without spills as it is."""
-    if on_gpu(device) and (dtype == torch.float32 or not has_wgmma(device)):
-        return dict(maxnreg=255)
-    return {}
+    """Launch options of the forward besides Triton's defaults (4 warps, 3 stages): 8 warps for
+    16-bit features, whose 128-pixel tiles (:func:`_blocks`) are two warpgroups' wgmma tiles
+    (with 4 warps they took 223 registers on sm_90, one warpgroup running both); on sm_80, and
+    for fp32 features, a budget of 255 registers (``maxnreg``). Left to itself ptxas held the
+    kernel to 168 registers (three blocks per SM) and spilled 8 to 24 bytes per thread on sm_80
+    (bf16, fp16 and fp32 at voc, 16-bit at ade; Triton 3.8 also fp32 on sm_90); with the budget
+    it takes 185 to 215 (two blocks per SM; modelled time -3 to +3 %, wave quantisation)."""
+    if not on_gpu(device):
+        return {}
+    options = {} if dtype == torch.float32 else dict(num_warps=8)
+    if dtype == torch.float32 or not has_wgmma(device):
+        options["maxnreg"] = 255
+    return options
 
 
 def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtype,
