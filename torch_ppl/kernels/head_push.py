@@ -34,12 +34,13 @@ from .similarity import (_POOL_CODE, _Config, _joint_dw_config, _logits_bwd_dx_k
 __all__ = ["prototype_logits_and_contrastive"]
 
 
-def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype) -> _Config:
+def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
+            channel_stride: int = 1) -> _Config:
     """The head's tiles for the forward and dx kernels, with two changes the push's extra
     per-pixel state needs on the GPU: the forward runs 8 warps (4 spilled 16 bytes per thread
     at voc, NHWC, with Triton 3.8 on sm_90, and 56 bytes on sm_80), and dx takes 16 pixels per
     program at C > 256 (32 spilled 144 bytes per thread at ade on sm_90)."""
-    cfg = _Config(device, c, k, m, x_dtype)
+    cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)
         if cfg.block_c > 256:
@@ -80,7 +81,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
         best = x.new_empty((nb, nl), dtype=torch.int32)
         if out.numel() == 0:
             return out, stat, inv, loss, lse, pos, best
-        cfg = _config(x.device, c, k, m, x.dtype)
+        cfg = _config(x.device, c, k, m, x.dtype, x3.stride(2))
         _logits_fwd_kernel[(nb * triton.cdiv(nl, cfg.block_n),)](
             x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
             y, loss, lse, pos, best,
@@ -88,7 +89,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
             *x3.stride(), *out3.stride(), *y.stride(),
             COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
             PUSH=True, NEAREST=nearest,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.fwd_block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
             num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
         )
         return out, stat, inv, loss, lse, pos, best

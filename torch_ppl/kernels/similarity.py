@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, large_shared, launch_device,
+from ._common import (EPS, EPS_C, TRITON_VERSION, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, large_shared, launch_device,
                       needs_wide_offsets, new_rows, next_pow2, on_gpu, opaque_stride, per_iteration, pixel_splits,
                       fp32_precision, upcast_dot)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
@@ -820,7 +820,9 @@ class _Config:
     dx). Modelled times move by -25 to +33 %, wave quantisation of the grids (``ideal_us``,
     docs/kernels.md)."""
 
-    def __init__(self, device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype):
+    def __init__(self, device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
+                 channel_stride: int = 1):
+        # channel_stride: the features' (the forward's tiles depend on its alignment)
         self.block_c = max(16, triton.next_power_of_2(c))
         gpu = on_gpu(device)
         fp32 = x_dtype == torch.float32
@@ -857,6 +859,21 @@ class _Config:
                 # two-stage forward asked for 104 KB at 257 to 512 channels. One stage: 80 KB
                 self.fwd_stages = 1
             self.num_stages = 1 if sm80 else 2
+            self.fwd_block_k = self.block_k
+            wide_tile = (has_wgmma(device) and not fp32 and TRITON_VERSION >= (3, 5)
+                         and not opaque_stride(device, channel_stride, c))
+            if wide_tile:
+                # every program of the forward streams all of Ŵ, so the pixel tile sets its
+                # reads from L2 (docs/decisions.md): 128 pixels, two warpgroups, halve those of
+                # 64 (at ade 3.6 GB instead of 6.8). All C channels of the tile stay in shared
+                # memory; at C = 512 with one stage for Ŵ and 16-class tiles (144 KB; with 32
+                # classes 8 B per thread spilled for channels_last). These tiles spilled, per
+                # thread: 8 to 256 B on sm_80 and sm_100, 104 to 144 B with Triton 3.3 and 3.4,
+                # 176 to 408 B for NCHW features with an unaligned channel stride
+                # (opaque_stride), which keep 64 pixels
+                self.block_n, self.num_warps = 128, 8
+                if self.block_c > 256:
+                    self.fwd_stages, self.fwd_block_k = 1, 16
             if fp32:
                 # fp32 GEMMs run on the CUDA cores (fma), whose register tiles are far larger:
                 # 64-row tiles spilled 21 KB per thread at C = 256 on sm_90, and 32 rows of 512
@@ -903,6 +920,7 @@ class _Config:
                     self.dw_num_warps = 16
         else:
             self.block_n = self.bwd_block_n = self.recompute_block_n = 16
+            self.fwd_block_k = self.block_k
             self.num_warps = self.bwd_num_warps = 4
             self.num_stages = self.recompute_stages = self.fwd_stages = self.dw_stages = 1
             # small tiles on the interpreter, so tests cross several prototype tiles (classes
@@ -924,6 +942,7 @@ class _Config:
             # the forward's 64 rows, 32-class tiles and two stages asked for 192 KB of shared
             # memory, over an A100's 163; these need 96 to 131 KB
             self.block_n, self.block_k = min(self.block_n, 32), 16
+            self.fwd_block_k = self.block_k
             self.fwd_stages = self.num_stages = 1
             self.bwd_block_n = 16
 
@@ -952,7 +971,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
         inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
         if out.numel() == 0:
             return out, stat, inv
-        cfg = _Config(x.device, c, k, m, x.dtype)
+        cfg = _Config(x.device, c, k, m, x.dtype, x3.stride(2))
         grid = (nb * triton.cdiv(nl, cfg.block_n),)
         _logits_fwd_kernel[grid](
             x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
@@ -961,7 +980,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
             *x3.stride(), *out3.stride(), 0, 0,
             COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
             PUSH=False, NEAREST=False,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
+            BLOCK_N=cfg.block_n, BLOCK_K=cfg.fwd_block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
             num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
         )
         return out, stat, inv
