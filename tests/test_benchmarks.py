@@ -276,6 +276,11 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
     assert large["l2_bytes"] - large["bytes"] == 3 * p * c * 2
     att = roofline.kernel_work("_attention_fwd_kernel", (8,), {"BLOCK_P": 16, "DOT_PREC": "tf32"}, s)
     assert att["l2_bytes"] - att["bytes"] == 7 * 2 * p * c * 4  # float32 Kt and Vt, one head
+    # two programs per pixel tile, each with all of Kt and half of Vt, forming every score
+    split = roofline.kernel_work("_attention_fwd_kernel", (16,), {"BLOCK_P": 16, "DOT_PREC": "tf32",
+                                                                  "OUT_SPLIT": True}, s)
+    assert split["l2_bytes"] - split["bytes"] == 15 * 3 * p * c * 4 // 2
+    assert sum(split["flops"].values()) == 1.5 * sum(att["flops"].values())
     dw = roofline.kernel_work("_contrastive_bwd_dw_kernel", (2, 3), meta, s)
     assert dw["l2_bytes"] == dw["bytes"] > dw["bytes_once"]
     peak = roofline.DevicePeak("toy", bandwidth=1e12, tensor_flops=1e15, source="test")

@@ -196,6 +196,23 @@ def test_many_prototypes_online_softmax_and_large_scores():
                                    msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("groups,out_split", [(2, False), (2, True)])
+@pytest.mark.parametrize("channels,num_heads,exclude", [(40, 2, True), (20, 1, False)])
+def test_forward_channel_groups_and_split_output(monkeypatch, groups, out_split, channels, num_heads, exclude):
+    """The forward's channel groups and its two programs per pixel tile (GPU choices at C = 512,
+    _fwd_groups) forced on the interpreter: 40 channels make two 16-wide chunks per group
+    (the last partly past C), 20 channels a second group of one chunk, mostly past C."""
+    monkeypatch.setattr(_kernel(), "_fwd_groups", lambda *args: (groups, out_split))
+    case = dict(layout="channels_last", batch=2, height=3, width=7, channels=channels, num_heads=num_heads,
+                head_dim=4, num_classes=11, protos_per_class=2, bias=True, gamma=True, exclude=exclude)
+    x, w, params, labels = make_case(7, **case)
+    out, grads = run(x, w, params, labels, num_heads, "triton")
+    ref_out, ref_grads = run(x, w, params, labels, num_heads, "reference")
+    torch.testing.assert_close(out, ref_out, **FP32)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **FP32, msg=lambda m: f"d{name}: {m}")
+
+
 @pytest.mark.parametrize("wanted", [("x", "gamma", "out_bias"), ("gamma",), ("gamma", "v_weight")])
 def test_gradients_of_a_subset(wanted):
     """Only some inputs need gradients (frozen prototypes and projections, a layer scale being

@@ -171,6 +171,20 @@ def _per_chunk(t, NCH: tl.constexpr):
 
 
 @triton.jit
+def _group_scores(x, kt_ptr, head, p0, offs_pt, chan, P, C, DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr):
+    """One channel group's share of the scores of a prototype tile (the forward's GROUPS)."""
+    kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan, P, C)
+    return tl.sum(_dot_exact_lhs(x, tl.permute(kt, (0, 2, 1)), DOT_PREC, EXACT_TF32), 0)
+
+
+@triton.jit
+def _group_read(acc, alpha, p, vt_ptr, head, p0, offs_pt, chan, P, C, NCH: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One channel group's online-softmax accumulator, rescaled by ``alpha``, plus ``p Vt``."""
+    vt = _proto_rows(vt_ptr, head, p0, offs_pt, chan, P, C)
+    return acc * alpha[None, :, None] + tl.dot(_per_chunk(p, NCH), vt, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _attention_fwd_kernel(
     x_ptr, kt_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
     L, C, P, M, H,
@@ -178,7 +192,7 @@ def _attention_fwd_kernel(
     HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr,
+    DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr, GROUPS: tl.constexpr, OUT_SPLIT: tl.constexpr,
 ):
     # Pixel-side tiles and accumulators are held as NCH = BLOCK_C / BLOCK_K chunks of BLOCK_K
     # channels, (NCH, BLOCK_N, BLOCK_K), prototype tiles as (NCH, BLOCK_P, BLOCK_K), and every
@@ -188,55 +202,107 @@ def _attention_fwd_kernel(
     # EXACT_TF32 (float16 features): x is exact in TF32, the score products take two TF32
     # products against Kt's halves (_tf32_halves); p Vt, whose both sides are fp32, stays
     # 3xTF32 (DOT_PREC).
-    NCH: tl.constexpr = BLOCK_C // BLOCK_K
+    # GROUPS (1 or 2): the channels as that many separate groups of NCH chunks (x0, x1, acc0,
+    # acc1, and their Kt and Vt tiles), each group a batched product of its own: the x operand
+    # of a score product, loaded from shared memory into registers for every prototype tile,
+    # is then a group's share of the BLOCK_N x C tile, not all of it. OUT_SPLIT (GROUPS = 2):
+    # two programs per pixel tile, both form all the scores, each the output of one group.
+    NCH: tl.constexpr = BLOCK_C // BLOCK_K // GROUPS
+    WIDTH: tl.constexpr = NCH * BLOCK_K
     pid = tl.program_id(0)
+    part = 0
+    if OUT_SPLIT:
+        part = pid % 2
+        pid = pid // 2
     b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
-    chan = tl.arange(0, NCH)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    chan0 = tl.arange(0, NCH)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+    chan_o = chan0 + part * WIDTH
+    chan1 = chan0 + WIDTH
     offs_pt = tl.arange(0, BLOCK_P)
-    mask_c = chan < C
-    mask = mask_n[None, :, None] & mask_c
 
-    x = _chunked_rows(x_ptr, b, offs_l, chan, mask, sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+    x0 = _chunked_rows(x_ptr, b, offs_l, chan0, mask_n[None, :, None] & (chan0 < C),
+                       sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+    x1 = x0
+    if GROUPS == 2:
+        x1 = _chunked_rows(x_ptr, b, offs_l, chan1, mask_n[None, :, None] & (chan1 < C),
+                           sx_b, sx_l, sx_c, WIDE).to(tl.float32)
     lab = tl.full((BLOCK_N,), -1, tl.int64)
     if HAS_EXCLUDE:
         lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
 
-    o = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+    o0 = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+    o1 = o0
     for head in range(H):
         # online softmax over the P prototypes of this head (flash-attention style):
         #   m = running max, l = running sum of exp(s - m), acc = running sum of exp(s - m) Vt
         m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
         l_i = tl.zeros((BLOCK_N,), tl.float32)
-        acc = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+        acc0 = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+        acc1 = acc0
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + offs_pt
-            kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan, P, C)
-            s, valid = _scores(x, kt, c_ptr, head, offs_p, lab, P, M,
-                               HAS_C, HAS_EXCLUDE, DOT_PREC, EXACT_TF32)
+            mask_p = offs_p < P
+            s = _group_scores(x0, kt_ptr, head, p0, offs_pt, chan0, P, C, DOT_PREC, EXACT_TF32)
+            if GROUPS == 2:
+                s += _group_scores(x1, kt_ptr, head, p0, offs_pt, chan1, P, C, DOT_PREC, EXACT_TF32)
+            if HAS_C:
+                s += tl.load(c_ptr + (head * P + offs_p).to(tl.int64), mask=mask_p, other=0.0)[None, :]
+            valid = mask_p[None, :]
+            if HAS_EXCLUDE:
+                # prototype p belongs to class p // M; a pixel labelled k does not see class k
+                valid = valid & ((offs_p // M)[None, :] != lab[:, None])
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(s - m_use[:, None])
             alpha = tl.exp(m_i - m_use)
-            vt = _proto_rows(vt_ptr, head, p0, offs_pt, chan, P, C)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[None, :, None] + tl.dot(_per_chunk(p, NCH), vt, input_precision=DOT_PREC)
+            if OUT_SPLIT:
+                acc0 = _group_read(acc0, alpha, p, vt_ptr, head, p0, offs_pt, chan_o, P, C, NCH, DOT_PREC)
+            else:
+                acc0 = _group_read(acc0, alpha, p, vt_ptr, head, p0, offs_pt, chan0, P, C, NCH, DOT_PREC)
+            if GROUPS == 2 and not OUT_SPLIT:
+                acc1 = _group_read(acc1, alpha, p, vt_ptr, head, p0, offs_pt, chan1, P, C, NCH, DOT_PREC)
             m_i = m_new
         seen = l_i > 0.0
         # a pixel that sees no prototype (K = 1 with exclude=) reads nothing; lse = +inf makes
         # the backward's exp(s - lse) exactly 0 for it
-        o += tl.where(seen[None, :, None], acc / tl.where(seen, l_i, 1.0)[None, :, None], 0.0)
+        l_safe = tl.where(seen, l_i, 1.0)[None, :, None]
+        o0 += tl.where(seen[None, :, None], acc0 / l_safe, 0.0)
+        if GROUPS == 2 and not OUT_SPLIT:
+            o1 += tl.where(seen[None, :, None], acc1 / l_safe, 0.0)
         lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
-        tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n)
+        if OUT_SPLIT:
+            tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n & ((tl.zeros((BLOCK_N,), tl.int32) + part) == 0))
+        else:
+            tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n)
 
+    if OUT_SPLIT:
+        x_o = _chunked_rows(x_ptr, b, offs_l, chan_o, mask_n[None, :, None] & (chan_o < C),
+                            sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+        _fwd_out(x_o, o0, chan_o, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
+                 HAS_BO, HAS_GAMMA, WIDE)
+    else:
+        _fwd_out(x0, o0, chan0, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
+                 HAS_BO, HAS_GAMMA, WIDE)
+    if GROUPS == 2 and not OUT_SPLIT:
+        _fwd_out(x1, o1, chan1, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
+                 HAS_BO, HAS_GAMMA, WIDE)
+
+
+@triton.jit
+def _fwd_out(x, o, chan, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
+             HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, WIDE: tl.constexpr):
+    """The residual ``x + gamma * (o + b_o)`` of the channels ``chan``, stored."""
+    mask_c = chan < C
     if HAS_BO:
         o += tl.load(bo_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
     if HAS_GAMMA:
         o = o * tl.load(gamma_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)
     out = x + o
     out_offs = _chunk_offsets(b, offs_l, chan, so_b, so_l, so_c, WIDE)
-    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask_n[None, :, None] & mask_c)
 
 
 @triton.jit
@@ -478,7 +544,7 @@ def _attention_bwd_dproto_kernel(
 
 # ============================================================================ launch helpers
 def _blocks(device: torch.device, num_protos: int, channels: int,
-            dtype: torch.dtype) -> Tuple[int, int, int, int]:
+            dtype: torch.dtype, strides: Tuple[int, ...] = ()) -> Tuple[int, int, int, int]:
     """``(BLOCK_N, BLOCK_P, BLOCK_C, BLOCK_K)`` of the forward. The whole channel axis of a pixel
     tile stays on chip (``BLOCK_C = next_power_of_2(C)``), as ``BLOCK_C / BLOCK_K`` chunks of
     ``BLOCK_K`` channels (see the kernels). On the CPU interpreter blocks are small (Python runs
@@ -497,6 +563,12 @@ def _blocks(device: torch.device, num_protos: int, channels: int,
     * ``C = 512``: 16 x 16 for bfloat16, 16 x 8 for float16 and float32 (fp32 ``tl.dot``
       operands may be 8 deep; 16 before Triton 3.8, which took nothing narrower); chunks of 16.
       16 float32 prototypes spilled up to 232 bytes with a layer scale (``gamma``).
+    * bfloat16 where :func:`_wide_pixel_tiles` (Triton 3.9, 163 KB of shared memory or more):
+      64 x 16 in chunks of 64 at ``C = 256`` (chunks of 32 spilled 8 to 16 bytes with NHWC
+      features, 32 prototypes 56 bytes); at ``C = 512`` 64 x 16 in chunks of 128 (8
+      prototypes below 227 KB) with two channel groups and two programs per pixel tile
+      (:func:`_fwd_groups`). Each program streams all of ``Kt`` and ``Vt`` from L2: the pixels
+      per program set the forward's L2 traffic.
 
     Unchunked, the 16 x 16 score tile of a C-deep product left the eight warps nothing to split
     but the channels, every warp held the whole ``x`` tile as an operand, and the float16 and
@@ -506,6 +578,16 @@ def _blocks(device: torch.device, num_protos: int, channels: int,
     if not on_gpu(device):
         return 16, 16, block_c, min(16, block_c)
     wide = dtype != torch.bfloat16  # fp32 GEMM operands: 3xTF32 (float16) or IEEE (float32)
+    if not wide and 128 < block_c <= 512 and _wide_pixel_tiles(device, channels, strides):
+        # 64 pixels (_wide_pixel_tiles); at C = 512 with the channels in two groups and two
+        # programs per pixel tile (_fwd_groups), 8 prototypes where a block may use less than
+        # 227 KB of shared memory (16 asked for 184 KB)
+        if block_c <= 256:
+            block_n, block_p, block_k = 64, 16, 64
+        else:
+            block_n, block_p, block_k = 64, 16 if _largest_shared(device) else 8, 128
+        block_p = min(block_p, max(_NARROW_P if block_p < 16 else 16, triton.next_power_of_2(num_protos)))
+        return block_n, block_p, block_c, block_k
     if block_c <= 128:
         block_n, block_p = 32, 16
     elif block_c <= 256:
@@ -514,6 +596,38 @@ def _blocks(device: torch.device, num_protos: int, channels: int,
         block_n, block_p = (16, _NARROW_P) if wide else (16, 16)
     block_p = min(block_p, max(_NARROW_P if wide else 16, triton.next_power_of_2(num_protos)))
     return block_n, block_p, block_c, min(block_c, 32 if block_c <= 256 else 16)
+
+
+def _wide_pixel_tiles(device: torch.device, channels: int, strides: Tuple[int, ...]) -> bool:
+    """Whether the bfloat16 forward and ``dx`` take their wider pixel tiles at ``C = 256`` and
+    ``512`` (_blocks, _dx_blocks, _fwd_groups): each program streams all of ``Kt`` and ``Vt``
+    from L2, so the pixels per program set the L2 traffic. Compiled without spilling with
+    Triton 3.9, where a block may use 163 KB of shared memory or more, but for features (or
+    gradients) whose channel ``strides`` have no alignment (opaque_stride; NCHW features of an
+    odd height x width at 512 channels: 16 to 32 bytes per thread spilled)."""
+    return (_TRITON >= (3, 9) and large_shared(device)
+            and not any(opaque_stride(device, stride, channels) for stride in strides))
+
+
+def _largest_shared(device: torch.device) -> bool:
+    """Whether a block may use as much shared memory as an H100's (227 KB)."""
+    return _backend.gpu_properties(device)[1] >= _LARGEST_SHARED
+
+
+def _fwd_groups(device: torch.device, channels: int, dtype: torch.dtype,
+                strides: Tuple[int, ...] = ()) -> Tuple[int, bool]:
+    """``(GROUPS, OUT_SPLIT)`` of the forward (see the kernel): at ``C = 512`` with bfloat16
+    features (_wide_pixel_tiles) the channels in two groups and two programs per 64-pixel tile,
+    each forming every score but the output of one half of the channels: the two read
+    ``3 P C`` floats of ``Kt``/``Vt`` for 64 pixels, two 32-pixel programs ``4 P C`` (one
+    program of 64 pixels and all the channels spilled 8 to 16 bytes at best on sm_90: two
+    groups, chunks of 256). The score products are formed twice: 1.5 times the forward's
+    GEMM work. Else one group, one program per tile."""
+    block_c = triton.next_power_of_2(channels)
+    if (on_gpu(device) and dtype == torch.bfloat16 and 256 < block_c <= 512
+            and _wide_pixel_tiles(device, channels, strides)):
+        return 2, True
+    return 1, False
 
 
 def _fwd_stages(device: torch.device, dtype: torch.dtype) -> int:
@@ -525,14 +639,27 @@ def _fwd_stages(device: torch.device, dtype: torch.dtype) -> int:
 
 
 def _dx_blocks(device: torch.device, num_protos: int, channels: int,
-               dtype: torch.dtype) -> Tuple[int, int, int, int]:
+               dtype: torch.dtype, strides: Tuple[int, ...] = ()) -> Tuple[int, int, int, int]:
     """``(BLOCK_N, BLOCK_P, BLOCK_C, BLOCK_K)`` of the ``dx`` kernel: the forward's, with at most
     16 pixels from ``C = 256`` on (besides ``x`` it holds ``g`` and two per-head accumulators:
     32 pixels spilled 32 to 40 bytes at ``C = 256`` on sm_90) and 8 prototypes for float16 and
     float32 features (16 spilled nothing at ``C = 256`` but 8 to 120 bytes at ``C = 512``;
-    16 before Triton 3.8, which took no fewer)."""
-    block_n, block_p, block_c, block_k = _blocks(device, num_protos, channels, dtype)
+    16 before Triton 3.8, which took no fewer). bfloat16 where :func:`_wide_pixel_tiles`:
+    ``C = 256``: 64 x 8 in chunks of 128 on sm_90 (the fp32 ``x`` and ``g`` tiles staged in
+    192 KB of shared memory with NCHW features; 32-wide chunks spilled 8 bytes, 16 prototypes
+    48 bytes with NHWC ones; 8 to 16 bytes on sm_100), else 32 x 16 in chunks of 64;
+    ``C = 512``: 32 x 8 in chunks of 16 where a block may use 227 KB (192 KB on an A100 with
+    NCHW features, 16 x 16 there; 32 x 16 spilled 64 to 208 bytes on sm_90)."""
+    block_n, block_p, block_c, block_k = _blocks(device, num_protos, channels, dtype, strides)
     if on_gpu(device) and block_c >= 256:
+        if dtype == torch.bfloat16 and block_c <= 512 and _wide_pixel_tiles(device, channels, strides):
+            large = _largest_shared(device)
+            if block_c <= 256:
+                block_n, block_p, block_k = (64, 8, 128) if large and has_wgmma(device) else (32, 16, 64)
+            else:
+                block_n, block_p, block_k = (32, 8, 16) if large else (16, 16, 16)
+            block_p = min(block_p, max(_NARROW_P if block_p < 16 else 16, triton.next_power_of_2(num_protos)))
+            return block_n, block_p, block_c, block_k
         block_n = min(block_n, 16)
         if dtype != torch.bfloat16:
             block_p = min(block_p, _NARROW_P)
@@ -654,8 +781,9 @@ def _fwd_op(
         lse = torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
         if n == 0:
             return out, lse
-        block_n, block_p, block_c, block_k = _blocks(x.device, num_protos, channels, x.dtype)
-        _attention_fwd_kernel[(batch * triton.cdiv(length, block_n),)](
+        block_n, block_p, block_c, block_k = _blocks(x.device, num_protos, channels, x.dtype, (x.stride(2),))
+        groups, out_split = _fwd_groups(x.device, channels, x.dtype, (x.stride(2),))
+        _attention_fwd_kernel[(batch * triton.cdiv(length, block_n) * (2 if out_split else 1),)](
             x, kt, c, vt, out_bias, gamma, exclude, out, lse,
             length, channels, num_protos, protos_per_class, num_heads,
             *x.stride(), *out.stride(),
@@ -663,6 +791,7 @@ def _fwd_op(
             HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
             BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
             DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
+            GROUPS=groups, OUT_SPLIT=out_split,
             **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype), tf32_fp32=_fp32_in_tf32(x.dtype)),
         )
         return out, lse
@@ -691,7 +820,8 @@ def _bwd_op(
         num_protos = rows_hp // num_heads
         dev = x.device
         f32 = dict(device=dev, dtype=torch.float32)
-        block_n, block_p, block_c, block_k = _dx_blocks(dev, num_protos, channels, x.dtype)
+        block_n, block_p, block_c, block_k = _dx_blocks(dev, num_protos, channels, x.dtype,
+                                                        (x.stride(2), grad.stride(2)))
         # float16 features and gradient: exact in TF32 (_tf32_halves)
         exact_tf32 = x.dtype == torch.float16 and grad.dtype == torch.float16
         num_n_tiles = batch * triton.cdiv(length, block_n)  # tiles never straddle two images
