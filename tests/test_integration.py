@@ -57,6 +57,32 @@ def _batch(b=2, size=8, seed=0, ignore_frac=0.2):
 
 
 # ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compile_fullgraph_across_widths_and_sizes(backend):
+    """Modules of two widths (say, pulls at two feature levels) and images of two sizes through
+    torch.compile in one process: after the first compile the changing sizes are traced as
+    symbols (automatic dynamic shapes), and no argument check may format them then, which
+    would break the graph. Each call equals eager."""
+    if backend == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    crit = PushPullLoss(positives="nearest", backend=backend)
+    for channels in (C, C + 4):
+        pull = PPLAttention(channels, num_heads=2, backend=backend)
+        head = MultiPrototypeClassifier(channels, K, M, backend=backend)
+
+        def step(x, y):
+            f = pull(x, head.prototypes)
+            return crit(head(f), f, y, head.prototypes)
+
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+        for b, size in ((2, 4), (3, 5)):
+            _, y, _ = _batch(b=b, size=size)
+            x = torch.randn(b, channels, size, size)
+            torch.testing.assert_close(compiled(x, y), step(x, y), rtol=1e-5, atol=1e-6)
+
+
 def test_compile_inductor_matches_eager():
     """pull + head + loss (forward and backward) compiled with inductor on CPU equals eager.
 

@@ -237,15 +237,20 @@ def prototype_attention(
             f"{fn}: q_weight must have shape (h*d, C) with C={channels} and h*d divisible by "
             f"num_heads={num_heads}; got {tuple(q_weight.shape)}"
         )
-    expected = {"k_weight": (inner, channels), "v_weight": (inner, channels), "out_weight": (channels, inner)}
+    # The expected forms are formatted only when raising: under torch.compile with dynamic
+    # shapes the sizes are symbolic, and formatting them while tracing breaks the graph.
+    expected = {"k_weight": ((inner, channels), "(h*d, C)"), "v_weight": ((inner, channels), "(h*d, C)"),
+                "out_weight": ((channels, inner), "(C, h*d)")}
     for name, w in (("k_weight", k_weight), ("v_weight", v_weight), ("out_weight", out_weight)):
-        w = _checks.floating(fn, name, w, (2,), str(expected[name]))
-        if tuple(w.shape) != expected[name]:
-            raise ValueError(f"{fn}: {name} must have shape {expected[name]}; got {tuple(w.shape)}")
-    for name, b, size in (("q_bias", q_bias, inner), ("k_bias", k_bias, inner), ("v_bias", v_bias, inner),
-                          ("out_bias", out_bias, channels), ("gamma", gamma, channels)):
+        shape, form = expected[name]
+        w = _checks.floating(fn, name, w, (2,), form)
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{fn}: {name} must have shape {shape}; got {tuple(w.shape)}")
+    for name, b, size, form in (("q_bias", q_bias, inner, "(h*d,)"), ("k_bias", k_bias, inner, "(h*d,)"),
+                                ("v_bias", v_bias, inner, "(h*d,)"), ("out_bias", out_bias, channels, "(C,)"),
+                                ("gamma", gamma, channels, "(C,)")):
         if b is not None:
-            b = _checks.floating(fn, name, b, (1,), f"({size},)")
+            b = _checks.floating(fn, name, b, (1,), form)
             if b.shape[0] != size:
                 raise ValueError(f"{fn}: {name} must have shape ({size},); got {tuple(b.shape)}")
     ignore = _checks.ignore_index(fn, ignore_index)
