@@ -147,13 +147,25 @@ def _dot_exact_rhs(a, b, DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr):
 
 
 @triton.jit
+def _score_product(x, kt, DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr):
+    """``x Kt_tile^T`` of chunked ``x`` and ``Kt`` tiles: one product per chunk, summed."""
+    return tl.sum(_dot_exact_lhs(x, tl.permute(kt, (0, 2, 1)), DOT_PREC, EXACT_TF32), 0)
+
+
+@triton.jit
 def _scores(x, kt, c_ptr, head, offs_p, lab, P, M,
             HAS_C: tl.constexpr, HAS_EXCLUDE: tl.constexpr, DOT_PREC: tl.constexpr,
             EXACT_TF32: tl.constexpr):
-    """Scores ``s = x Kt_tile^T + c`` of one head's prototype tile (chunked ``x`` and ``Kt``
-    tiles: one product per chunk, summed) and the validity mask of each (pixel, prototype)."""
+    """Scores ``s = x Kt_tile^T + c`` of one head's prototype tile and the validity mask of
+    each (pixel, prototype)."""
+    return _biased_scores(_score_product(x, kt, DOT_PREC, EXACT_TF32), c_ptr, head, offs_p, lab, P, M,
+                          HAS_C, HAS_EXCLUDE)
+
+
+@triton.jit
+def _biased_scores(s, c_ptr, head, offs_p, lab, P, M, HAS_C: tl.constexpr, HAS_EXCLUDE: tl.constexpr):
+    """``s + c`` of one head's prototype tile and the validity mask of each (pixel, prototype)."""
     mask_p = offs_p < P
-    s = tl.sum(_dot_exact_lhs(x, tl.permute(kt, (0, 2, 1)), DOT_PREC, EXACT_TF32), 0)
     if HAS_C:
         s += tl.load(c_ptr + (head * P + offs_p).to(tl.int64), mask=mask_p, other=0.0)[None, :]
     valid = mask_p[None, :]
@@ -168,13 +180,6 @@ def _per_chunk(t, NCH: tl.constexpr):
     """``(rows, cols)`` as the ``(NCH, rows, cols)`` left operand of a product batched over the
     channel chunks."""
     return tl.broadcast_to(t[None, :, :], (NCH, t.shape[0], t.shape[1]))
-
-
-@triton.jit
-def _group_scores(x, kt_ptr, head, p0, offs_pt, chan, P, C, DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr):
-    """One channel group's share of the scores of a prototype tile (the forward's GROUPS)."""
-    kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan, P, C)
-    return tl.sum(_dot_exact_lhs(x, tl.permute(kt, (0, 2, 1)), DOT_PREC, EXACT_TF32), 0)
 
 
 @triton.jit
@@ -241,16 +246,12 @@ def _attention_fwd_kernel(
         acc1 = acc0
         for p0 in range(0, P, BLOCK_P):
             offs_p = p0 + offs_pt
-            mask_p = offs_p < P
-            s = _group_scores(x0, kt_ptr, head, p0, offs_pt, chan0, P, C, DOT_PREC, EXACT_TF32)
+            kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan0, P, C)
+            s = _score_product(x0, kt, DOT_PREC, EXACT_TF32)
             if GROUPS == 2:
-                s += _group_scores(x1, kt_ptr, head, p0, offs_pt, chan1, P, C, DOT_PREC, EXACT_TF32)
-            if HAS_C:
-                s += tl.load(c_ptr + (head * P + offs_p).to(tl.int64), mask=mask_p, other=0.0)[None, :]
-            valid = mask_p[None, :]
-            if HAS_EXCLUDE:
-                # prototype p belongs to class p // M; a pixel labelled k does not see class k
-                valid = valid & ((offs_p // M)[None, :] != lab[:, None])
+                kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan1, P, C)
+                s += _score_product(x1, kt, DOT_PREC, EXACT_TF32)
+            s, valid = _biased_scores(s, c_ptr, head, offs_p, lab, P, M, HAS_C, HAS_EXCLUDE)
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
@@ -258,10 +259,8 @@ def _attention_fwd_kernel(
             p = tl.exp(s - m_use[:, None])
             alpha = tl.exp(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if OUT_SPLIT:
-                acc0 = _group_read(acc0, alpha, p, vt_ptr, head, p0, offs_pt, chan_o, P, C, NCH, DOT_PREC)
-            else:
-                acc0 = _group_read(acc0, alpha, p, vt_ptr, head, p0, offs_pt, chan0, P, C, NCH, DOT_PREC)
+            # chan_o: this program's output channels, chan0 unless the output is split
+            acc0 = _group_read(acc0, alpha, p, vt_ptr, head, p0, offs_pt, chan_o, P, C, NCH, DOT_PREC)
             if GROUPS == 2 and not OUT_SPLIT:
                 acc1 = _group_read(acc1, alpha, p, vt_ptr, head, p0, offs_pt, chan1, P, C, NCH, DOT_PREC)
             m_i = m_new
@@ -273,7 +272,7 @@ def _attention_fwd_kernel(
         if GROUPS == 2 and not OUT_SPLIT:
             o1 += tl.where(seen[None, :, None], acc1 / l_safe, 0.0)
         lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
-        if OUT_SPLIT:
+        if OUT_SPLIT:  # once per pixel tile
             tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n & ((tl.zeros((BLOCK_N,), tl.int32) + part) == 0))
         else:
             tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n)
@@ -737,7 +736,7 @@ def _dproto_precision(device: torch.device, dtype: torch.dtype, block_c: int) ->
     memory, ``x`` and ``g`` once per operand side, 192 KB at ``C = 512``, more than an A100's
     163 KB (16-row tiles are the smallest ``tl.dot`` takes)."""
     if _fp32_in_tf32(dtype) and block_c > 256 and on_gpu(device):
-        if _backend.gpu_properties(device)[1] < _LARGEST_SHARED:
+        if not _largest_shared(device):
             return "ieee"
     return _dot_precision(dtype)
 

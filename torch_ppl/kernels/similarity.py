@@ -828,6 +828,7 @@ class _Config:
         fp32 = x_dtype == torch.float32
         # forward and dx: BLOCK_K classes per GEMM, one GEMM per prototype index m
         self.block_k = _class_tile(k) if gpu else 16
+        self.fwd_block_k = self.block_k  # the forward's own where it differs (16 at C = 512, sm_90)
         # channels per step of the similarity GEMMs of the forward and dx (fp32 features), 0:
         # one GEMM over the rows held on chip (16-bit features: tensor cores). On the
         # interpreter 16-channel chunks, so that tests cross several.
@@ -859,7 +860,6 @@ class _Config:
                 # two-stage forward asked for 104 KB at 257 to 512 channels. One stage: 80 KB
                 self.fwd_stages = 1
             self.num_stages = 1 if sm80 else 2
-            self.fwd_block_k = self.block_k
             wide_tile = (has_wgmma(device) and not fp32 and TRITON_VERSION >= (3, 5)
                          and not opaque_stride(device, channel_stride, c))
             if wide_tile:
@@ -920,7 +920,6 @@ class _Config:
                     self.dw_num_warps = 16
         else:
             self.block_n = self.bwd_block_n = self.recompute_block_n = 16
-            self.fwd_block_k = self.block_k
             self.num_warps = self.bwd_num_warps = 4
             self.num_stages = self.recompute_stages = self.fwd_stages = self.dw_stages = 1
             # small tiles on the interpreter, so tests cross several prototype tiles (classes
@@ -942,7 +941,7 @@ class _Config:
             # the forward's 64 rows, 32-class tiles and two stages asked for 192 KB of shared
             # memory, over an A100's 163; these need 96 to 131 KB
             self.block_n, self.block_k = min(self.block_n, 32), 16
-            self.fwd_block_k = self.block_k
+            self.fwd_block_k = 16
             self.fwd_stages = self.num_stages = 1
             self.bwd_block_n = 16
 
