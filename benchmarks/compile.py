@@ -66,7 +66,10 @@ VARIANTS = {**HEAD_VARIANTS, **ATTENTION_VARIANTS}
 # One line on the role of each kernel, for the table (docs/kernels.md).
 ROLES = {
     "_logits_fwd_kernel": "head forward: similarity GEMM, pooled per class, logits (+ max winner)",
-    "_logits_bwd_dx_kernel": "head backward: dx (and dscale partials) from the recomputed similarities",
+    "_logits_bwd_dx_kernel": "head backward (logsumexp pooling), head + push backward: dx (and dscale partials) "
+                             "from the recomputed similarities",
+    "_logits_bwd_dx_slice_kernel": "head backward (max, mean pooling): dx by channel slices, dscale partials, "
+                                   "no similarity",
     "_logits_bwd_dw_kernel": "head backward (max, mean pooling): prototype gradient per class tile and channel slice",
     "_logits_push_bwd_dw_kernel": "head + push backward, and the head's alone for logsumexp pooling: prototype "
                                   "gradient from one recomputed similarity tile",

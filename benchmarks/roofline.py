@@ -218,6 +218,7 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
     for g in grid:
         programs *= int(g)
     stream = 0  # prototype-side bytes each program of a pixel-tiled kernel reads through L2
+    l2_extra = 0  # what a program re-reads of its own pixels' tiles, from L2
 
     def gemm(amount: float, precision: str) -> None:
         flops[precision] = flops.get(precision, 0.0) + amount
@@ -253,6 +254,21 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             if recompute:
                 gemm(recompute * 2 * n * p_pad * c, x16)
             if meta.get("NEED_DX", True):
+                gemm(2 * n * p_pad * c, grad)
+        elif kernel == "_logits_bwd_dx_slice_kernel":  # max / mean: channel slices, no recompute
+            need_dx = bool(meta.get("NEED_DX", True))
+            cosine = bool(meta.get("COSINE"))
+            need_r = cosine or bool(meta.get("NEED_DSCALE"))
+            slices = -(-c // int(meta["BLOCK_C"])) if need_dx else 0
+            wb = 4 if s.feature_dtype == torch.float16 else xb  # fp16: ds against the fp32 Ŵ
+            # R from g and the logits, then each channel slice reads g and the winners: HBM
+            # once, again from L2 (a program's own tiles, read moments before)
+            g_reads, stat_reads = need_r + slices, slices
+            bytes_ = once = (n * k * 4 * (need_r + bool(g_reads)) + stat * bool(stat_reads) + n * 4 * cosine
+                             + (n * c * xb * (1 + cosine) + p * c * wb) * need_dx)
+            l2_extra = max(g_reads - 1, 0) * n * k * 4 + max(stat_reads - 1, 0) * stat
+            stream = p * c * wb * need_dx  # all of Ŵ, per program
+            if need_dx:
                 gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_bwd_dw_kernel":  # max / mean: no recompute, channel slices
             p_tiles, c_slices = grid[0], grid[1]
@@ -334,7 +350,7 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
     # side by side in launch order, so some of it will be): the optimistic end of the range
     # L2: the HBM traffic (re-reads included: a re-read served by L2 still crosses it) and the
     # prototype side once more for every program past the first
-    l2 = bytes_ + max(programs - 1, 0) * stream
+    l2 = bytes_ + max(programs - 1, 0) * stream + l2_extra
     return dict(bytes=int(bytes_), bytes_once=int(once), l2_bytes=int(l2),
                 flops={key: int(v) for key, v in flops.items()})
 

@@ -283,6 +283,15 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
     assert sum(split["flops"].values()) == 1.5 * sum(att["flops"].values())
     dw = roofline.kernel_work("_contrastive_bwd_dw_kernel", (2, 3), meta, s)
     assert dw["l2_bytes"] == dw["bytes"] > dw["bytes_once"]
+    # the head's sliced dx (cosine, max pooling): x, dx, g, the logits, the winners, inv and
+    # bf16 Ŵ cross HBM once; each program streams all of Ŵ, and g (read for R, then once per
+    # slice of 16 channels: 5 reads) and the winners (4) come again from L2
+    n, k = 128, 10
+    sliced = roofline.kernel_work("_logits_bwd_dx_slice_kernel", (4,),
+                                  {"BLOCK_K": 16, "BLOCK_C": 16, "COSINE": True, "POOL": 0}, s)
+    assert sliced["bytes"] == 2 * n * c * 2 + 2 * n * k * 4 + n * k + n * 4 + p * c * 2
+    assert sliced["l2_bytes"] == sliced["bytes"] + 3 * p * c * 2 + 4 * n * k * 4 + 3 * n * k
+    assert sliced["flops"] == {"16-bit": 2 * n * 16 * 3 * c}  # K = 10 padded to a 16-class tile
     peak = roofline.DevicePeak("toy", bandwidth=1e12, tensor_flops=1e15, source="test")
     l2_bound = dict(bytes=10**9, bytes_once=10**9, l2_bytes=10**11, flops={"16-bit": 10})
     assert roofline.ideal_seconds(l2_bound, peak) == pytest.approx(10**11 / roofline.H100_L2_BANDWIDTH)

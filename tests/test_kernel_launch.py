@@ -65,9 +65,10 @@ def test_every_launch_runs_on_its_tensors_device(launches):
     _every_op_forward_and_backward()
     kernels = {name for name, _ in launches}
     # each op's forward and backward kernels: 3 head, 3 push, 3 one-pass, 3 attention (the
-    # one-pass op shares the head's forward and dx kernels)
+    # one-pass op shares the head's forward kernel; the head's max pooling takes the sliced dx)
     assert kernels == {
-        "_logits_fwd_kernel", "_logits_bwd_dx_kernel", "_logits_bwd_dw_kernel", "_logits_push_bwd_dw_kernel",
+        "_logits_fwd_kernel", "_logits_bwd_dx_kernel", "_logits_bwd_dx_slice_kernel", "_logits_bwd_dw_kernel",
+        "_logits_push_bwd_dw_kernel",
         "_contrastive_fwd_kernel", "_contrastive_bwd_dx_kernel", "_contrastive_bwd_dw_kernel",
         "_attention_fwd_kernel", "_attention_bwd_dx_kernel", "_attention_bwd_dproto_kernel",
     }

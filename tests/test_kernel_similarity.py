@@ -262,18 +262,59 @@ def test_many_prototypes_per_class_int16_winners():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_zero_feature_row_matches_reference():
-    """A zero row takes F.normalize's eps branch (x / eps): same logits and gradient."""
+@pytest.mark.parametrize("pooling", ["max", "logsumexp", "mean"])
+def test_zero_feature_row_matches_reference(pooling):
+    """A zero row takes F.normalize's eps branch (x / eps): same logits and gradient. For max
+    and mean pooling dx takes the normalisation's radial term from the logits, which the eps
+    branch must not subtract (a row of norm 1e-14 would otherwise be off by |x| / eps)."""
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(6, 24, generator=gen)
     x[3] = 0.0
     x[4] = 1e-14  # |x| < eps, not zero
     x, protos = x.to(DEVICE).requires_grad_(), torch.randn(2, 3, 24, generator=gen).to(DEVICE).requires_grad_()
-    out = prototype_logits(x, protos, 2.0, None, similarity="cosine", pooling="logsumexp")
-    ref = reference.prototype_logits(x, protos, 2.0, None, similarity="cosine", pooling="logsumexp")
+    scale = torch.tensor(2.0, device=DEVICE).requires_grad_()
+    bias = torch.randn(2, generator=gen).to(DEVICE).requires_grad_()
+    out = prototype_logits(x, protos, scale, bias, similarity="cosine", pooling=pooling)
+    ref = reference.prototype_logits(x, protos, scale, bias, similarity="cosine", pooling=pooling)
     torch.testing.assert_close(out, ref, **FP32_TOL)
-    for a, b in zip(torch.autograd.grad(out.sum(), (x, protos)), torch.autograd.grad(ref.sum(), (x, protos))):
+    g = torch.randn(out.shape, generator=gen).to(DEVICE)
+    leaves = (x, protos, scale, bias)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), torch.autograd.grad(ref, leaves, g)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+@pytest.mark.parametrize("pooling", ["max", "mean"])
+def test_scale_gradient_without_feature_gradient(pooling, similarity):
+    """Frozen features, a learnable scale: dscale comes from the logits alone (sum_k g (logits -
+    bias) / scale), with no dx to form; bias and prototype gradients as the reference's."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 20, 3, 7, generator=gen).to(DEVICE).movedim(1, -1)
+    protos = torch.randn(5, 3, 20, generator=gen).to(DEVICE).requires_grad_()
+    scale = torch.tensor(3.0, device=DEVICE).requires_grad_()
+    bias = torch.randn(5, generator=gen).to(DEVICE).requires_grad_()
+    out = prototype_logits(x, protos, scale, bias, similarity=similarity, pooling=pooling)
+    ref = reference.prototype_logits(x, protos, scale, bias, similarity=similarity, pooling=pooling)
+    g = torch.randn(out.shape, generator=gen).to(DEVICE)
+    for a, b in zip(torch.autograd.grad(out, (protos, scale, bias), g),
+                    torch.autograd.grad(ref, (protos, scale, bias), g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("similarity, learnable, kept", [("cosine", False, True), ("dot", True, True),
+                                                         ("dot", False, False)])
+def test_logits_are_saved_only_where_the_backward_reads_them(similarity, learnable, kept):
+    """Max pooling reads the logits in the backward for cosine similarity and for dscale; a
+    dot-product head with a fixed scale (the 1x1 conv it replaces) keeps nothing of its output."""
+    head = MultiPrototypeClassifier(16, 4, 2, similarity=similarity, learnable_scale=learnable,
+                                    backend="triton").to(DEVICE)
+    x = torch.randn(2, 16, 3, 5, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = head(x)
+    assert any(t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() for t in saved) == kept
+    logits.sum().backward()
+    assert x.grad is not None
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
@@ -359,13 +400,15 @@ def test_opcheck_forward(pooling):
     torch.library.opcheck(torch.ops.torch_ppl.prototype_logits_fwd.default, (x, w_hat, scale, None, False, pooling))
 
 
-def test_opcheck_backward():
-    x, w_hat, scale, _ = _small_inputs(requires_grad=False)
-    logits, winners, inv = torch.ops.torch_ppl.prototype_logits_fwd(x, w_hat, scale, None, True, "max")
+@pytest.mark.parametrize("pooling", ["max", "logsumexp"])
+def test_opcheck_backward(pooling):
+    x, w_hat, scale, bias = _small_inputs(requires_grad=False)
+    logits, stat, inv = torch.ops.torch_ppl.prototype_logits_fwd(x, w_hat, scale, bias, True, pooling)
     grad = torch.randn_like(logits)
+    saved = (logits, bias) if pooling == "max" else (None, None)
     for flags in ((True, True, True), (False, True, False)):
         torch.library.opcheck(torch.ops.torch_ppl.prototype_logits_bwd.default,
-                              (grad, x, w_hat, scale, winners, inv, True, "max", *flags),
+                              (grad, x, w_hat, scale, stat, inv, *saved, True, pooling, *flags),
                               test_utils=("test_schema", "test_faketensor"))
 
 

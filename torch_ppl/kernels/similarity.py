@@ -15,10 +15,13 @@ Layout of the work (one file, Liger-Kernel style):
   class tile. It writes the ``(N, K)`` logits and, for ``pooling="max"``, the winning prototype index
   (int8 when ``M <= 127``), for ``"logsumexp"`` the pooled value (fp32). Nothing of size ``N x P``
   is ever written.
-* ``_logits_bwd_dx_kernel``: same walk; turns the incoming ``dlogits`` into ``ds`` (pooling backward)
-  and accumulates ``du = ds @ Ŵ``, then the normalisation backward. Max and mean pooling need no
-  similarity for ``ds`` (the saved winner, ``1/M``), so the GEMMs of the forward are redone only for
-  logsumexp pooling and for ``dscale`` (per-program partial sums).
+* ``_logits_bwd_dx_slice_kernel`` (max and mean pooling): same walk, one channel slice of ``du = ds
+  @ Ŵ`` at a time; ``ds`` needs no similarity (the saved winner, ``1/M``), and neither does the
+  normalisation backward: its ``<x̂, du>`` is ``sum_k g (logits - bias)``, read from the forward's
+  logits, as is ``dscale`` (per-program partials).
+* ``_logits_bwd_dx_kernel`` (logsumexp pooling, and the one-pass head + push): same walk with all
+  channels of ``du`` on chip; turns the incoming ``dlogits`` into ``ds`` from the recomputed
+  similarities and accumulates ``du = ds @ Ŵ``, then the normalisation backward.
 * ``_logits_bwd_dw_kernel`` (max and mean pooling): one program per (prototype tile of the flat
   ``P = K*M`` axis, channel slice, pixel split) reads only its channel slice of ``x`` in its own dtype,
   gathers ``g`` and the winner per prototype, folds the ``1/|x|`` the forward saved (4 bytes per pixel)
@@ -509,6 +512,91 @@ def _logits_bwd_dx_kernel(
 
 
 @triton.jit
+def _logits_bwd_dx_slice_kernel(
+    X, INV, W, SCALE, G, STAT, LOGITS, BIAS, DX, DSCALE,
+    L, C, K, M,
+    stride_xb, stride_xl, stride_xc,
+    stride_gb, stride_gl, stride_gk,
+    stride_ob, stride_ol, stride_ok,
+    stride_db, stride_dl, stride_dc,
+    COSINE: tl.constexpr, POOL: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_DSCALE: tl.constexpr, GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Max and mean pooling. ds needs no similarity (the saved winner, 1/M), so du = ds Ŵ splits
+    # over the channels, and so does the normalisation backward once its one row reduction is
+    # known without du:
+    #   <x̂, du> = sum_{k,m} ds[n,k,m] ŝ[n,k,m] = sum_k g[n,k] scale pool_m ŝ[n,k,m]
+    #           = sum_k g[n,k] (logits[n,k] - bias[k])                          (= R[n])
+    # since the pooling is linear in the similarities it selects (the winner, or all of them
+    # with 1/M). Then dx = (du - x R inv) inv, with inv = 1 / max(|x|, eps) from the forward.
+    # A program takes BLOCK_N pixels and walks the channels in slices of BLOCK_C, holding one
+    # slice of du at a time: a BLOCK_N x C accumulator spilled at 64 pixels, and the pixel tile
+    # sets how often each Ŵ tile is streamed through L2 (once per program). R comes first, from
+    # one read of g and the logits; each slice reads g and the winners again, from L1 or L2.
+    # dscale = sum_n R[n] / scale (the host divides), a partial per program.
+    NEED_R: tl.constexpr = COSINE or NEED_DSCALE
+    pid = tl.program_id(0)
+    num_blocks = tl.cdiv(L, BLOCK_N)
+    b = pid // num_blocks
+    l0 = (pid % num_blocks) * BLOCK_N
+    rows = l0 + tl.arange(0, BLOCK_N)
+    row_in = rows < L
+    scale = tl.load(SCALE).to(tl.float32)
+    if POOL == 2:
+        scale = scale / M
+    g_rows = G + _pixel_offsets(b, rows, stride_gb, stride_gl)
+    stat_rows = (b.to(tl.int64) * L + rows.to(tl.int64)) * K
+
+    r = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if NEED_R:
+        o_rows = LOGITS + _pixel_offsets(b, rows, stride_ob, stride_ol)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = row_in[:, None] & (ks < K)[None, :]
+            g = tl.load(g_rows[:, None] + ks.to(tl.int64)[None, :] * stride_gk, mask=mask, other=0.0).to(tl.float32)
+            # scale * pool_m ŝ: the logits without their bias
+            scaled = tl.load(o_rows[:, None] + ks.to(tl.int64)[None, :] * stride_ok, mask=mask, other=0.0)
+            if HAS_BIAS:
+                scaled -= tl.load(BIAS + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
+            r += tl.sum(g * scaled, axis=1)
+    if NEED_DSCALE:
+        tl.store(DSCALE + pid, tl.sum(r, axis=0))
+
+    if NEED_DX:
+        if COSINE:
+            inv = tl.load(INV + b.to(tl.int64) * L + rows, mask=row_in, other=0.0)
+            # |x| <= eps (inv = 1 / eps): the clamp is constant there, dx = du / eps
+            radial = tl.where(inv < 1.0 / EPS_C, r * inv, 0.0)
+        for c0 in range(0, C, BLOCK_C):
+            du = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                mask = row_in[:, None] & (ks < K)[None, :]
+                sg = scale * tl.load(g_rows[:, None] + ks.to(tl.int64)[None, :] * stride_gk,
+                                     mask=mask, other=0.0).to(tl.float32)
+                if POOL == 0:
+                    winner = tl.load(STAT + stat_rows[:, None] + ks[None, :], mask=mask, other=-1).to(tl.int32)
+                for m in range(M):
+                    if POOL == 0:
+                        ds = tl.where(winner == m, sg, 0.0)
+                    else:
+                        ds = sg
+                    w = _load_class_rows(W, ks, m, K, M, C, c0, BLOCK_C)
+                    du = tl.dot(dot_operand(ds, GRAD_DTYPE, UPCAST_DOT), dot_operand(w, GRAD_DTYPE, UPCAST_DOT), du,
+                                input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+            cols = c0 + tl.arange(0, BLOCK_C)
+            mask = row_in[:, None] & (cols < C)[None, :]
+            if COSINE:
+                x = tl.load(_row_ptrs(X, b, rows, cols, stride_xb, stride_xl, stride_xc, WIDE),
+                            mask=mask, other=0.0).to(tl.float32)
+                du = (du - x * radial[:, None]) * inv[:, None]
+            tl.store(_row_ptrs(DX, b, rows, cols, stride_db, stride_dl, stride_dc, WIDE),
+                     du.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _flush_dw(DW, dw, offs, mask, split, P, C, DETERMINISTIC: tl.constexpr):
     """Adds a program's ``dŴ`` tile (element offsets ``offs`` into ``(P, C)``) to ``DW``: a
     relaxed atomic add (only the sum matters), or, in deterministic mode, a store into this
@@ -847,7 +935,22 @@ class _Config:
             self.num_warps = 4 if self.block_c <= 256 and not sm80 else 8
             self.bwd_block_n = 32
             self.bwd_num_warps = 8
-            # dx when it recomputes the similarities (logsumexp pooling, a learnable scale):
+            # dx of max / mean pooling (_logits_bwd_dx_slice_kernel): 128 pixels, 8 warps, channel
+            # slices of 128 against 16-class tiles; with NCHW features of an unaligned pixel
+            # count (voc's 129 x 129) those spilled 80 bytes per thread on sm_90 (32 classes:
+            # 240), which slices of 64 do not
+            aligned = channel_stride == 1 or channel_stride % 16 == 0
+            self.slice_block_n, self.slice_num_warps, self.slice_stages = 128, 8, 2
+            self.slice_block_c, self.slice_block_k = (128, 16) if aligned else (64, self.block_k)
+            if not large_shared(device):
+                # sm_86, sm_89, sm_120: 128 pixels spilled 8 to 40 bytes per thread on sm_120
+                self.slice_block_n = 64
+            if x_dtype == torch.float32:
+                # CUDA-core GEMMs (FLOP-bound whatever the tile): 128 x 128 spilled 40 to 336
+                # bytes per thread on sm_80; 64 x 64 none, at the same modelled time
+                self.slice_block_n, self.slice_block_c, self.slice_block_k = 64, 64, 16
+            self.slice_block_c = min(self.slice_block_c, self.block_c)
+            # dx when it recomputes the similarities (logsumexp pooling, the one-pass head + push):
             # with 32 rows and two stages those spilled 16 B per thread at voc and 40 to 192 B at
             # ade on sm_90; 16 rows and one stage compile without spilling
             self.recompute_block_n, self.recompute_stages = 16, 1
@@ -926,6 +1029,8 @@ class _Config:
             # straddling them) and channel slices
             self.dw_block_p, self.dw_block_c, self.dw_block_n = 16, 16, 16
             self.dw_num_warps = 4
+            self.slice_block_n, self.slice_block_c, self.slice_block_k = 16, 16, 16
+            self.slice_num_warps, self.slice_stages = 4, 1
         # fp32 features: exact fp32 GEMMs, as PyTorch's by default, or TF32 where PyTorch's
         # float32 matmuls may use it (fp32_precision); for bf16/fp16 operands the precision
         # argument is unused (fp32 accumulation).
@@ -1006,10 +1111,13 @@ def _fwd_fake(x, w_hat, scale, bias, cosine, pooling):
 
 
 @torch.library.custom_op("torch_ppl::prototype_logits_bwd", mutates_args=())
-def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor, inv: Tensor, cosine: bool,
-            pooling: str, need_dx: bool, need_dw: bool, need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor]:
+def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor, inv: Tensor,
+            logits: Optional[Tensor], bias: Optional[Tensor], cosine: bool, pooling: str, need_dx: bool,
+            need_dw: bool, need_dscale: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """``(dx in x.dtype, dŴ (K, M, C) fp32, dscale 0-d fp32)``. A gradient that is not asked
-    for is not computed: dx and dŴ come back as empty ``(0,)`` tensors, dscale as 0."""
+    for is not computed: dx and dŴ come back as empty ``(0,)`` tensors, dscale as 0.
+    ``logits`` (the forward's output) and ``bias``: what max and mean pooling read for cosine
+    similarity and for ``dscale`` (:func:`_needs_logits`), else ``None``."""
     with launch_device(x):
         k, m, c = w_hat.shape
         dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
@@ -1024,20 +1132,40 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
             if need_dx:
                 dx.zero_()
             return dx, dw, dscale
-        cfg = _Config(x.device, c, k, m, x.dtype)
+        cfg = _Config(x.device, c, k, m, x.dtype, x3.stride(2))
         w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
         common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
                       GRAD_DTYPE=cfg.grad_dtype, UPCAST_DOT=cfg.upcast,
                       num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
 
-        if need_dx or need_dscale:
-            block_n, stages = cfg.bwd_block_n, cfg.num_stages
-            if pool == 1 or need_dscale:  # the similarities are recomputed
-                block_n, stages = min(block_n, cfg.recompute_block_n), cfg.recompute_stages
+        if pool != 1 and (need_dx or need_dscale):
+            # max / mean pooling: dx a channel slice at a time, R from the logits (no similarity)
+            n_blocks = nb * triton.cdiv(nl, cfg.slice_block_n)
+            partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
+            o3 = as_blc(logits) if (cosine or need_dscale) else None
+            # bfloat16 and float32 features: the forward's Ŵ; float16: fp32 Ŵ (fp32 ds operands)
+            w_grad = w_hat if x.dtype == torch.float16 else w_dot
+            _logits_bwd_dx_slice_kernel[(n_blocks,)](
+                x3, inv if cosine else None, w_grad, scale, g3, winners, o3, bias, dx3, partial,
+                nl, c, k, m,
+                *x3.stride(), *g3.stride(), *(o3.stride() if o3 is not None else (0, 0, 0)),
+                *(dx3.stride() if need_dx else (0, 0, 0)),
+                COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, NEED_DX=need_dx, NEED_DSCALE=need_dscale,
+                GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast,
+                WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
+                BLOCK_N=cfg.slice_block_n, BLOCK_K=cfg.slice_block_k, BLOCK_C=cfg.slice_block_c,
+                num_warps=cfg.slice_num_warps, num_stages=cfg.slice_stages, maxnreg=cfg.maxnreg,
+            )
+            if need_dscale:
+                dscale = partial.sum() / scale  # sum_n R[n] = scale * sum g * pool_m s
+
+        elif need_dx or need_dscale:
+            # logsumexp pooling: the similarities are recomputed for its softmax weights
+            block_n, stages = min(cfg.bwd_block_n, cfg.recompute_block_n), cfg.recompute_stages
             n_blocks = nb * triton.cdiv(nl, block_n)
             partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
             _logits_bwd_dx_kernel[(n_blocks,)](
-                x3, w_hat, w_dot, scale, g3, stat if pool in (0, 1) else None, dx3, partial,
+                x3, w_hat, w_dot, scale, g3, stat, dx3, partial,
                 *_NO_PUSH,
                 nl, c, k, m, 0, 1.0,
                 *x3.stride(), *g3.stride(), *(dx3.stride() if need_dx else (0, 0, 0)), 0, 0, 0, 0,
@@ -1088,28 +1216,38 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
 
 
 @_bwd_op.register_fake
-def _bwd_fake(grad, x, w_hat, scale, stat, inv, cosine, pooling, need_dx, need_dw, need_dscale):
+def _bwd_fake(grad, x, w_hat, scale, stat, inv, logits, bias, cosine, pooling, need_dx, need_dw, need_dscale):
     dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
     dw = torch.empty_like(w_hat) if need_dw else w_hat.new_empty((0,))
     return dx, dw, x.new_empty((), dtype=torch.float32)
 
 
+def _needs_logits(cosine: bool, pooling: str, need_scale_grad: bool) -> bool:
+    """Whether the backward reads the forward's logits: max and mean pooling form the
+    normalisation backward's ``<x̂, du>`` and ``dscale`` from them (``sum_k g (logits - bias)``)
+    instead of recomputing the similarities."""
+    return pooling != "logsumexp" and (cosine or need_scale_grad)
+
+
 def _setup_context(ctx, inputs, output):
     x, w_hat, scale, bias, cosine, pooling = inputs
-    _, stat, inv = output
-    ctx.save_for_backward(x, w_hat, scale, stat, inv)
+    logits, stat, inv = output
+    # the logits only where the backward reads them: a dot-product head (the 1x1 conv it
+    # replaces) keeps nothing of its output
+    keep = _needs_logits(cosine, pooling, scale.requires_grad)
+    ctx.save_for_backward(x, w_hat, scale, stat, inv, logits if keep else None, bias if keep else None)
     ctx.mark_non_differentiable(stat, inv)
     ctx.cosine, ctx.pooling = cosine, pooling
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward(ctx, grad, _grad_stat, _grad_inv):
-    x, w_hat, scale, stat, inv = ctx.saved_tensors
+    x, w_hat, scale, stat, inv, logits, bias = ctx.saved_tensors
     need_dx, need_dw, need_dscale, need_dbias = ctx.needs_input_grad[:4]
     dx = dw = dscale = dbias = None
     if need_dx or need_dw or need_dscale:
         dx, dw, dscale = torch.ops.torch_ppl.prototype_logits_bwd(
-            grad, x, w_hat, scale, stat, inv, ctx.cosine, ctx.pooling,
+            grad, x, w_hat, scale, stat, inv, logits, bias, ctx.cosine, ctx.pooling,
             bool(need_dx), bool(need_dw), bool(need_dscale))
         dx = dx if need_dx else None
         dw = dw if need_dw else None
