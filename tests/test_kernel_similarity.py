@@ -317,6 +317,32 @@ def test_logits_are_saved_only_where_the_backward_reads_them(similarity, learnab
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_logits_edited_in_place(memory_format):
+    """Logits are a plain tensor: a dot-product head with a fixed scale (the 1x1 conv it
+    replaces) may have them masked in place and gets the reference's gradients (NCHW logits
+    used to be a view made inside the op, which autograd refuses to see edited). A head whose
+    backward reads its logits (cosine) raises autograd's error instead of a wrong gradient."""
+    gen = torch.Generator().manual_seed(9)
+    x0 = torch.randn(2, 16, 3, 5, generator=gen).to(DEVICE).contiguous(memory_format=memory_format)
+    grads = {}
+    for backend in ("triton", "reference"):
+        torch.manual_seed(0)
+        head = MultiPrototypeClassifier(16, 4, 2, similarity="dot", scale=1.0, bias=True, backend=backend).to(DEVICE)
+        x = x0.clone(memory_format=torch.preserve_format).requires_grad_()
+        logits = head(x)
+        logits[:, 1] = -1e4
+        (logits * torch.arange(15.0, device=DEVICE).view(1, 1, 3, 5)).sum().backward()
+        grads[backend] = (x.grad, head.prototypes.grad, head.bias.grad)
+    for a, b in zip(grads["triton"], grads["reference"]):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+    head = MultiPrototypeClassifier(16, 4, 2, backend="triton").to(DEVICE)
+    logits = head(x0.clone(memory_format=torch.preserve_format).requires_grad_())
+    logits[:, 1] = -1e4
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        logits.sum().backward()
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
 @pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
 @pytest.mark.parametrize("pooling", ["max", "logsumexp", "mean"])

@@ -96,11 +96,13 @@ def launch_device(x: Tensor) -> contextlib.AbstractContextManager:
 
 def new_rows(like: Tensor, channels: int, dtype: torch.dtype) -> Tensor:
     """A new ``(..., channels)`` tensor laid out like ``like``: for 4-D rows whose channel axis
-    is not the fastest (the channel-last view of NCHW) it is a view of a contiguous
-    ``(B, channels, H, W)`` buffer, so that moving the channel axis back costs nothing."""
+    is not the fastest (the channel-last view of NCHW) it has the strides of a contiguous
+    ``(B, channels, H, W)`` tensor, so that moving the channel axis back costs nothing. Not a
+    view: an op's output that is a view of a buffer made inside the op could not be edited in
+    place by the caller (autograd forbids it for outputs of custom functions)."""
     if like.dim() == 4 and like.stride(-1) != 1:
         b, h, w, _ = like.shape
-        return like.new_empty((b, channels, h, w), dtype=dtype).permute(0, 2, 3, 1)
+        return like.new_empty_strided((b, h, w, channels), (channels * h * w, w, 1, h * w), dtype=dtype)
     return like.new_empty((*like.shape[:-1], channels), dtype=dtype)
 
 
