@@ -432,3 +432,24 @@ def test_the_gate_catches_a_kernel_compiled_to_a_trap(tmp_path):
     fits, traps = done.stdout.strip().splitlines()[-2:]
     assert fits == "128 0 COMPILED", fits
     assert traps.startswith("256 1 compiles to code that traps"), traps
+
+
+@pytest.mark.parametrize("arch, dtype, channels, block_n", [
+    (80, "bfloat16", 512, 32),  # an A100 with bf16 features: the wider tile, which compiles clean
+    (80, "float16", 512, 16),  # float16 spilled 40 to 88 bytes per thread with it
+    (90, "bfloat16", 512, 16),  # sm_90 spilled 8 to 24 bytes with most Triton releases
+    (80, "bfloat16", 1024, 16),  # wider features keep the narrow tiles
+    (80, "bfloat16", 256, 32),  # up to 256 channels every GPU takes 32 pixels
+])
+def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n):
+    """The one-pass head + push's dx tile at more than 256 channels, which the compile gate
+    checks for spills: 32 pixels only where they compiled without spilling."""
+    import torch
+
+    from torch_ppl.kernels import _common, head_push
+
+    with _common.compile_for(_common.CompileTarget(arch, 108 if arch == 80 else 132)):
+        cfg = head_push._config(torch.device("cpu"), channels, 150, 10, getattr(torch, dtype))
+    assert cfg.bwd_block_n == block_n
+    if block_n == 32 and channels > 256:  # with 16-class tiles and two stages
+        assert (cfg.block_k, cfg.num_stages) == (16, 2)

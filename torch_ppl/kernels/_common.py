@@ -35,7 +35,7 @@ from ..reference import EPS
 
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
-    "launch_device", "num_sms", "pixel_splits", "has_wgmma", "has_tcgen05", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
+    "launch_device", "num_sms", "pixel_splits", "capability", "has_wgmma", "has_tcgen05", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
     "opaque_stride", "per_iteration", "fp32_precision", "TRITON_VERSION",
 ]
 
@@ -141,7 +141,7 @@ def on_gpu(device: torch.device) -> bool:
     return device.type == "cuda" or compile_target() is not None
 
 
-def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
+def capability(device: torch.device) -> Optional[Tuple[int, int]]:
     """Compute capability of the GPU the launchers tile for (a CUDA ``device`` or the target of
     :func:`compile_for`); ``None`` on the interpreter."""
     if not on_gpu(device):
@@ -152,7 +152,7 @@ def _capability(device: torch.device) -> Optional[Tuple[int, int]]:
 def has_wgmma(device: torch.device) -> bool:
     """Whether ``device`` (or the target of :func:`compile_for`) is a Hopper GPU, whose
     warpgroup MMA keeps its accumulators in a layout of its own: some tiles are sized for it."""
-    return _capability(device) == (9, 0)
+    return capability(device) == (9, 0)
 
 
 def has_tcgen05(device: torch.device) -> bool:
@@ -160,8 +160,8 @@ def has_tcgen05(device: torch.device) -> bool:
     (sm_100: B200, GB200), whose ``tcgen05`` MMA keeps its accumulators in tensor memory rather
     than registers: some tiles that spill in registers elsewhere fit there. The RTX 50 series
     (sm_120) has no ``tcgen05``."""
-    capability = _capability(device)
-    return capability is not None and capability[0] == 10
+    cap = capability(device)
+    return cap is not None and cap[0] == 10
 
 
 def large_shared(device: torch.device) -> bool:
