@@ -356,6 +356,60 @@ def ptx_counts(ptx: str) -> Dict[str, int]:
     )
 
 
+_MMA_LAYOUT = re.compile(r"^(#mma\d*) = #ttg\.nvidia_mma<\{(.*?)\}>", re.M)
+# a dot of the TTGIR: its A operand's type (a register tensor or a shared-memory descriptor) and
+# its result, an fp32 accumulator in an MMA layout
+_MMA_DOT = re.compile(r"(?:tt\.dot|ttng\.warp_group_dot) [^\n]*? : (?:tensor|!ttg\.memdesc)<([\dx]+)x\w+[,>]"
+                      r"[^\n]*-> tensor<([\dx]+)x\w+, (#mma\d*)>")
+
+
+def mma_tiles(ttgir: str) -> List[Dict[str, object]]:
+    """Each tensor-core GEMM of a kernel's TTGIR: its output tile, reduction depth and how many
+    times its warps compute each output element. A layout assigns every warp a part of the
+    tile; when the warps' parts together cover more than the tile (a 32 x 16 tile on 8 warps
+    side by side, 8 columns each), warps compute the same elements: Triton puts all warps on
+    one axis of a GEMM whose result feeds another, so the smaller GEMM of such a pair inherits
+    a layout sized for the larger one."""
+    layouts = dict(_MMA_LAYOUT.findall(ttgir))
+    tiles = []
+    for a_shape, out_shape, name in _MMA_DOT.findall(ttgir):
+        fields = {key: re.search(pattern, layouts.get(name, "")) for key, pattern in (
+            ("warps", r"warpsPerCTA = \[([\d, ]+)\]"), ("instr", r"instrShape = \[([\d, ]+)\]"),
+            ("version", r"versionMajor = (\d)"))}
+        if not all(fields.values()):  # a layout this reading does not know: not counted
+            continue
+        shape = [int(v) for v in out_shape.split("x")]
+        warps, instr = ([int(v) for v in fields[key].group(1).split(", ")] for key in ("warps", "instr"))
+        if int(fields["version"].group(1)) == 3:
+            # wgmma: a warpgroup of 4 warps owns 64 rows; instrShape's N columns per warp column
+            cover = [16 * warps[0], instr[1] * warps[1]]
+        else:  # mma.sync: each warp owns an instrShape tile (the leading 1 of batched GEMMs)
+            cover = [w * i for w, i in zip(warps, instr)]
+        replicated = 1
+        for size, covered in zip(shape, cover):
+            replicated *= max(1, covered // size)
+        tiles.append(dict(tile=shape, k=int(a_shape.split("x")[-1]), warps=warps, replicated=replicated))
+    return tiles
+
+
+def mma_replication(tiles: List[Dict[str, object]]) -> float:
+    """The tensor-core work a kernel issues over the work its GEMMs need: each GEMM weighted by
+    the multiply-adds of one execution of its tile. Exact where a kernel's GEMMs share one loop
+    body (every kernel of 16-bit features); where one runs in an inner loop (the channel chunks
+    of float32 features' TF32 GEMMs) it counts once, and the factor understates the repeats.
+    1.0 when no warp repeats another's products."""
+    need = sum(_prod(t["tile"]) * t["k"] for t in tiles)
+    issued = sum(_prod(t["tile"]) * t["k"] * t["replicated"] for t in tiles)
+    return issued / need if need else 1.0
+
+
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
 def blocks_per_sm(regs: int, warps: int, shared: int, arch: int) -> int:
     """How many blocks of a kernel one SM holds at once: registers are allocated per warp in
     units of 256, and each block reserves 1 KB of shared memory besides its own."""
@@ -412,6 +466,8 @@ def analyse(launches: List[Launch], out_dir: Path, shape=None, arch: int = 90) -
         row["waves"], row["wave_efficiency"] = waves(programs, row["per_sm"], num_sms)
         row.update(sass_counts(cubin))
         row.update(ptx_counts(k.asm["ptx"]))
+        row["mma_tiles"] = mma_tiles(k.asm["ttgir"])
+        row["mma_replication"] = mma_replication(row["mma_tiles"])
         if row["traps"]:
             # Triton 3.8 and 3.9 compile a kernel they cannot lower into a lone `trap` without an
             # error: on sm_100, two 64 x 256 fp32 tcgen05 accumulators and an operand, more
@@ -425,6 +481,7 @@ def analyse(launches: List[Launch], out_dir: Path, shape=None, arch: int = 90) -
 
             row["model"] = roofline.kernel_work(launch.kernel, launch.grid, launch.meta, shape)
             row["model"]["wave_efficiency"] = row["wave_efficiency"]
+            row["model"]["mma_replication"] = row["mma_replication"]
             row["ideal_us"] = roofline.ideal_seconds(row["model"], _h100()) * 1e6
         rows.append(row)
     return rows
@@ -490,7 +547,13 @@ def _tensor_cores(row) -> str:
         parts.append(f"mma.sync {row['hmma']}")
     if row.get("tcgen05"):
         parts.append(f"tcgen05 {row['tcgen05']}")
-    return ", ".join(parts) or "-"
+    text = ", ".join(parts) or "-"
+    repeated = dict.fromkeys(f"{'×'.join(map(str, t['tile']))} tile {t['replicated']}×"
+                             for t in row.get("mma_tiles", ()) if t["replicated"] > 1)
+    if repeated:
+        tiles = ", ".join(repeated)
+        text += f" (**repeated work**: {tiles}; {row['mma_replication']:.2f}× in all)"
+    return text
 
 
 def _atomics(row) -> str:
@@ -651,7 +714,15 @@ newest Triton and 3.8); fp32 with TF32 is also compiled for sm_80 and sm_86 (and
 - **tensor cores**: Hopper `wgmma` (SASS `HGMMA`) and `mma.sync` (`HMMA`) instructions. On
   sm_90 a GEMM lowers to `wgmma` when its tile has 64 rows per warpgroup (16-bit or TF32
   operands), to `mma.sync` on smaller tiles; IEEE fp32 GEMMs run on the CUDA cores (`-`).
-  Compiled for Blackwell (sm_100), `tcgen05` counts its MMAs (`UTC*MMA`).
+  Compiled for Blackwell (sm_100), `tcgen05` counts its MMAs (`UTC*MMA`). **Repeated work**
+  names a GEMM tile whose warps compute the same products more than once, read off the
+  layouts in the compiled TTGIR: when one GEMM's result feeds another (the similarities that
+  make a gradient tile), Triton puts all warps of both on one axis, so the smaller tile of the
+  pair can be narrower than its warps side by side (a 32 × 16 tile on 8 warps of 8 columns:
+  four times over), and a tile of 16 rows on 8 warps takes them all on its columns. The factor
+  after it is the tensor-core work issued over the work needed (each GEMM weighted by one pass
+  over its tile: it understates the repeats of a GEMM that runs in an inner loop, as float32
+  features' chunked TF32 GEMMs do), which the model's FLOP time includes.
 - **global loads**: `LDG` instructions by width. 16-bit loads of the features mean one element
   per thread: coalesced along pixels for NCHW (the pixel stride is specialised to 1), but not
   vectorised, because the pixel count of these shapes is odd and the loads are masked.
@@ -668,7 +739,8 @@ newest Triton and 3.8); fp32 with TF32 is also compiled for sm_80 and sm_86 (and
   `ieee`: fp32 on the CUDA cores). The ideal time is the largest of bytes over the H100's
   3.35 TB/s, L2 bytes over 9 TB/s (NVIDIA publishes no L2 bandwidth; this is the high end of
   the public figures) and FLOPs over the peak of their precision (989 TFLOP/s bf16, half
-  that for TF32, 67 TFLOP/s fp32), divided by the grid's wave share (its SMs sit idle in a
+  that for TF32, 67 TFLOP/s fp32; tensor-core FLOPs times the repeated-work factor), divided
+  by the grid's wave share (its SMs sit idle in a
   partial last wave; exact for GEMM-bound kernels, pessimistic for memory-bound ones, where
   fewer SMs can still draw much of the bandwidth). `mma.sync` is charged like `wgmma`, which
   is optimistic.

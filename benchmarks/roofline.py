@@ -358,11 +358,16 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
 def ideal_seconds(work_: Dict[str, object], peak: DevicePeak, reread_from_l2: bool = False) -> float:
     """``max(bytes / bandwidth, L2 bytes / L2 bandwidth, Σ flops / peak of their precision)`` of
     one launch, over its grid's wave efficiency when the compiled kernel gave one; with
-    ``reread_from_l2`` the re-reads cost no HBM traffic (they still cross L2)."""
+    ``reread_from_l2`` the re-reads cost no HBM traffic (they still cross L2). The tensor-core
+    FLOPs count as often as the compiled code issues them (``mma_replication``: warps that
+    compute the same products, from the compiled layouts)."""
     t_flops = 0.0
     for precision, amount in work_["flops"].items():
-        rate = H100_FP32_FLOPS if precision == "ieee" else peak.tensor_flops * _PRECISION_SHARE[precision]
-        t_flops += amount / rate
+        if precision == "ieee":
+            t_flops += amount / H100_FP32_FLOPS
+        else:
+            rate = peak.tensor_flops * _PRECISION_SHARE[precision]
+            t_flops += amount * work_.get("mma_replication", 1.0) / rate
     t_l2 = work_.get("l2_bytes", 0) / H100_L2_BANDWIDTH
     t_bound = max(work_["bytes_once" if reread_from_l2 else "bytes"] / peak.bandwidth, t_l2, t_flops)
     return t_bound / work_.get("wave_efficiency", 1.0)

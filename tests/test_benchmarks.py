@@ -297,6 +297,12 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
     assert roofline.ideal_seconds(l2_bound, peak) == pytest.approx(10**11 / roofline.H100_L2_BANDWIDTH)
     hbm_bound = dict(l2_bound, l2_bytes=10**9)
     assert roofline.ideal_seconds(hbm_bound, peak) == pytest.approx(1e-3)
+    # FLOP-bound: tensor-core work that warps repeat costs its time; CUDA-core FLOPs do not
+    # take the factor (no MMA layout)
+    flop_bound = dict(bytes=0, bytes_once=0, l2_bytes=0, flops={"16-bit": 10**12, "ieee": 67 * 10**9})
+    base = roofline.ideal_seconds(flop_bound, peak)
+    assert base == pytest.approx(1e-3 + 1e-3)
+    assert roofline.ideal_seconds(dict(flop_bound, mma_replication=2.5), peak) == pytest.approx(2.5e-3 + 1e-3)
 
 
 def test_headline_shapes_are_the_documented_table():

@@ -453,3 +453,70 @@ def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n):
     assert cfg.bwd_block_n == block_n
     if block_n == 32 and channels > 256:  # with 16-class tiles and two stages
         assert (cfg.block_k, cfg.num_stages) == (16, 2)
+
+
+# Three GEMMs as Triton 3.9 writes them in TTGIR (abridged): a wgmma tile of 128 rows on two
+# warpgroups, and a chained pair on mma.sync whose layout puts 8 warps side by side, 8 columns
+# each, so the 32 x 16 tile is computed four times over; and a batched (3-D) mma.sync GEMM.
+_TTGIR = """\
+#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], instrShape = [16, 32, 16]}>
+#mma1 = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [1, 8], instrShape = [16, 8]}>
+#mma2 = #ttg.nvidia_mma<{versionMajor = 2, versionMinor = 0, warpsPerCTA = [2, 4, 1], instrShape = [1, 16, 8]}>
+    %s = ttng.warp_group_dot %x, %w, %c {isAsync = true} : !ttg.memdesc<128x256xbf16, #shared, #smem> * !ttg.memdesc<256x32xbf16, #shared1, #smem> -> tensor<128x32xf32, #mma> loc(#loc1)
+    %z = tt.dot %a, %b, %c0, inputPrecision = tf32 : tensor<32x512xbf16, #ttg.dot_op<{opIdx = 0, parent = #mma1, kWidth = 4}>> * tensor<512x16xbf16, #ttg.dot_op<{opIdx = 1, parent = #mma1, kWidth = 4}>> -> tensor<32x16xf32, #mma1> loc(#loc2)
+    %dx = tt.dot %d, %e, %c1, inputPrecision = tf32 : tensor<32x16xbf16, #ttg.dot_op<{opIdx = 0, parent = #mma1, kWidth = 4}>> * tensor<16x512xbf16, #ttg.dot_op<{opIdx = 1, parent = #mma1, kWidth = 4}>> -> tensor<32x512xf32, #mma1> loc(#loc3)
+    %o = tt.dot %f, %g, %c2, inputPrecision = tf32 : tensor<2x64x128xf32, #ttg.dot_op<{opIdx = 0, parent = #mma2, kWidth = 1}>> * tensor<2x128x8xf32, #ttg.dot_op<{opIdx = 1, parent = #mma2, kWidth = 1}>> -> tensor<2x64x8xf32, #mma2> loc(#loc4)
+"""
+
+
+def test_mma_tiles_find_warps_that_repeat_work():
+    from benchmarks import compile as gate
+
+    tiles = gate.mma_tiles(_TTGIR)
+    assert [(t["tile"], t["k"], t["replicated"]) for t in tiles] == [
+        ([128, 32], 256, 1), ([32, 16], 512, 4), ([32, 512], 16, 1), ([2, 64, 8], 128, 1)]
+    # the work issued over the work needed, each GEMM weighted by its multiply-adds
+    macs = [128 * 32 * 256, 32 * 16 * 512, 32 * 512 * 16, 2 * 64 * 8 * 128]
+    assert gate.mma_replication(tiles) == pytest.approx((sum(macs) + 3 * macs[1]) / sum(macs))
+    assert gate.mma_replication(tiles[:1]) == gate.mma_replication([]) == 1.0
+
+
+def test_the_table_and_the_model_show_repeated_mma_work(tmp_path):
+    """The push's dx at 512 channels: its z GEMM feeds the dx GEMM, so both take a layout of 8
+    warps side by side, and a z tile narrower than 64 prototypes is computed more than once.
+    The compile table names it and the traffic model charges it."""
+    from benchmarks import compile as gate
+
+    rows = _by_kernel(_compile(tmp_path, "sm_90", ["contrastive_loss"], sizes=(2, 8, 8, 512, 7, 10)))
+    dx = rows["_contrastive_bwd_dx_kernel"]
+    assert dx["stack"] == 0
+    # 32 prototypes per tile: the 32 x 32 z tile twice over, the 32 x 512 dx tile once
+    assert sorted((t["tile"], t["replicated"]) for t in dx["mma_tiles"]) == [([32, 32], 2), ([32, 512], 1)]
+    assert dx["mma_replication"] == pytest.approx(1.5)
+    assert dx["model"]["mma_replication"] == dx["mma_replication"]
+    assert "**repeated work**: 32×32 tile 2×; 1.50× in all" in gate._tensor_cores(dx)
+    assert rows["_contrastive_fwd_kernel"]["mma_replication"] == 1.0
+
+
+@pytest.mark.parametrize("arch, triton_version, tile", [
+    (90, (3, 9), (32, 32, 1)),  # 32 prototypes, one stage: the z tile computed twice over
+    (80, (3, 8), (32, 32, 1)),
+    (90, (3, 6), (32, 32, 1)),  # clean on sm_90 from Triton 3.6
+    # Triton 3.6 and 3.7: each other GPU takes the tile that spilled less there
+    (80, (3, 6), (32, 32, 1)),
+    (86, (3, 6), (32, 16, 3)),
+    (80, (3, 7), (32, 16, 3)),
+    (120, (3, 7), (32, 32, 1)),
+    (90, (3, 5), (16, 64, 2)),  # before 3.6 every wider tile spilled
+])
+def test_push_dx_tile_at_512_channels(monkeypatch, arch, triton_version, tile):
+    """The push's dx tile at 512 channels, (pixels, prototypes, stages), where it compiled
+    without spilling with each Triton release (the compile gate checks the newest two)."""
+    import torch
+
+    from torch_ppl.kernels import _common, contrastive
+
+    monkeypatch.setattr(contrastive, "TRITON_VERSION", triton_version)
+    with _common.compile_for(_common.CompileTarget(arch, 132)):
+        dx, _ = contrastive._bwd_configs(torch.device("cpu"), 16384, 1500, 512, torch.bfloat16)
+    assert (dx["BLOCK_N"], dx["BLOCK_P"], dx["num_stages"]) == tile

@@ -39,8 +39,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (EPS, EPS_C, TRITON_VERSION, as_blc, check_dtypes, dot_operand, has_wgmma, large_shared, launch_device, next_pow2,
-                      on_gpu, opaque_stride, per_iteration, pixel_splits, fp32_precision, upcast_dot)
+from ._common import (EPS, EPS_C, TRITON_VERSION, as_blc, capability, check_dtypes, dot_operand, has_wgmma, large_shared,
+                      launch_device, next_pow2, on_gpu, opaque_stride, per_iteration, pixel_splits, fp32_precision,
+                      upcast_dot)
 
 __all__ = ["contrastive_loss"]
 
@@ -448,14 +449,30 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
     if block_c > 256:
         # dx streams all of Ŵ through every pixel tile, so its reads from L2 halve with each
         # doubling of BLOCK_N (docs/decisions.md). At C = 512, 32 pixels fit beside their
-        # 32 x C accumulator on sm_90 with 16 prototypes per tile and three stages, from Triton
-        # 3.6 on. Spilled, per thread: 64 prototypes 56 B; 32 with two stages 8 B (one stage
-        # does not spill, but leaves each Ŵ tile's L2 latency bare); 16 with two stages 8 B
-        # for channels_last; 64 pixels 1.7 to 2.5 KB with 8 or 16 warps; Triton 3.3 to 3.5 8 to
-        # 328 B; NCHW features with an unaligned channel stride (opaque_stride) 120 B. Those
-        # keep 16 pixels.
+        # 32 x C accumulator with 32 prototypes per tile and one stage, from Triton 3.6 on.
+        # The z tile is as wide as the prototype tile, and the z GEMM feeds the dx GEMM, so
+        # Triton lays both out over 8 warps side by side, 8 columns each: a 32 x 16 z tile is
+        # computed four times over (2.5 times the tensor-core work of the two GEMMs), 32 x 32
+        # twice (1.5 times), 32 x 64 once. Spilled, per thread: 64 prototypes 56 to 88 B; 32
+        # with two stages 8 B; 64 pixels 1.7 to 2.5 KB with 8 or 16 warps, 4 warps more; Triton
+        # 3.3 to 3.5 8 to 328 B; NCHW features with an unaligned channel stride (opaque_stride)
+        # 120 B. Those keep 16 pixels. With Triton 3.6 and 3.7 each GPU but sm_90 spilled with
+        # one tile or the other; it takes the one that spilled less there (32 x 16 with three
+        # stages, four times over, otherwise): 3.6, 32 x 32 clean on sm_80, 8 to 24 B on sm_86,
+        # sm_100 and sm_120, where 32 x 16 is clean; 3.7, 32 x 32 clean on sm_86 and sm_100
+        # and 8 B on sm_120 (32 x 16: 24, 64 to 88 B), 8 B on sm_80 (32 x 16 clean).
         if TRITON_VERSION >= (3, 6) and not opaque_stride(device, channel_stride, C):
-            dx.update(BLOCK_P=min(16, next_pow2(P)), num_stages=3)
+            arch = capability(device)
+            if TRITON_VERSION >= (3, 8) or arch == (9, 0):
+                twice_over = True
+            elif TRITON_VERSION >= (3, 7):
+                twice_over = arch != (8, 0)
+            else:
+                twice_over = arch == (8, 0)
+            if twice_over:
+                dx.update(BLOCK_P=min(32, next_pow2(P)), num_stages=1)
+            else:
+                dx.update(BLOCK_P=min(16, next_pow2(P)), num_stages=3)
         else:
             dx.update(BLOCK_N=16)
     dw = dict(gpu, BLOCK_N=16, BLOCK_P=min(64, next_pow2(P)))
