@@ -301,6 +301,8 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         elif kernel == "_contrastive_bwd_dx_kernel":
             bytes_ = once = 2 * n * c * xb + p * c * xb + n * per_pixel
             stream = p * c * xb  # one pass over Ŵ serves both GEMMs
+            if meta.get("HALVES") and meta.get("COSINE"):
+                l2_extra = n * c * xb  # x again, for the normalisation backward at the end
             gemm(4 * n * p_pad * c, dot)
         else:  # _contrastive_bwd_dw_kernel: every prototype tile re-reads all of x
             tiles = grid[0]

@@ -283,6 +283,11 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
     assert sum(split["flops"].values()) == 1.5 * sum(att["flops"].values())
     dw = roofline.kernel_work("_contrastive_bwd_dw_kernel", (2, 3), meta, s)
     assert dw["l2_bytes"] == dw["bytes"] > dw["bytes_once"]
+    # the push's dx in channel halves reads x again from L2 for cosine's normalisation backward
+    dx = roofline.kernel_work("_contrastive_bwd_dx_kernel", (2,), dict(meta, COSINE=True), s)
+    halves = roofline.kernel_work("_contrastive_bwd_dx_kernel", (2,), dict(meta, COSINE=True, HALVES=True), s)
+    assert halves["bytes"] == dx["bytes"] == 2 * 128 * c * 2 + p * c * 2 + 128 * 24
+    assert halves["l2_bytes"] - dx["l2_bytes"] == 128 * c * 2
     # the head's sliced dx (cosine, max pooling): x, dx, g, the logits, the winners, inv and
     # bf16 Ŵ cross HBM once; each program streams all of Ŵ, and g (read for R, then once per
     # slice of 16 channels: 5 reads) and the winners (4) come again from L2

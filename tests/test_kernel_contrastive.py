@@ -350,6 +350,37 @@ def test_z_over_channel_chunks_for_16_bit_features(dtype, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("similarity, positives", [("cosine", "all"), ("dot", "nearest")])
+def test_dx_in_channel_halves_matches_whole_rows(dtype, similarity, positives, monkeypatch):
+    """dx in two channel halves, with x read again for the normalisation backward (64-pixel
+    tiles on sm_90; the interpreter's default for 16-bit features), gives the gradients of the
+    whole rows held on chip, up to summation order: 40 channels (the second half masked past
+    40 of 64), ignored pixels and an all-zero row (cosine's clamped norm)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 40, 3, 5, generator=gen)
+    x[1, :, 2, 4] = 0.0
+    x = x.to(DEVICE, dtype).movedim(1, -1).requires_grad_()
+    protos = torch.randn(7, 3, 40, generator=gen).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 7, (2, 3, 5), generator=gen).to(DEVICE)
+    y[0, 0, :2] = IGNORE
+    configs = kc._bwd_configs
+
+    def grads(halves):
+        monkeypatch.setattr(kc, "_bwd_configs", lambda *a: (dict(configs(*a)[0], HALVES=halves), configs(*a)[1]))
+        loss = kc.contrastive_loss(x, protos, y, temperature=0.1, positives=positives, similarity=similarity,
+                                   ignore_index=IGNORE)
+        return torch.autograd.grad(loss.sum(), (x, protos))
+
+    (dx_h, dw_h), (dx_w, dw_w) = grads(True), grads(False)
+    rows = x.detach().ne(0).any(-1)
+    scale = dx_w[rows].float().abs().max().item()
+    torch.testing.assert_close(dx_h[rows].float(), dx_w[rows].float(), atol=1e-2 * scale, rtol=0)
+    # the zero row's dx is du / eps for cosine (inf in float16), alike in both forms
+    torch.testing.assert_close(dx_h[~rows].float(), dx_w[~rows].float(), atol=0, rtol=2e-2)
+    torch.testing.assert_close(dw_h, dw_w)  # the dW kernel is the same in both
+
+
 # ----------------------------------------------------------------------------- dW reduction
 def test_deterministic_mode_is_bitwise_repeatable():
     gen = torch.Generator().manual_seed(6)

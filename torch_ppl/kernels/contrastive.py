@@ -227,6 +227,36 @@ def _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEA
 
 
 @triton.jit
+def _x_half(x_rows, valid, offs_h, C, stride_xc, HALF_INDEX: tl.constexpr, HALF: tl.constexpr):
+    """Channels ``[h * HALF, (h + 1) * HALF)`` of the tile's rows (native dtype, zero at invalid
+    pixels)."""
+    cols = HALF_INDEX * HALF + offs_h
+    return tl.load(x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xc,
+                   mask=valid[:, None] & (cols < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _w_half(w_ptr, offs_p, p_in, C, stride_wp, stride_wc, offs_h, HALF_INDEX: tl.constexpr, HALF: tl.constexpr):
+    cols = HALF_INDEX * HALF + offs_h
+    return tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + cols[None, :].to(tl.int64) * stride_wc,
+                   mask=p_in[:, None] & (cols < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_dx_half(dx_ptr, dx_rows, row_in, dxh, row_scale, radial, x_rows, valid, offs_h, C, stride_xc,
+                   stride_dxc, COSINE: tl.constexpr, HALF_INDEX: tl.constexpr, HALF: tl.constexpr):
+    """One channel half of ``dx = row_scale * dx_hat_sum - radial * x``, with that half of ``x``
+    read again (from L2: the tile was read moments before) rather than held across the
+    prototype loop."""
+    dx = dxh * row_scale[:, None]
+    if COSINE:
+        dx -= radial[:, None] * _x_half(x_rows, valid, offs_h, C, stride_xc, HALF_INDEX, HALF).to(tl.float32)
+    cols = HALF_INDEX * HALF + offs_h
+    tl.store(dx_rows[:, None] + cols[None, :].to(tl.int64) * stride_dxc, dx.to(dx_ptr.dtype.element_ty),
+             mask=row_in[:, None] & (cols < C)[None, :])
+
+
+@triton.jit
 def _contrastive_bwd_dx_kernel(
     g_ptr, x_ptr, w_ptr, y_ptr, lse_ptr, pos_ptr, best_ptr, dx_ptr,
     L, C, P, M, ignore_index, inv_tau,
@@ -234,45 +264,95 @@ def _contrastive_bwd_dx_kernel(
     stride_dxb, stride_dxl, stride_dxc,
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-    Z_CHUNK: tl.constexpr,
+    Z_CHUNK: tl.constexpr, HALVES: tl.constexpr, OPAQUE: tl.constexpr,
 ):
     # One program per pixel tile, all C channels on chip (BLOCK_C >= C): the x tile is read
     # once, dx is accumulated over the prototype tiles in fp32 and written once, in x's dtype.
     # Z_CHUNK > 0 (fp32 features, whose GEMMs run on the CUDA cores with operand registers for
     # the whole reduction): the z GEMM walks the channels in chunks of Z_CHUNK read from memory
     # (_z_tile, as the forward), the rows on chip serve the dx GEMM and the projection only.
+    # HALVES (64-pixel tiles on sm_90, _bwd_configs): x, W_hat and the dx accumulator as two
+    # channel halves, and x read again, a half at a time, for the normalisation backward at
+    # the end; OPAQUE keeps the compiler from merging that read with the first.
     b, rows64, row_in, valid, y, lse, pos, best, g_tau = _pixel_tile(
         tl.program_id(0), L, y_ptr, g_ptr, lse_ptr, pos_ptr, best_ptr, ignore_index, inv_tau,
         stride_yb, stride_yl, stride_gb, stride_gl, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_C)
-    c_in = offs_c < C
-    x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc, COSINE)
-    x_op = dot_operand(x, DOT_DTYPE, UPCAST_DOT)
     x_rows = x_ptr + b * stride_xb + rows64 * stride_xl
-    dxh = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # sum_p dz_p W_hat_p
-    proj = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_p dz_p acc_p
-    for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        p_in = offs_p < P
-        w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
-                    mask=p_in[:, None] & c_in[None, :], other=0.0)
-        w_op = dot_operand(w, DOT_DTYPE, UPCAST_DOT)
-        if Z_CHUNK == 0:
-            acc = tl.dot(x_op, tl.trans(w_op), input_precision=INPUT_PRECISION)
-        else:
-            _, acc, _, _ = _z_tile(x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc, inv_tau,
-                                   False, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, Z_CHUNK)
-        dz = _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST)
-        dxh = tl.dot(dot_operand(dz, DOT_DTYPE, UPCAST_DOT), w_op, dxh, input_precision=INPUT_PRECISION)
+    if HALVES:
+        HALF: tl.constexpr = BLOCK_C // 2
+        offs_h = tl.arange(0, HALF)
+        x0 = _x_half(x_rows, valid, offs_h, C, stride_xc, 0, HALF)
+        x1 = _x_half(x_rows, valid, offs_h, C, stride_xc, 1, HALF)
         if COSINE:
-            proj += tl.sum(dz * acc, axis=1)
-    row_scale = g_tau * rnorm
-    dx = dxh * row_scale[:, None]
-    if COSINE:
+            x0f, x1f = x0.to(tl.float32), x1.to(tl.float32)
+            norm = tl.sqrt(tl.sum(x0f * x0f, axis=1) + tl.sum(x1f * x1f, axis=1))
+            rnorm = 1.0 / tl.maximum(norm, EPS_C)
+            clamped = norm <= EPS_C
+        else:
+            rnorm = tl.full((BLOCK_N,), 1.0, tl.float32)
+            clamped = tl.full((BLOCK_N,), 0, tl.int1)
+        x0, x1 = dot_operand(x0, DOT_DTYPE, UPCAST_DOT), dot_operand(x1, DOT_DTYPE, UPCAST_DOT)
+        dxh0 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # sum_p dz_p W_hat_p, channel halves
+        dxh1 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
+        proj = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_p dz_p acc_p
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_in = offs_p < P
+            w0 = dot_operand(_w_half(w_ptr, offs_p, p_in, C, stride_wp, stride_wc, offs_h, 0, HALF),
+                             DOT_DTYPE, UPCAST_DOT)
+            w1 = dot_operand(_w_half(w_ptr, offs_p, p_in, C, stride_wp, stride_wc, offs_h, 1, HALF),
+                             DOT_DTYPE, UPCAST_DOT)
+            acc = tl.dot(x0, tl.trans(w0), input_precision=INPUT_PRECISION)
+            acc = tl.dot(x1, tl.trans(w1), acc, input_precision=INPUT_PRECISION)
+            dz = _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST)
+            dz_op = dot_operand(dz, DOT_DTYPE, UPCAST_DOT)
+            dxh0 = tl.dot(dz_op, w0, dxh0, input_precision=INPUT_PRECISION)
+            dxh1 = tl.dot(dz_op, w1, dxh1, input_precision=INPUT_PRECISION)
+            if COSINE:
+                proj += tl.sum(dz * acc, axis=1)
+        row_scale = g_tau * rnorm
         radial = tl.where(clamped, 0.0, row_scale * rnorm * rnorm * proj)
-        dx -= radial[:, None] * x.to(tl.float32)
-    tl.store(dx_ptr + b * stride_dxb + rows64[:, None] * stride_dxl + offs_c[None, :].to(tl.int64) * stride_dxc,
-             dx.to(dx_ptr.dtype.element_ty), mask=row_in[:, None] & c_in[None, :])
+        # x again: strides and mask made opaque, so that nothing of the first read (its
+        # pointers, its mask, its fp32 copy) is held across the loop
+        x_again = x_ptr + b * stride_xb + rows64 * per_iteration(stride_xl, OPAQUE)
+        v_again = valid & (per_iteration(1, OPAQUE) != 0)
+        sxc = per_iteration(stride_xc, OPAQUE)
+        dx_rows = dx_ptr + b * stride_dxb + rows64 * stride_dxl
+        _store_dx_half(dx_ptr, dx_rows, row_in, dxh0, row_scale, radial, x_again, v_again, offs_h, C, sxc,
+                       stride_dxc, COSINE, 0, HALF)
+        _store_dx_half(dx_ptr, dx_rows, row_in, dxh1, row_scale, radial, x_again, v_again, offs_h, C, sxc,
+                       stride_dxc, COSINE, 1, HALF)
+    else:
+        offs_c = tl.arange(0, BLOCK_C)
+        c_in = offs_c < C
+        x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, stride_xc,
+                                       COSINE)
+        x_op = dot_operand(x, DOT_DTYPE, UPCAST_DOT)
+        dxh = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)  # sum_p dz_p W_hat_p
+        proj = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum_p dz_p acc_p
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            p_in = offs_p < P
+            w = tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + offs_c[None, :].to(tl.int64) * stride_wc,
+                        mask=p_in[:, None] & c_in[None, :], other=0.0)
+            w_op = dot_operand(w, DOT_DTYPE, UPCAST_DOT)
+            if Z_CHUNK == 0:
+                acc = tl.dot(x_op, tl.trans(w_op), input_precision=INPUT_PRECISION)
+            else:
+                _, acc, _, _ = _z_tile(x_rows, valid, w_ptr, offs_p, p_in, C, stride_xc, stride_wp, stride_wc,
+                                       inv_tau, False, DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P,
+                                       Z_CHUNK)
+            dz = _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEAREST)
+            dxh = tl.dot(dot_operand(dz, DOT_DTYPE, UPCAST_DOT), w_op, dxh, input_precision=INPUT_PRECISION)
+            if COSINE:
+                proj += tl.sum(dz * acc, axis=1)
+        row_scale = g_tau * rnorm
+        dx = dxh * row_scale[:, None]
+        if COSINE:
+            radial = tl.where(clamped, 0.0, row_scale * rnorm * rnorm * proj)
+            dx -= radial[:, None] * x.to(tl.float32)
+        tl.store(dx_ptr + b * stride_dxb + rows64[:, None] * stride_dxl + offs_c[None, :].to(tl.int64) * stride_dxc,
+                 dx.to(dx_ptr.dtype.element_ty), mask=row_in[:, None] & c_in[None, :])
 
 
 @triton.jit
@@ -394,9 +474,10 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
     (``BLOCK_C = next_pow2(C)``): the dx program reads its x tile once and writes dx once; the
     dW program keeps a ``BLOCK_P x C`` fp32 accumulator. On a GPU, 8 warps and the largest
     tiles that compile without spilling for sm_90 and sm_80 at C = 256 and 512, bf16, fp16 and
-    fp32 features (docs/kernels.md): 64-row pixel tiles (wgmma for the z GEMM) spilled 48 B to
-    1.7 KB per thread, so the z GEMMs run on mma.sync; the dW GEMM (64 prototype rows) lowers
-    to wgmma.
+    fp32 features (docs/kernels.md). dx takes 64-pixel tiles on sm_90 (wgmma) at up to 256
+    channels, in channel halves (``HALVES``); elsewhere, and at 512 channels, where 64 rows
+    spilled 48 B to 1.7 KB per thread, 32 or 16 on mma.sync. The dW GEMM (64 or 128 prototype
+    rows) lowers to wgmma.
 
     ``Z_CHUNK`` > 0: the z GEMM walks the channels in chunks of that many, read from memory
     (``_z_tile``, as the forward), instead of one GEMM over the tile held on chip. fp32 features
@@ -413,11 +494,13 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
     z_chunk = 16 if fp32 else 0
     if _FORCE_BLOCKS is not None:
         cfg = dict(BLOCK_N=_FORCE_BLOCKS[0], BLOCK_P=_FORCE_BLOCKS[1], BLOCK_C=block_c, Z_CHUNK=z_chunk)
-        return cfg, cfg
+        return dict(cfg, HALVES=False), cfg
     if not on_gpu(device):
         cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c,
                    Z_CHUNK=z_chunk)
-        return cfg, cfg
+        # dx in channel halves wherever they are 16 wide or more, so that tests run both forms
+        # (the forced tiles above take the whole rows)
+        return dict(cfg, HALVES=not fp32 and block_c >= 32), cfg
     gpu = dict(BLOCK_C=block_c, Z_CHUNK=0, num_warps=8, num_stages=2)
     if block_c > 512:
         # wider features (torch_ppl._backend.MAX_TRITON_CHANNELS): with the tiles below, 720 to
@@ -446,6 +529,16 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
             dw.update(BLOCK_P=min(64, next_pow2(P)), num_stages=1)
         return dx, dw
     dx = dict(gpu, BLOCK_N=32, BLOCK_P=min(64, next_pow2(P)))
+    if has_wgmma(device) and 32 <= block_c <= 256 and C % 16 == 0 and TRITON_VERSION >= (3, 6):
+        # 64 pixels, on wgmma, half the reads of Ŵ from L2 of 32 (voc: 0.73 GB instead of
+        # 1.18): x, Ŵ and the accumulator as two channel halves, and x read again for the
+        # normalisation backward, compile without spilling from Triton 3.6 on (3.5: 16 B).
+        # Held across the loop, the fp32 copy of x took 64 registers per thread and the whole
+        # rows spilled 48 to 160 B; 128 pixels spilled 1.5 KB for NCHW features; a channel
+        # count that is not a multiple of 16 (rows misaligned for asynchronous copies) 464 B;
+        # 32-prototype tiles 80 B. The 64-row z tile is computed twice over (8 warps on its
+        # rows, docs/decisions.md), which the time saved on L2 outweighs.
+        dx.update(BLOCK_N=64, BLOCK_P=64, HALVES=True)
     if block_c > 256:
         # dx streams all of Ŵ through every pixel tile, so its reads from L2 halve with each
         # doubling of BLOCK_N (docs/decisions.md). At C = 512, 32 pixels fit beside their
@@ -571,7 +664,8 @@ def _bwd_op(
             _contrastive_bwd_dx_kernel[(B * triton.cdiv(L, dx_cfg["BLOCK_N"]),)](
                 grad, x, w_op, target, lse, pos, best, dx,
                 L, C, P, num_per_class, ignore_index, inv_temperature,
-                *common, dx.stride(0), dx.stride(1), dx.stride(2), **flags, **dx_cfg,
+                *common, dx.stride(0), dx.stride(1), dx.stride(2), **flags, **{"HALVES": False, **dx_cfg},
+                OPAQUE=on_gpu(x.device),
             )
         if need_dw:
             num_tiles = B * triton.cdiv(L, dw_cfg["BLOCK_N"])
