@@ -522,22 +522,24 @@ def test_push_dx_tile_at_512_channels(monkeypatch, arch, triton_version, tile):
     assert (dx["BLOCK_N"], dx["BLOCK_P"], dx["num_stages"]) == tile
 
 
-@pytest.mark.parametrize("arch, triton_version, channels, dtype, tile", [
-    (90, (3, 9), 256, "bfloat16", (64, 64, True)),  # wgmma, channel halves
-    (90, (3, 6), 96, "float16", (64, 64, True)),
-    (90, (3, 5), 256, "bfloat16", (32, 64, False)),  # 3.5 spilled 16 bytes with the halves
-    (90, (3, 9), 200, "bfloat16", (32, 64, False)),  # rows misaligned for asynchronous copies
-    (90, (3, 9), 256, "float32", (16, 32, False)),  # CUDA-core GEMMs, chunked z
-    (80, (3, 9), 256, "bfloat16", (32, 64, False)),  # no wgmma
+@pytest.mark.parametrize("arch, triton_version, channels, dtype, stride, tile", [
+    (90, (3, 9), 256, "bfloat16", 16641, (64, 64, True)),  # NCHW: wgmma, channel halves
+    (90, (3, 9), 256, "bfloat16", 1, (128, 32, True)),  # channels_last: 128 pixels
+    (90, (3, 6), 96, "float16", 16384, (64, 64, True)),
+    (90, (3, 5), 256, "bfloat16", 16641, (32, 64, False)),  # 3.5 spilled 16 bytes with the halves
+    (90, (3, 9), 200, "bfloat16", 1, (32, 64, False)),  # rows misaligned for asynchronous copies
+    (90, (3, 9), 256, "float32", 1, (16, 32, False)),  # CUDA-core GEMMs, chunked z
+    (80, (3, 9), 256, "bfloat16", 1, (32, 64, False)),  # no wgmma
 ])
-def test_push_dx_tile_up_to_256_channels(monkeypatch, arch, triton_version, channels, dtype, tile):
-    """The push's dx at up to 256 channels: 64 pixels in channel halves where they compiled
-    without spilling (sm_90, 16-bit features, a channel count that is a multiple of 16)."""
+def test_push_dx_tile_up_to_256_channels(monkeypatch, arch, triton_version, channels, dtype, stride, tile):
+    """The push's dx at up to 256 channels: 64 pixels in channel halves (128 for channels_last
+    features) where they compiled without spilling (sm_90, 16-bit features, a channel count
+    that is a multiple of 16)."""
     import torch
 
     from torch_ppl.kernels import _common, contrastive
 
     monkeypatch.setattr(contrastive, "TRITON_VERSION", triton_version)
     with _common.compile_for(_common.CompileTarget(arch, 132)):
-        dx, _ = contrastive._bwd_configs(torch.device("cpu"), 16641, 210, channels, getattr(torch, dtype))
+        dx, _ = contrastive._bwd_configs(torch.device("cpu"), 16641, 210, channels, getattr(torch, dtype), stride)
     assert (dx["BLOCK_N"], dx["BLOCK_P"], dx.get("HALVES", False)) == tile

@@ -539,6 +539,11 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
         # 32-prototype tiles 80 B. The 64-row z tile is computed twice over (8 warps on its
         # rows, docs/decisions.md), which the time saved on L2 outweighs.
         dx.update(BLOCK_N=64, BLOCK_P=64, HALVES=True)
+        if channel_stride == 1:
+            # channels_last features: 128 pixels with 32-prototype tiles compile clean too
+            # (NCHW: 1.5 KB spilled; 64 prototypes 24 B), a third fewer reads of Ŵ and a z
+            # tile of 128 rows, which the two warpgroups split
+            dx.update(BLOCK_N=128, BLOCK_P=32)
     if block_c > 256:
         # dx streams all of Ŵ through every pixel tile, so its reads from L2 halve with each
         # doubling of BLOCK_N (docs/decisions.md). At C = 512, 32 pixels fit beside their
