@@ -228,8 +228,8 @@ def _dz_tile(acc, rnorm, inv_tau, offs_p, p_in, valid, y, lse, pos, best, M, NEA
 
 @triton.jit
 def _x_half(x_rows, valid, offs_h, C, stride_xc, HALF_INDEX: tl.constexpr, HALF: tl.constexpr):
-    """Channels ``[h * HALF, (h + 1) * HALF)`` of the tile's rows (native dtype, zero at invalid
-    pixels)."""
+    """Channels ``[HALF_INDEX * HALF, (HALF_INDEX + 1) * HALF)`` of the tile's rows (native
+    dtype, zero at invalid pixels)."""
     cols = HALF_INDEX * HALF + offs_h
     return tl.load(x_rows[:, None] + cols[None, :].to(tl.int64) * stride_xc,
                    mask=valid[:, None] & (cols < C)[None, :], other=0.0)
@@ -237,6 +237,7 @@ def _x_half(x_rows, valid, offs_h, C, stride_xc, HALF_INDEX: tl.constexpr, HALF:
 
 @triton.jit
 def _w_half(w_ptr, offs_p, p_in, C, stride_wp, stride_wc, offs_h, HALF_INDEX: tl.constexpr, HALF: tl.constexpr):
+    """The same channels of the prototype tile ``offs_p`` (zero past ``P`` and ``C``)."""
     cols = HALF_INDEX * HALF + offs_h
     return tl.load(w_ptr + offs_p[:, None].to(tl.int64) * stride_wp + cols[None, :].to(tl.int64) * stride_wc,
                    mask=p_in[:, None] & (cols < C)[None, :], other=0.0)
