@@ -25,6 +25,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -398,16 +399,9 @@ def mma_replication(tiles: List[Dict[str, object]]) -> float:
     body (every kernel of 16-bit features); where one runs in an inner loop (the channel chunks
     of float32 features' TF32 GEMMs) it counts once, and the factor understates the repeats.
     1.0 when no warp repeats another's products."""
-    need = sum(_prod(t["tile"]) * t["k"] for t in tiles)
-    issued = sum(_prod(t["tile"]) * t["k"] * t["replicated"] for t in tiles)
+    need = sum(math.prod(t["tile"]) * t["k"] for t in tiles)
+    issued = sum(math.prod(t["tile"]) * t["k"] * t["replicated"] for t in tiles)
     return issued / need if need else 1.0
-
-
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
 
 
 def blocks_per_sm(regs: int, warps: int, shared: int, arch: int) -> int:
