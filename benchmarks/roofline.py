@@ -224,7 +224,7 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
         flops[precision] = flops.get(precision, 0.0) + amount
 
     if kernel.startswith("_logits_"):
-        if "BLOCK_P" in meta:  # the flat prototype axis
+        if meta.get("BLOCK_P"):  # the flat prototype axis
             p_pad = _pad(p, int(meta["BLOCK_P"]))
         else:  # one GEMM per prototype index m against a tile of BLOCK_K classes
             p_pad = _pad(k, int(meta["BLOCK_K"])) * (p // k)
@@ -253,6 +253,12 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             stream = p * c * (xb * (recompute or (need_dx and from_wd)) + 4 * (need_dx and not from_wd))
             if recompute:
                 gemm(recompute * 2 * n * p_pad * c, x16)
+                if meta.get("S_CHUNK"):
+                    # x is not held: each prototype tile's (or class tile and prototype index's)
+                    # similarity reads its chunks again, the norms take one pass for cosine, and
+                    # the rows are loaded once more at the end (counted in HBM)
+                    steps = p_pad // int(meta.get("BLOCK_P") or meta["BLOCK_K"])
+                    l2_extra = (steps + bool(meta.get("COSINE"))) * n * c * xb
             if meta.get("NEED_DX", True):
                 gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_bwd_dx_slice_kernel":  # max / mean: channel slices, no recompute

@@ -312,6 +312,43 @@ def test_similarity_forms_of_the_prototype_gradient(pooling, dtype, forced, monk
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("chunk", [0, 16], ids=["held", "chunks"])
+@pytest.mark.parametrize("positives", ["all", "nearest"])
+@pytest.mark.parametrize("pooling", ["max", "logsumexp", "mean"])
+def test_flat_prototype_tiles_of_dx(pooling, positives, chunk, monkeypatch):
+    """dx walks the prototypes one class tile and prototype index at a time, or (sm_90,
+    bfloat16: head_push._config) in tiles of the flat P = K*M axis, with the rows held on chip
+    or read again in channel chunks per tile. NCHW features take the class tiles on the
+    interpreter; the flat forms are forced here (7 classes of 3 prototypes: tiles of 16 split
+    classes; 40 channels: the last chunk of 16 masked) and must give the same dx and, with a
+    learnable scale, the same d(scale), up to summation order."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    protos = torch.randn(7, 3, 40, generator=gen).to(DEVICE)
+    scale = torch.tensor(4.0, device=DEVICE).requires_grad_()
+    target = random_labels((2, 3, 5), 7, generator=gen)
+    g = torch.randn(2, 7, 3, 5, generator=gen).to(DEVICE)
+
+    def grads():
+        logits, loss = PF.prototype_logits_and_contrastive(
+            x, protos, target, None, similarity="cosine", pooling=pooling, scale=scale, bias=None,
+            temperature=0.1, positives=positives, backend="triton")
+        return torch.autograd.grad((logits * g).sum() + 2.0 * loss.sum(), (x, scale))
+
+    tiles = grads()
+    config = head_push._config
+
+    def flat(*args, **kwargs):
+        cfg = config(*args, **kwargs)
+        assert cfg.dx_block_p == 0
+        cfg.dx_block_p, cfg.dx_s_chunk = 16, chunk
+        return cfg
+
+    monkeypatch.setattr(head_push, "_config", flat)
+    for a, b in zip(grads(), tiles):
+        torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_wide_offsets_give_the_same_gradients(layout, monkeypatch):
     """Offsets within an image are 32-bit unless an image spans 2**31 elements or more

@@ -27,8 +27,8 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import (as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows, on_gpu,
-                      pixel_splits)
+from ._common import (as_blc, capability, check_dtypes, has_wgmma, launch_device, needs_wide_offsets, new_rows,
+                      on_gpu, pixel_splits)
 from .similarity import (_POOL_CODE, _Config, _joint_dw_config, _logits_bwd_dx_kernel, _logits_fwd_kernel,
                          _logits_push_bwd_dw_kernel, _new_stat, prototype_operands)
 
@@ -47,7 +47,13 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     26): no spill with Triton 3.4 to 3.9, at 128 x 128 and 129 x 129 pixels, NCHW and NHWC
     (3.3 leaves 8 bytes per thread for NCHW features of 129 x 129 pixels). The same tile spilled
     8 to 24 bytes per thread on sm_90 with every Triton but 3.8, 8 to 16 on sm_86 and sm_100,
-    and 40 to 88 with float16 features; those keep 16."""
+    and 40 to 88 with float16 features; those keep 16.
+
+    On an H100 (sm_90) with bfloat16 features of 128 to 512 channels dx takes 32 pixels against
+    tiles of 64 prototypes of the flat ``P = K*M`` axis (``dx_block_p``; class tiles made 32 x 16
+    and 32 x 32 similarity tiles, which 8 warps computed two to four times over), and above 256
+    channels reads the rows again per tile in two chunks, with one stage (held, they spilled 88
+    to 184 bytes per thread). No spill with Triton 3.4 to 3.9 (docs/kernel-fused.md)."""
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)
@@ -55,6 +61,14 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
             cfg.bwd_block_n = 16
             if capability(device) == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
                 cfg.bwd_block_n, cfg.block_k, cfg.num_stages = 32, 16, 2
+        if has_wgmma(device) and x_dtype == torch.bfloat16 and 128 <= cfg.block_c <= 512:
+            cfg.bwd_block_n, cfg.dx_block_p = 32, 64
+            if cfg.block_c > 256:
+                cfg.dx_s_chunk, cfg.num_stages = cfg.block_c // 2, 1
+    elif channel_stride == 1:
+        # channels-last features take the flat prototype tiles on the interpreter, so that the
+        # tests run both loops of dx (16 prototypes: classes straddle the tiles)
+        cfg.dx_block_p = 16
     return cfg
 
 
@@ -139,7 +153,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
             if need_dx:
                 dx.zero_()
             return dx, dw, dscale
-        cfg = _config(x.device, c, k, m, x.dtype)
+        cfg = _config(x.device, c, k, m, x.dtype, x3.stride(2))
         w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed from the same rounding
         push = (y, grad_loss, lse, pos, best)
 
@@ -157,7 +171,8 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
                 GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype != torch.float16, UPCAST_DOT=cfg.upcast,
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest,
                 WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
-                BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
+                BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c),
+                S_CHUNK=cfg.dx_s_chunk, BLOCK_P=cfg.dx_block_p,
                 num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
             )
             if need_dscale:

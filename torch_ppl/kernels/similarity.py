@@ -400,6 +400,7 @@ def _logits_bwd_dx_kernel(
     GRAD_DTYPE: tl.constexpr, GRAD_FROM_WD: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr, PUSH: tl.constexpr, NEAREST: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
+    BLOCK_P: tl.constexpr = 0,
 ):
     # ds[n, k, m] = scale * g[n, k] * dpool[n, k, m] and du = sum_{k,m} ds[n, k, m] Ŵ[k, m], one
     # GEMM per (class tile, m) as in the forward. dpool needs no similarity for max (the saved
@@ -412,6 +413,10 @@ def _logits_bwd_dx_kernel(
     # spilling on sm_90.
     # PUSH adds the contrastive loss's ds (_push_ds, from the recomputed s and the forward's
     # per-pixel statistics) to the head's before the one du GEMM, so dx of both costs one pass.
+    # BLOCK_P > 0: the loop walks the flat P = K*M prototype axis in tiles of BLOCK_P instead
+    # (one GEMM per tile, g and the statistic gathered per prototype, as in
+    # _logits_push_bwd_dw_kernel): wider GEMM tiles than BLOCK_K classes, so that 8 warps
+    # split a 32-row tile without repeating work (the one-pass dx on sm_90, head_push._config).
     NEED_S: tl.constexpr = ((POOL == 1) or NEED_DSCALE) or PUSH  # Triton 3.3 refuses a chained `or`
     HALF: tl.constexpr = BLOCK_C // 2
     # S_CHUNK > 0: the recomputed similarities walk the channels in chunks read from X
@@ -434,56 +439,105 @@ def _logits_bwd_dx_kernel(
     du0 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)  # dL/du, u = x̂ (cosine) or x (dot)
     du1 = tl.zeros((BLOCK_N, HALF), dtype=tl.float32)
     gp = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        mask = (rows < L)[:, None] & (ks < K)[None, :]
-        g = tl.load(G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None] + ks.to(tl.int64)[None, :] * stride_gk,
-                    mask=mask, other=0.0).to(tl.float32)
-        sg = scale * g
-        stat = (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :]
-        if POOL == 0:
-            winner = tl.load(STAT + stat, mask=mask, other=-1).to(tl.int32)
-        pooled = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        if POOL == 1:
-            pooled = tl.load(STAT + stat, mask=mask, other=0.0)
-        for m in range(M):
-            wd0 = _load_class_rows(WD, ks, m, K, M, C, 0, HALF)
-            wd1 = _load_class_rows(WD, ks, m, K, M, C, HALF, HALF)
+    if BLOCK_P > 0:
+        P = K * M
+        for p0 in range(0, P, BLOCK_P):
+            protos = p0 + tl.arange(0, BLOCK_P)
+            p_in = protos < P
+            k_of = protos // M
+            m_of = protos % M
+            mask = (rows < L)[:, None] & p_in[None, :]
+            # g[n, k] once per prototype of class k: repeated addresses, served by L1
+            g = tl.load(G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None] + k_of.to(tl.int64)[None, :] * stride_gk,
+                        mask=mask, other=0.0).to(tl.float32)
+            sg = scale * g
+            stat = (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + k_of[None, :]
+            wd0 = _load_class_rows(WD, protos, 0, P, 1, C, 0, HALF)
+            wd1 = _load_class_rows(WD, protos, 0, P, 1, C, HALF, HALF)
             if HOLD_X:
                 s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
             elif NEED_S:
-                s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, ks, m, K, M, inv,
-                                      PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_K, S_CHUNK)
+                s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, protos, 0, P, 1, inv,
+                                      PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_P, S_CHUNK)
             if POOL == 0:
-                hit = winner == m
+                hit = tl.load(STAT + stat, mask=mask, other=-1).to(tl.int32) == m_of[None, :]
                 ds = tl.where(hit, sg, 0.0)
                 if NEED_DSCALE:
-                    pooled += tl.where(hit, s, 0.0)
+                    gp += tl.sum(tl.where(hit & mask, g * s, 0.0), axis=1)
             elif POOL == 1:
+                pooled = tl.load(STAT + stat, mask=mask, other=0.0)
                 ds = sg * tl.exp(s - pooled)
+                if NEED_DSCALE:  # g * pooled once per class: at its first prototype
+                    gp += tl.sum(tl.where(mask & (m_of == 0)[None, :], g * pooled, 0.0), axis=1)
             else:
                 ds = sg / M
                 if NEED_DSCALE:
-                    pooled += s / M
+                    gp += tl.sum(tl.where(mask, g * s, 0.0), axis=1) / M
             if PUSH:
-                ds += _push_ds(s, ks, K, m, M, y, valid, lse, pos, p_best, g_tau, inv_tau, NEAREST)
-            if NEED_DX:
-                # s = u Ŵᵀ  =>  du += ds Ŵ. bfloat16 features: ds rounded to bfloat16 (fp32's
-                # exponent range, so no gradient underflows) against the Ŵ the forward
-                # multiplied, a 16-bit GEMM; otherwise fp32 operands (float16 would flush small
-                # ds to zero) against fp32 Ŵ (for fp32 features the forward's WD, loaded once).
+                ds += g_tau[:, None] * _dz_tile(s, tl.full((BLOCK_N,), 1.0, tl.float32), inv_tau, protos, p_in, valid,
+                                                y, lse, pos, p_best, M, NEAREST)
+            if NEED_DX:  # du += ds Ŵ, as below
                 if GRAD_FROM_WD:
                     w0, w1 = wd0, wd1
                 else:
-                    w0 = _load_class_rows(W, ks, m, K, M, C, 0, HALF)
-                    w1 = _load_class_rows(W, ks, m, K, M, C, HALF, HALF)
+                    w0 = _load_class_rows(W, protos, 0, P, 1, C, 0, HALF)
+                    w1 = _load_class_rows(W, protos, 0, P, 1, C, HALF, HALF)
                 ds_op = dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)
                 du0 = tl.dot(ds_op, dot_operand(w0, GRAD_DTYPE, UPCAST_DOT), du0,
                              input_precision=GRAD_PRECISION, out_dtype=tl.float32)
                 du1 = tl.dot(ds_op, dot_operand(w1, GRAD_DTYPE, UPCAST_DOT), du1,
                              input_precision=GRAD_PRECISION, out_dtype=tl.float32)
-        if NEED_DSCALE:
-            gp += tl.sum(tl.where(mask, g * pooled, 0.0), axis=1)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            mask = (rows < L)[:, None] & (ks < K)[None, :]
+            g = tl.load(G + _pixel_offsets(b, rows, stride_gb, stride_gl)[:, None] + ks.to(tl.int64)[None, :] * stride_gk,
+                        mask=mask, other=0.0).to(tl.float32)
+            sg = scale * g
+            stat = (b.to(tl.int64) * L + rows.to(tl.int64))[:, None] * K + ks[None, :]
+            if POOL == 0:
+                winner = tl.load(STAT + stat, mask=mask, other=-1).to(tl.int32)
+            pooled = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+            if POOL == 1:
+                pooled = tl.load(STAT + stat, mask=mask, other=0.0)
+            for m in range(M):
+                wd0 = _load_class_rows(WD, ks, m, K, M, C, 0, HALF)
+                wd1 = _load_class_rows(WD, ks, m, K, M, C, HALF, HALF)
+                if HOLD_X:
+                    s = _half_similarity(x0, x1, wd0, wd1, inv, PRECISION, UPCAST_DOT)
+                elif NEED_S:
+                    s = _chunk_similarity(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, WD, ks, m, K, M, inv,
+                                          PRECISION, UPCAST_DOT, BLOCK_N, BLOCK_K, S_CHUNK)
+                if POOL == 0:
+                    hit = winner == m
+                    ds = tl.where(hit, sg, 0.0)
+                    if NEED_DSCALE:
+                        pooled += tl.where(hit, s, 0.0)
+                elif POOL == 1:
+                    ds = sg * tl.exp(s - pooled)
+                else:
+                    ds = sg / M
+                    if NEED_DSCALE:
+                        pooled += s / M
+                if PUSH:
+                    ds += _push_ds(s, ks, K, m, M, y, valid, lse, pos, p_best, g_tau, inv_tau, NEAREST)
+                if NEED_DX:
+                    # s = u Ŵᵀ  =>  du += ds Ŵ. bfloat16 features: ds rounded to bfloat16 (fp32's
+                    # exponent range, so no gradient underflows) against the Ŵ the forward
+                    # multiplied, a 16-bit GEMM; otherwise fp32 operands (float16 would flush small
+                    # ds to zero) against fp32 Ŵ (for fp32 features the forward's WD, loaded once).
+                    if GRAD_FROM_WD:
+                        w0, w1 = wd0, wd1
+                    else:
+                        w0 = _load_class_rows(W, ks, m, K, M, C, 0, HALF)
+                        w1 = _load_class_rows(W, ks, m, K, M, C, HALF, HALF)
+                    ds_op = dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)
+                    du0 = tl.dot(ds_op, dot_operand(w0, GRAD_DTYPE, UPCAST_DOT), du0,
+                                 input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+                    du1 = tl.dot(ds_op, dot_operand(w1, GRAD_DTYPE, UPCAST_DOT), du1,
+                                 input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+            if NEED_DSCALE:
+                gp += tl.sum(tl.where(mask, g * pooled, 0.0), axis=1)
 
     if NEED_DX:
         if not NEED_S:
@@ -954,6 +1008,9 @@ class _Config:
             # with 32 rows and two stages those spilled 16 B per thread at voc and 40 to 192 B at
             # ade on sm_90; 16 rows and one stage compile without spilling
             self.recompute_block_n, self.recompute_stages = 16, 1
+            # the recomputing dx's flat prototype tile (0: one GEMM per class tile and
+            # prototype index) and its similarity's channel chunks; head_push._config sets them
+            self.dx_block_p, self.dx_s_chunk = 0, self.s_chunk
             # stages of the forward, of dx without recomputed similarities and of the one-pass
             # dx; on sm_80 one in dx (two spilled 8 bytes per thread for fp16 at ade)
             self.fwd_stages = 2
@@ -1031,6 +1088,7 @@ class _Config:
             self.dw_num_warps = 4
             self.slice_block_n, self.slice_block_c, self.slice_block_k = 16, 16, 16
             self.slice_num_warps, self.slice_stages = 4, 1
+            self.dx_block_p, self.dx_s_chunk = 0, self.s_chunk
         # fp32 features: exact fp32 GEMMs, as PyTorch's by default, or TF32 where PyTorch's
         # float32 matmuls may use it (fp32_precision); for bf16/fp16 operands the precision
         # argument is unused (fp32 accumulation).
