@@ -254,11 +254,13 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             if recompute:
                 gemm(recompute * 2 * n * p_pad * c, x16)
                 if meta.get("S_CHUNK"):
-                    # x is not held: each prototype tile's (or class tile and prototype index's)
-                    # similarity reads its chunks again, the norms take one pass for cosine, and
-                    # the rows are loaded once more at the end (counted in HBM)
+                    # the rows are not held: each prototype tile's (or class tile and prototype
+                    # index's) similarity reads chunks of x and of Ŵ, then dx's GEMM its tile of
+                    # Ŵ again; the norms take a pass over x for cosine, and the rows are loaded
+                    # once more at the end (that one counted in HBM)
                     steps = p_pad // int(meta.get("BLOCK_P") or meta["BLOCK_K"])
                     l2_extra = (steps + bool(meta.get("COSINE"))) * n * c * xb
+                    stream = p * c * (xb + (xb if from_wd else 4) * need_dx)
             if meta.get("NEED_DX", True):
                 gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_bwd_dx_slice_kernel":  # max / mean: channel slices, no recompute
@@ -309,6 +311,11 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             stream = p * c * xb  # one pass over Ŵ serves both GEMMs
             if meta.get("HALVES") and meta.get("COSINE"):
                 l2_extra = n * c * xb  # x again, for the normalisation backward at the end
+            if meta.get("Z_CHUNK"):
+                # the z GEMM reads chunks of x and of Ŵ for each prototype tile, besides the
+                # rows and the Ŵ tile the dx GEMM holds
+                l2_extra += (p_pad // int(meta["BLOCK_P"])) * n * c * xb
+                stream = 2 * p * c * xb
             gemm(4 * n * p_pad * c, dot)
         else:  # _contrastive_bwd_dw_kernel: every prototype tile re-reads all of x
             tiles = grid[0]

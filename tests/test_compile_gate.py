@@ -437,29 +437,47 @@ def test_the_gate_catches_a_kernel_compiled_to_a_trap(tmp_path):
 @pytest.mark.parametrize("arch, dtype, channels, block_n, block_p", [
     (80, "bfloat16", 512, 32, 0),  # an A100 with bf16 features: the wider tile, which compiles clean
     (80, "float16", 512, 16, 0),  # float16 spilled 40 to 88 bytes per thread with it
-    (90, "bfloat16", 512, 32, 64),  # sm_90, bf16: flat prototype tiles, the rows read in chunks
-    (90, "bfloat16", 256, 32, 64),  # the same, with the rows held
-    (90, "bfloat16", 64, 32, 0),  # 32-channel halves spilled with the flat tile
+    (90, "bfloat16", 256, 32, 64),  # sm_90, bf16: flat prototype tiles
+    (90, "bfloat16", 512, 16, 0),  # which spilled (or read x again) at 512 channels
+    (90, "bfloat16", 64, 32, 0),  # and with 32-channel halves
     (90, "float16", 512, 16, 0),  # float16 keeps the class tiles, 16 pixels at 512 channels
     (80, "bfloat16", 1024, 16, 0),  # wider features keep the narrow tiles
     (80, "bfloat16", 256, 32, 0),  # up to 256 channels every GPU takes 32 pixels
 ])
 def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p):
     """The one-pass head + push's dx tile, which the compile gate checks for spills: 32 pixels
-    only where they compiled without spilling, flat prototype tiles on sm_90 for bfloat16."""
+    only where they compiled without spilling, flat prototype tiles on sm_90 for bfloat16 up
+    to 256 channels."""
     import torch
 
     from torch_ppl.kernels import _common, head_push
 
     with _common.compile_for(_common.CompileTarget(arch, 108 if arch == 80 else 132)):
         cfg = head_push._config(torch.device("cpu"), channels, 150, 10, getattr(torch, dtype))
-    assert (cfg.bwd_block_n, cfg.dx_block_p) == (block_n, block_p)
-    if block_p and channels > 256:  # the rows read again per tile, in two chunks, one stage
-        assert (cfg.dx_s_chunk, cfg.num_stages) == (channels // 2, 1)
-    elif block_p:
-        assert cfg.dx_s_chunk == 0
-    elif block_n == 32 and channels > 256:  # with 16-class tiles and two stages
+    assert (cfg.bwd_block_n, cfg.dx_block_p, cfg.dx_s_chunk) == (block_n, block_p, 0)
+    if block_n == 32 and channels > 256:  # with 16-class tiles and two stages
         assert (cfg.block_k, cfg.num_stages) == (16, 2)
+
+
+@pytest.mark.parametrize("arch, dtype, channels, expected", [
+    (90, "bfloat16", 256, (32, 32, 0, 2)),  # flat tiles of 32 prototypes
+    (90, "bfloat16", 512, (16, 0, 0, 1)),  # class tiles at 512 channels
+    (90, "float16", 256, (16, 0, 0, 1)),  # class tiles elsewhere
+    (90, "bfloat16", 64, (16, 0, 0, 1)),
+    (80, "bfloat16", 256, (16, 0, 0, 1)),
+])
+def test_logsumexp_dx_tiles(arch, dtype, channels, expected):
+    """The head's dx with logsumexp pooling (pixels, flat prototype tile, channel chunk,
+    stages): flat tiles on sm_90 for bfloat16 features of 128 to 256 channels, where they
+    compiled without spilling."""
+    import torch
+
+    from torch_ppl.kernels import _common, similarity
+
+    with _common.compile_for(_common.CompileTarget(arch, 108 if arch == 80 else 132)):
+        cfg = similarity._Config(torch.device("cpu"), channels, 21, 10, getattr(torch, dtype))
+    got = (min(cfg.bwd_block_n, cfg.recompute_block_n), cfg.dx_block_p, cfg.dx_s_chunk, cfg.recompute_stages)
+    assert got == expected
 
 
 # Three GEMMs as Triton 3.9 writes them in TTGIR (abridged): a wgmma tile of 128 rows on two

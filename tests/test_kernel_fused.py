@@ -316,12 +316,14 @@ def test_similarity_forms_of_the_prototype_gradient(pooling, dtype, forced, monk
 @pytest.mark.parametrize("positives", ["all", "nearest"])
 @pytest.mark.parametrize("pooling", ["max", "logsumexp", "mean"])
 def test_flat_prototype_tiles_of_dx(pooling, positives, chunk, monkeypatch):
-    """dx walks the prototypes one class tile and prototype index at a time, or (sm_90,
-    bfloat16: head_push._config) in tiles of the flat P = K*M axis, with the rows held on chip
-    or read again in channel chunks per tile. NCHW features take the class tiles on the
-    interpreter; the flat forms are forced here (7 classes of 3 prototypes: tiles of 16 split
-    classes; 40 channels: the last chunk of 16 masked) and must give the same dx and, with a
-    learnable scale, the same d(scale), up to summation order."""
+    """dx from recomputed similarities (the one op; the head alone with logsumexp pooling)
+    walks the prototypes one class tile and prototype index at a time, or (sm_90, bfloat16;
+    on the interpreter channels-last features) in tiles of the flat P = K*M axis, with the rows
+    held on chip or read again in channel chunks per tile. NCHW features take the class tiles
+    on the interpreter; the flat forms are forced here (7 classes of 3 prototypes: tiles of 16
+    split classes; 40 channels: the last chunk of 16 masked) and must give the same dx and,
+    with a learnable scale, the same d(scale), up to summation order."""
+    similarity = pytest.importorskip("torch_ppl.kernels.similarity")
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
     protos = torch.randn(7, 3, 40, generator=gen).to(DEVICE)
@@ -333,18 +335,21 @@ def test_flat_prototype_tiles_of_dx(pooling, positives, chunk, monkeypatch):
         logits, loss = PF.prototype_logits_and_contrastive(
             x, protos, target, None, similarity="cosine", pooling=pooling, scale=scale, bias=None,
             temperature=0.1, positives=positives, backend="triton")
-        return torch.autograd.grad((logits * g).sum() + 2.0 * loss.sum(), (x, scale))
+        one = torch.autograd.grad((logits * g).sum() + 2.0 * loss.sum(), (x, scale))
+        alone = PF.prototype_logits(x, protos, similarity="cosine", pooling="logsumexp", scale=scale,
+                                    backend="triton")
+        return one + torch.autograd.grad((alone * g).sum(), (x, scale))
 
     tiles = grads()
-    config = head_push._config
 
-    def flat(*args, **kwargs):
-        cfg = config(*args, **kwargs)
-        assert cfg.dx_block_p == 0
-        cfg.dx_block_p, cfg.dx_s_chunk = 16, chunk
-        return cfg
+    class Flat(similarity._Config):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            assert self.dx_block_p == 0
+            self.dx_block_p, self.dx_s_chunk = 16, chunk
 
-    monkeypatch.setattr(head_push, "_config", flat)
+    monkeypatch.setattr(similarity, "_Config", Flat)
+    monkeypatch.setattr(head_push, "_Config", Flat)
     for a, b in zip(grads(), tiles):
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
 

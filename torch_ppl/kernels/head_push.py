@@ -49,11 +49,10 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     8 to 24 bytes per thread on sm_90 with every Triton but 3.8, 8 to 16 on sm_86 and sm_100,
     and 40 to 88 with float16 features; those keep 16.
 
-    On an H100 (sm_90) with bfloat16 features of 128 to 512 channels dx takes 32 pixels against
-    tiles of 64 prototypes of the flat ``P = K*M`` axis (``dx_block_p``; class tiles made 32 x 16
-    and 32 x 32 similarity tiles, which 8 warps computed two to four times over), and above 256
-    channels reads the rows again per tile in two chunks, with one stage (held, they spilled 88
-    to 184 bytes per thread). No spill with Triton 3.4 to 3.9 (docs/kernel-fused.md)."""
+    On an H100 (sm_90) with bfloat16 features of 128 to 256 channels dx takes tiles of 64
+    prototypes of the flat ``P = K*M`` axis (``dx_block_p``): its 32 x 32 class tiles were
+    computed twice over by 8 warps. At 512 channels the flat tiles spilled with the rows held
+    and, without, read ``x`` or ``Ŵ`` again per tile: no gain there (docs/kernel-fused.md)."""
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)
@@ -61,14 +60,8 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
             cfg.bwd_block_n = 16
             if capability(device) == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
                 cfg.bwd_block_n, cfg.block_k, cfg.num_stages = 32, 16, 2
-        if has_wgmma(device) and x_dtype == torch.bfloat16 and 128 <= cfg.block_c <= 512:
+        if has_wgmma(device) and x_dtype == torch.bfloat16 and 128 <= cfg.block_c <= 256:
             cfg.bwd_block_n, cfg.dx_block_p = 32, 64
-            if cfg.block_c > 256:
-                cfg.dx_s_chunk, cfg.num_stages = cfg.block_c // 2, 1
-    elif channel_stride == 1:
-        # channels-last features take the flat prototype tiles on the interpreter, so that the
-        # tests run both loops of dx (16 prototypes: classes straddle the tiles)
-        cfg.dx_block_p = 16
     return cfg
 
 

@@ -1009,7 +1009,8 @@ class _Config:
             # ade on sm_90; 16 rows and one stage compile without spilling
             self.recompute_block_n, self.recompute_stages = 16, 1
             # the recomputing dx's flat prototype tile (0: one GEMM per class tile and
-            # prototype index) and its similarity's channel chunks; head_push._config sets them
+            # prototype index) and its similarity's channel chunks (below; the one-pass dx:
+            # head_push._config)
             self.dx_block_p, self.dx_s_chunk = 0, self.s_chunk
             # stages of the forward, of dx without recomputed similarities and of the one-pass
             # dx; on sm_80 one in dx (two spilled 8 bytes per thread for fp16 at ade)
@@ -1034,6 +1035,15 @@ class _Config:
                 self.block_n, self.num_warps = 128, 8
                 if self.block_c > 256:
                     self.fwd_stages, self.fwd_block_k = 1, 16
+            if has_wgmma(device) and x_dtype == torch.bfloat16 and 128 <= self.block_c <= 256:
+                # logsumexp pooling's dx on sm_90: 32 pixels against tiles of 32 prototypes of
+                # the flat P = K*M axis, two stages (class tiles of 32 pixels made 32 x 16
+                # similarity tiles, computed four times over by 8 warps; 16 pixels read Ŵ from
+                # L2 twice as often; 64 prototypes spilled 8 to 32 bytes per thread for NHWC
+                # features). No spill with Triton 3.3 to 3.9. Not at 512 channels, where the
+                # flat tiles spilled with the rows held, and read x or Ŵ again per tile without
+                # (docs/kernel-fused.md)
+                self.recompute_block_n, self.dx_block_p, self.recompute_stages = 32, 32, 2
             if fp32:
                 # fp32 GEMMs run on the CUDA cores (fma), whose register tiles are far larger:
                 # 64-row tiles spilled 21 KB per thread at C = 256 on sm_90, and 32 rows of 512
@@ -1088,7 +1098,9 @@ class _Config:
             self.dw_num_warps = 4
             self.slice_block_n, self.slice_block_c, self.slice_block_k = 16, 16, 16
             self.slice_num_warps, self.slice_stages = 4, 1
-            self.dx_block_p, self.dx_s_chunk = 0, self.s_chunk
+            # channels-last features take the flat prototype tiles of the recomputing dx, so
+            # that the tests run both of its loops (16 prototypes: classes straddle the tiles)
+            self.dx_block_p, self.dx_s_chunk = (16 if channel_stride == 1 else 0), self.s_chunk
         # fp32 features: exact fp32 GEMMs, as PyTorch's by default, or TF32 where PyTorch's
         # float32 matmuls may use it (fp32_precision); for bf16/fp16 operands the precision
         # argument is unused (fp32 accumulation).
@@ -1230,8 +1242,8 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 # fp32 features: w_dot is w_hat itself
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
                 PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
-                BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.s_chunk,
-                **dict(common, num_stages=stages),
+                BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk,
+                BLOCK_P=cfg.dx_block_p, **dict(common, num_stages=stages),
             )
             if need_dscale:
                 dscale = partial.sum()
