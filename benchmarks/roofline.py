@@ -292,6 +292,10 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             per_pixel = n * (8 + 4 * 4) if meta.get("PUSH", True) else 0
             bytes_ = tiles * (n * c * xb + per_pixel) + head + p * c * xb + p * c * 4
             once = n * c * xb + per_pixel + head + p * c * xb + p * c * 4
+            if meta.get("S_CHUNK"):
+                # the similarity reads chunks of x and of the program's Ŵ tile for each pixel
+                # tile, then the rows are loaded whole for the dŴ GEMM
+                l2_extra = tiles * n * c * xb + -(-n // int(meta["BLOCK_N"])) * p_pad * c * xb
             gemm(2 * n * p_pad * c, x16)
             gemm(2 * n * p_pad * c, grad)
         else:
@@ -321,6 +325,10 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             tiles = grid[0]
             bytes_ = tiles * (n * c * xb + n * per_pixel) + p * c * xb + p * c * 4
             once = n * c * xb + n * per_pixel + p * c * xb + p * c * 4
+            if meta.get("Z_CHUNK"):
+                # the z GEMM reads chunks of x and of the program's Ŵ tile for each pixel tile,
+                # then the rows are loaded whole for the dŴ GEMM
+                l2_extra = tiles * n * c * xb + -(-n // int(meta["BLOCK_N"])) * p_pad * c * xb
             gemm(2 * n * p_pad * c, dot)
             gemm(2 * n * p_pad * c, dw_dot)
     elif kernel.startswith("_attention_"):

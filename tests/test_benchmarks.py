@@ -297,6 +297,24 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
     assert sliced["bytes"] == 2 * n * c * 2 + 2 * n * k * 4 + n * k + n * 4 + p * c * 2
     assert sliced["l2_bytes"] == sliced["bytes"] + 3 * p * c * 2 + 4 * n * k * 4 + 3 * n * k
     assert sliced["flops"] == {"16-bit": 2 * n * 16 * 3 * c}  # K = 10 padded to a 16-class tile
+    # channel chunks read from memory (S_CHUNK, Z_CHUNK) read x and the prototype tile again
+    # for every tile they pair them with (float32 features: 4-byte elements)
+    s32 = shapes.Shape("t", "smoke", 2, 8, 8, 64, 10, 3, feature_dtype=torch.float32)
+    head = {"BLOCK_P": 16, "POOL": 1, "PUSH": True, "COSINE": True}
+    held, chunked = (roofline.kernel_work("_logits_bwd_dx_kernel", (8,), dict(head, S_CHUNK=chunk), s32)
+                     for chunk in (0, 16))
+    assert chunked["bytes"] == held["bytes"]
+    # two prototype tiles and the norms' pass over x; all of Ŵ twice per program, not once
+    assert chunked["l2_bytes"] - held["l2_bytes"] == (2 + 1) * n * c * 4 + 7 * p * c * 4
+    dw_meta = {"BLOCK_P": 16, "BLOCK_N": 16}
+    held, chunked = (roofline.kernel_work("_contrastive_bwd_dw_kernel", (2, 3), dict(dw_meta, Z_CHUNK=chunk), s32)
+                     for chunk in (0, 16))
+    # x once more per prototype tile, and each program's tile of Ŵ once per 16-pixel tile
+    assert chunked["l2_bytes"] - held["l2_bytes"] == 2 * n * c * 4 + 8 * 32 * c * 4
+    dx_meta = {"BLOCK_P": 16}
+    held, chunked = (roofline.kernel_work("_contrastive_bwd_dx_kernel", (8,), dict(dx_meta, Z_CHUNK=chunk), s32)
+                     for chunk in (0, 16))
+    assert chunked["l2_bytes"] - held["l2_bytes"] == 2 * n * c * 4 + 7 * p * c * 4
     peak = roofline.DevicePeak("toy", bandwidth=1e12, tensor_flops=1e15, source="test")
     l2_bound = dict(bytes=10**9, bytes_once=10**9, l2_bytes=10**11, flops={"16-bit": 10})
     assert roofline.ideal_seconds(l2_bound, peak) == pytest.approx(10**11 / roofline.H100_L2_BANDWIDTH)

@@ -488,7 +488,7 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
     as the forward's, dx one stage and a 255-register budget, nothing spills. On sm_80, bf16 at
     C = 512 takes it in dW (mma.sync keeps the z GEMM's ``x`` operand, all 512 channels, in each
     warp's registers: 120 to 224 B spilled; one stage). The re-read chunks come from L1 or L2;
-    the modelled traffic counts ``x`` once per tile, as before."""
+    the model (``benchmarks/roofline.py``) charges them to L2."""
     block_c = next_pow2(C)
     fp32 = dtype == torch.float32
     # chunked z GEMMs for fp32 features on the interpreter too, so that tests cover them
@@ -597,7 +597,7 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
             dw.update(BLOCK_P=min(32, next_pow2(P)))
     elif block_c > 256:
         # sm_80, bf16, C = 512: the z GEMM over 32-channel chunks and one stage (see above); 32
-        # prototypes would not spill either, at twice the re-reads of x (3.9 ms modelled, not 2.0)
+        # prototypes would not spill either, at twice the re-reads of x from HBM
         dw.update(Z_CHUNK=32, num_stages=1)
     return dx, dw
 

@@ -872,7 +872,8 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     Also tried: a 255-register budget, 16 warps (at most 128 registers each), 16-, 32- or
     128-channel chunks, two stages, channel halves with chunks, the norms summed from the
     chunks: worst cases 24 to 184 bytes. 32 prototypes do not spill but read ``x`` twice as often (a
-    modelled 3.9 ms instead of 2.0 at ade).
+    modelled 3.9 ms instead of 2.0 at ade; 4.3 with the chunks' re-reads charged to L2, which
+    L1 is likely to serve: docs/decisions.md).
 
     fp32 features: 16 prototypes, the similarity over 64-channel chunks (held halves spilled 32
     bytes per thread at ade on sm_90: fp32 GEMMs run on the CUDA cores, whose operand registers
