@@ -568,3 +568,26 @@ def test_push_dx_tile_up_to_256_channels(monkeypatch, arch, triton_version, chan
     with _common.compile_for(_common.CompileTarget(arch, 132)):
         dx, _ = contrastive._bwd_configs(torch.device("cpu"), 16641, 210, channels, getattr(torch, dtype), stride)
     assert (dx["BLOCK_N"], dx["BLOCK_P"], dx.get("HALVES", False)) == tile
+
+
+@pytest.mark.parametrize("arch, triton_version, channels, dtype, protos, form", [
+    (90, (3, 9), 256, "bfloat16", 210, (128, 8, True)),  # all of dW's GEMMs on wgmma
+    (90, (3, 4), 256, "bfloat16", 210, (128, 8, True)),
+    (90, (3, 3), 256, "bfloat16", 210, (128, 16, False)),  # 3.3 spilled more with it
+    (90, (3, 9), 256, "bfloat16", 40, (64, 16, False)),  # 64 prototypes: rows repeated, spilled
+    (90, (3, 9), 512, "bfloat16", 1500, (64, 8, False)),  # 128 x 512 does not fit
+    (90, (3, 9), 256, "float16", 210, (64, 8, False)),  # fp32 dW operands
+    (80, (3, 9), 256, "bfloat16", 210, (64, 8, False)),  # no wgmma
+])
+def test_push_dw_transposed_z(monkeypatch, arch, triton_version, channels, dtype, protos, form):
+    """The push's prototype gradient (prototypes, warps, z GEMM transposed): 128 prototypes as
+    the rows of a wgmma on sm_90 for bfloat16 features up to 256 channels, where that compiled
+    without spilling."""
+    import torch
+
+    from torch_ppl.kernels import _common, contrastive
+
+    monkeypatch.setattr(contrastive, "TRITON_VERSION", triton_version)
+    with _common.compile_for(_common.CompileTarget(arch, 132)):
+        _, dw = contrastive._bwd_configs(torch.device("cpu"), 16641, protos, channels, getattr(torch, dtype), 1)
+    assert (dw["BLOCK_P"], dw["num_warps"], dw.get("S_TRANSPOSED", False)) == form

@@ -350,6 +350,35 @@ def test_z_over_channel_chunks_for_16_bit_features(dtype, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
 
 
+@pytest.mark.parametrize("similarity, positives", [("cosine", "all"), ("dot", "nearest")])
+def test_transposed_z_of_the_prototype_gradient(similarity, positives, monkeypatch):
+    """The dW kernel's z GEMM as (Ŵ xᵀ)ᵀ (S_TRANSPOSED: bfloat16 features on sm_90, the
+    prototypes the rows of a wgmma; on the interpreter channels-last features) gives the
+    gradients of the plain form, up to summation order: NCHW features forced to it, 40
+    channels, ignored pixels, 7 classes of 3 prototypes in one tile."""
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, torch.bfloat16).movedim(1, -1).requires_grad_()
+    protos = torch.randn(7, 3, 40, generator=gen).to(DEVICE).requires_grad_()
+    y = torch.randint(0, 7, (2, 3, 5), generator=gen).to(DEVICE)
+    y[0, 0, :2] = IGNORE
+    configs = kc._bwd_configs
+
+    def grads(transposed):
+        def forced(*args):
+            dx, dw = configs(*args)
+            assert not dw["S_TRANSPOSED"]  # NCHW features take the plain form on the interpreter
+            return dx, dict(dw, S_TRANSPOSED=transposed)
+
+        monkeypatch.setattr(kc, "_bwd_configs", forced)
+        loss = kc.contrastive_loss(x, protos, y, temperature=0.1, positives=positives, similarity=similarity,
+                                   ignore_index=IGNORE)
+        return torch.autograd.grad(loss.sum(), (x, protos))
+
+    (dx_t, dw_t), (dx_p, dw_p) = grads(True), grads(False)
+    torch.testing.assert_close(dx_t, dx_p)  # the dx kernel is the same in both
+    torch.testing.assert_close(dw_t, dw_p, atol=1e-3 * dw_p.abs().max().item(), rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("similarity, positives", [("cosine", "all"), ("dot", "nearest")])
 def test_dx_in_channel_halves_matches_whole_rows(dtype, similarity, positives, monkeypatch):

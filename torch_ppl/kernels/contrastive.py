@@ -364,7 +364,7 @@ def _contrastive_bwd_dw_kernel(
     COSINE: tl.constexpr, NEAREST: tl.constexpr, DOT_DTYPE: tl.constexpr, DW_DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr, DETERMINISTIC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, Z_CHUNK: tl.constexpr,
-    OPAQUE_X: tl.constexpr,
+    OPAQUE_X: tl.constexpr, S_TRANSPOSED: tl.constexpr = False,
 ):
     # Program (prototype tile, split) owns BLOCK_P prototypes, all C channels, and the pixel
     # tiles split, split + SPLITS, ...: its dW_hat tile stays on chip and is flushed once, by
@@ -372,7 +372,8 @@ def _contrastive_bwd_dw_kernel(
     # that the host sums in a fixed order. Z_CHUNK > 0 (_bwd_configs): the z GEMM walks the
     # channels in chunks of Z_CHUNK read from memory (_z_tile, as the forward) instead of one
     # GEMM over the prototype tile and the rows held on chip; the rows are loaded whole for the
-    # dW GEMM only.
+    # dW GEMM only. S_TRANSPOSED: the z GEMM as (Ŵ xᵀ)ᵀ, the prototypes its rows, so that a
+    # 128-prototype tile is a wgmma whose Ŵ operand stays in shared memory (_bwd_configs).
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -392,7 +393,11 @@ def _contrastive_bwd_dw_kernel(
         sxc = per_iteration(stride_xc, OPAQUE_X)
         if Z_CHUNK == 0:
             x, rnorm, clamped = _rows_full(x_ptr, b, rows64, valid, offs_c, c_in, stride_xb, stride_xl, sxc, COSINE)
-            acc = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(w_op), input_precision=INPUT_PRECISION)
+            if S_TRANSPOSED:
+                acc = tl.trans(tl.dot(w_op, tl.trans(dot_operand(x, DOT_DTYPE, UPCAST_DOT)),
+                                      input_precision=INPUT_PRECISION))
+            else:
+                acc = tl.dot(dot_operand(x, DOT_DTYPE, UPCAST_DOT), tl.trans(w_op), input_precision=INPUT_PRECISION)
         else:
             _, acc, rnorm, _ = _z_tile(x_ptr + b * stride_xb + rows64 * stride_xl, valid, w_ptr, offs_p, p_in, C,
                                        sxc, stride_wp, stride_wc, inv_tau, COSINE, DOT_DTYPE, INPUT_PRECISION,
@@ -499,9 +504,11 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
     if not on_gpu(device):
         cfg = dict(BLOCK_N=min(128, next_pow2(L)), BLOCK_P=min(128, next_pow2(P)), BLOCK_C=block_c,
                    Z_CHUNK=z_chunk)
-        # dx in channel halves wherever they are 16 wide or more, so that tests run both forms
-        # (the forced tiles above take the whole rows)
-        return dict(cfg, HALVES=not fp32 and block_c >= 32), cfg
+        # dx in channel halves wherever they are 16 wide or more, and dW's z GEMM transposed
+        # for channels-last bfloat16 features, so that tests run both forms of each (the forced
+        # tiles above take the whole rows and the plain z GEMM)
+        return (dict(cfg, HALVES=not fp32 and block_c >= 32),
+                dict(cfg, S_TRANSPOSED=dtype == torch.bfloat16 and channel_stride == 1))
     gpu = dict(BLOCK_C=block_c, Z_CHUNK=0, num_warps=8, num_stages=2)
     if block_c > 512:
         # wider features (torch_ppl._backend.MAX_TRITON_CHANNELS): with the tiles below, 720 to
@@ -582,6 +589,14 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
             # accumulator without spilling on sm_90 (at C = 512 that tile does not compile;
             # float16 features, whose dW GEMM takes fp32 operands, spilled 72 B with it)
             dw.update(BLOCK_P=min(128, next_pow2(P)), num_warps=16, num_stages=1)
+            if dw["BLOCK_P"] == 128 and TRITON_VERSION >= (3, 4):
+                # the z GEMM transposed, (Ŵ xᵀ)ᵀ: the 128 prototypes are the rows of a wgmma on
+                # two warpgroups, Ŵ's tile stays in shared memory, and 8 warps hold the 128 x C
+                # accumulator without spilling (NCHW and NHWC, Triton 3.4 to 3.9): every GEMM
+                # of the kernel on wgmma, where 16-pixel rows took mma.sync. 64 prototypes
+                # repeat its rows on the two warpgroups and spilled 16 B; Triton 3.3 spilled
+                # 168 B (72 with the plain form)
+                dw.update(num_warps=8, S_TRANSPOSED=True)
         else:
             # C = 512: the 64 x C accumulator with a second pipeline stage spilled 176 to 224 B
             # per thread for channels_last features (Triton 3.8 and 3.9); with one, none
