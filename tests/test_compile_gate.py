@@ -578,11 +578,13 @@ def test_push_dx_tile_up_to_256_channels(monkeypatch, arch, triton_version, chan
     (90, (3, 9), 512, "bfloat16", 1500, (64, 8, False)),  # 128 x 512 does not fit
     (90, (3, 9), 256, "float16", 210, (64, 8, False)),  # fp32 dW operands
     (80, (3, 9), 256, "bfloat16", 210, (64, 8, False)),  # no wgmma
+    (100, (3, 9), 256, "bfloat16", 210, (128, 8, True)),  # sm_100: on tcgen05
+    (100, (3, 8), 256, "bfloat16", 210, (64, 8, False)),  # which spilled with Triton 3.8
 ])
 def test_push_dw_transposed_z(monkeypatch, arch, triton_version, channels, dtype, protos, form):
     """The push's prototype gradient (prototypes, warps, z GEMM transposed): 128 prototypes as
-    the rows of a wgmma on sm_90 for bfloat16 features up to 256 channels, where that compiled
-    without spilling."""
+    the rows of a wgmma on sm_90 (tcgen05 on sm_100) for bfloat16 features up to 256 channels,
+    where that compiled without spilling."""
     import torch
 
     from torch_ppl.kernels import _common, contrastive

@@ -416,7 +416,8 @@ def _logits_bwd_dx_kernel(
     # BLOCK_P > 0: the loop walks the flat P = K*M prototype axis in tiles of BLOCK_P instead
     # (one GEMM per tile, g and the statistic gathered per prototype, as in
     # _logits_push_bwd_dw_kernel): wider GEMM tiles than BLOCK_K classes, so that 8 warps
-    # split a 32-row tile without repeating work (the one-pass dx on sm_90, head_push._config).
+    # split a 32-row tile without repeating work or 32 rows fit at all (sm_90, bfloat16, up
+    # to 256 channels: _Config for logsumexp pooling, head_push._config for the one pass).
     NEED_S: tl.constexpr = ((POOL == 1) or NEED_DSCALE) or PUSH  # Triton 3.3 refuses a chained `or`
     HALF: tl.constexpr = BLOCK_C // 2
     # S_CHUNK > 0: the recomputed similarities walk the channels in chunks read from X
