@@ -441,6 +441,7 @@ def test_the_gate_catches_a_kernel_compiled_to_a_trap(tmp_path):
     (90, "bfloat16", 512, 16, 0),  # which spilled (or read x again) at 512 channels
     (90, "bfloat16", 64, 32, 0),  # and with 32-channel halves
     (90, "float16", 512, 16, 0),  # float16 keeps the class tiles, 16 pixels at 512 channels
+    (100, "bfloat16", 256, 32, 64),  # sm_100 (tcgen05, Triton 3.8 or newer) as sm_90
     (80, "bfloat16", 1024, 16, 0),  # wider features keep the narrow tiles
     (80, "bfloat16", 256, 32, 0),  # up to 256 channels every GPU takes 32 pixels
 ])
@@ -465,6 +466,7 @@ def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p):
     (90, "float16", 256, (16, 0, 0, 1)),  # class tiles elsewhere
     (90, "bfloat16", 64, (16, 0, 0, 1)),
     (80, "bfloat16", 256, (16, 0, 0, 1)),
+    (100, "bfloat16", 256, (32, 32, 0, 2)),  # sm_100 (tcgen05) as sm_90
 ])
 def test_logsumexp_dx_tiles(arch, dtype, channels, expected):
     """The head's dx with logsumexp pooling (pixels, flat prototype tile, channel chunk,
@@ -555,6 +557,8 @@ def test_push_dx_tile_at_512_channels(monkeypatch, arch, triton_version, tile):
     (90, (3, 9), 200, "bfloat16", 1, (32, 64, False)),  # rows misaligned for asynchronous copies
     (90, (3, 9), 256, "float32", 1, (16, 32, False)),  # CUDA-core GEMMs, chunked z
     (80, (3, 9), 256, "bfloat16", 1, (32, 64, False)),  # no wgmma
+    (100, (3, 9), 256, "bfloat16", 1, (64, 64, True)),  # sm_100 (tcgen05): 64 pixels in halves
+    (100, (3, 7), 256, "bfloat16", 1, (32, 64, False)),  # not verified before Triton 3.8
 ])
 def test_push_dx_tile_up_to_256_channels(monkeypatch, arch, triton_version, channels, dtype, stride, tile):
     """The push's dx at up to 256 channels: 64 pixels in channel halves (128 for channels_last

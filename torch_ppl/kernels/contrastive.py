@@ -537,7 +537,8 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
             dw.update(BLOCK_P=min(64, next_pow2(P)), num_stages=1)
         return dx, dw
     dx = dict(gpu, BLOCK_N=32, BLOCK_P=min(64, next_pow2(P)))
-    if has_wgmma(device) and 32 <= block_c <= 256 and C % 16 == 0 and TRITON_VERSION >= (3, 6):
+    tcgen05 = has_tcgen05(device) and TRITON_VERSION >= (3, 8)
+    if (has_wgmma(device) or tcgen05) and 32 <= block_c <= 256 and C % 16 == 0 and TRITON_VERSION >= (3, 6):
         # 64 pixels, on wgmma, half the reads of Ŵ from L2 of 32 (voc: 0.73 GB instead of
         # 1.18): x, Ŵ and the accumulator as two channel halves, and x read again for the
         # normalisation backward, compile without spilling from Triton 3.6 on (3.5: 16 B).
@@ -546,8 +547,9 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
         # count that is not a multiple of 16 (rows misaligned for asynchronous copies) 464 B;
         # 32-prototype tiles 80 B. The 64-row z tile is computed twice over (8 warps on its
         # rows, docs/decisions.md), which the time saved on L2 outweighs.
+        # So on sm_100 (tcgen05) with Triton 3.8 and 3.9: 132 -> 99 us modelled at voc
         dx.update(BLOCK_N=64, BLOCK_P=64, HALVES=True)
-        if channel_stride == 1:
+        if channel_stride == 1 and not tcgen05:  # (on sm_100, 128 pixels spilled 16 B with 3.8)
             # channels_last features: 128 pixels with 32-prototype tiles compile clean too
             # (NCHW: 1.5 KB spilled; 64 prototypes 24 B), a third fewer reads of Ŵ and a z
             # tile of 128 rows, which the two warpgroups split

@@ -1037,12 +1037,14 @@ class _Config:
                 self.block_n, self.num_warps = 128, 8
                 if self.block_c > 256:
                     self.fwd_stages, self.fwd_block_k = 1, 16
-            if has_wgmma(device) and x_dtype == torch.bfloat16 and 128 <= self.block_c <= 256:
+            tcgen05 = has_tcgen05(device) and TRITON_VERSION >= (3, 8)
+            if (has_wgmma(device) or tcgen05) and x_dtype == torch.bfloat16 and 128 <= self.block_c <= 256:
                 # logsumexp pooling's dx on sm_90: 32 pixels against tiles of 32 prototypes of
                 # the flat P = K*M axis, two stages (class tiles of 32 pixels made 32 x 16
                 # similarity tiles, computed four times over by 8 warps; 16 pixels read Ŵ from
                 # L2 twice as often; 64 prototypes spilled 8 to 32 bytes per thread for NHWC
-                # features). No spill with Triton 3.3 to 3.9. Not at 512 channels, where the
+                # features). No spill with Triton 3.3 to 3.9 (on sm_100: 3.8, 3.9; 236 -> 137 us
+                # modelled at voc there too). Not at 512 channels, where the
                 # flat tiles spilled with the rows held, and read x or Ŵ again per tile without
                 # (docs/kernel-fused.md)
                 self.recompute_block_n, self.dx_block_p, self.recompute_stages = 32, 32, 2
