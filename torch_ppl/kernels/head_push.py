@@ -27,8 +27,8 @@ import torch
 import triton
 from torch import Tensor
 
-from ._common import (TRITON_VERSION, as_blc, capability, check_dtypes, has_tcgen05, has_wgmma, launch_device,
-                      needs_wide_offsets, new_rows, on_gpu, pixel_splits)
+from ._common import (as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows, on_gpu,
+                      pixel_splits)
 from .similarity import (_POOL_CODE, _Config, _joint_dw_config, _logits_bwd_dx_kernel, _logits_fwd_kernel,
                          _logits_push_bwd_dw_kernel, _new_stat, prototype_operands)
 
@@ -49,9 +49,9 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     8 to 24 bytes per thread on sm_90 with every Triton but 3.8, 8 to 16 on sm_86 and sm_100,
     and 40 to 88 with float16 features; those keep 16.
 
-    On an H100 (sm_90), and a B200 (sm_100) with Triton 3.8 or newer, with bfloat16 features
-    of 128 to 256 channels dx takes tiles of 64
-    prototypes of the flat ``P = K*M`` axis (``dx_block_p``): its 32 x 32 class tiles were
+    Where logsumexp pooling's dx takes tiles of the flat ``P = K*M`` axis (``dx_block_p``,
+    ``similarity._Config``: an H100, or a B200 with Triton 3.8 or newer, bfloat16 features of
+    128 to 256 channels), this dx takes them 64 prototypes wide: its 32 x 32 class tiles were
     computed twice over by 8 warps. At 512 channels the flat tiles spilled with the rows held
     and, without, read ``x`` or ``Ŵ`` again per tile: no gain there (docs/kernel-fused.md)."""
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
@@ -61,9 +61,8 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
             cfg.bwd_block_n = 16
             if capability(device) == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
                 cfg.bwd_block_n, cfg.block_k, cfg.num_stages = 32, 16, 2
-        tcgen05 = has_tcgen05(device) and TRITON_VERSION >= (3, 8)
-        if (has_wgmma(device) or tcgen05) and x_dtype == torch.bfloat16 and 128 <= cfg.block_c <= 256:
-            cfg.bwd_block_n, cfg.dx_block_p = 32, 64
+        if cfg.dx_block_p:  # where logsumexp pooling's dx takes flat tiles (_Config), 64 wide
+            cfg.dx_block_p = 64
     return cfg
 
 

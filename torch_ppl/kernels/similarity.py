@@ -388,6 +388,27 @@ def _push_ds(s, ks, K, m, M, y, valid, lse, pos, p_best, g_tau, inv_tau, NEAREST
 
 
 @triton.jit
+def _du_step(du0, du1, ds, wd0, wd1, W, ks, m, K, M, C, HALF: tl.constexpr, GRAD_FROM_WD: tl.constexpr,
+             GRAD_DTYPE: tl.constexpr, GRAD_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """``du += ds Ŵ`` (``s = u Ŵᵀ``) in two channel halves, for the prototype rows ``ks * M + m``
+    whose similarities ``ds`` differentiates. bfloat16 features: ``ds`` rounded to bfloat16
+    (fp32's exponent range, so no gradient underflows) against the ``Ŵ`` the forward multiplied
+    (``wd0``, ``wd1``), a 16-bit GEMM; otherwise fp32 operands (float16 would flush small ``ds``
+    to zero) against fp32 ``Ŵ`` (for fp32 features the forward's, already loaded)."""
+    if GRAD_FROM_WD:
+        w0, w1 = wd0, wd1
+    else:
+        w0 = _load_class_rows(W, ks, m, K, M, C, 0, HALF)
+        w1 = _load_class_rows(W, ks, m, K, M, C, HALF, HALF)
+    ds_op = dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)
+    du0 = tl.dot(ds_op, dot_operand(w0, GRAD_DTYPE, UPCAST_DOT), du0, input_precision=GRAD_PRECISION,
+                 out_dtype=tl.float32)
+    du1 = tl.dot(ds_op, dot_operand(w1, GRAD_DTYPE, UPCAST_DOT), du1, input_precision=GRAD_PRECISION,
+                 out_dtype=tl.float32)
+    return du0, du1
+
+
+@triton.jit
 def _logits_bwd_dx_kernel(
     X, W, WD, SCALE, G, STAT, DX, DSCALE,
     Y, GL, LSE, POS, BEST,
@@ -477,17 +498,9 @@ def _logits_bwd_dx_kernel(
             if PUSH:
                 ds += g_tau[:, None] * _dz_tile(s, tl.full((BLOCK_N,), 1.0, tl.float32), inv_tau, protos, p_in, valid,
                                                 y, lse, pos, p_best, M, NEAREST)
-            if NEED_DX:  # du += ds Ŵ, as below
-                if GRAD_FROM_WD:
-                    w0, w1 = wd0, wd1
-                else:
-                    w0 = _load_class_rows(W, protos, 0, P, 1, C, 0, HALF)
-                    w1 = _load_class_rows(W, protos, 0, P, 1, C, HALF, HALF)
-                ds_op = dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)
-                du0 = tl.dot(ds_op, dot_operand(w0, GRAD_DTYPE, UPCAST_DOT), du0,
-                             input_precision=GRAD_PRECISION, out_dtype=tl.float32)
-                du1 = tl.dot(ds_op, dot_operand(w1, GRAD_DTYPE, UPCAST_DOT), du1,
-                             input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+            if NEED_DX:
+                du0, du1 = _du_step(du0, du1, ds, wd0, wd1, W, protos, 0, P, 1, C, HALF, GRAD_FROM_WD,
+                                    GRAD_DTYPE, GRAD_PRECISION, UPCAST_DOT)
     else:
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -523,20 +536,8 @@ def _logits_bwd_dx_kernel(
                 if PUSH:
                     ds += _push_ds(s, ks, K, m, M, y, valid, lse, pos, p_best, g_tau, inv_tau, NEAREST)
                 if NEED_DX:
-                    # s = u Ŵᵀ  =>  du += ds Ŵ. bfloat16 features: ds rounded to bfloat16 (fp32's
-                    # exponent range, so no gradient underflows) against the Ŵ the forward
-                    # multiplied, a 16-bit GEMM; otherwise fp32 operands (float16 would flush small
-                    # ds to zero) against fp32 Ŵ (for fp32 features the forward's WD, loaded once).
-                    if GRAD_FROM_WD:
-                        w0, w1 = wd0, wd1
-                    else:
-                        w0 = _load_class_rows(W, ks, m, K, M, C, 0, HALF)
-                        w1 = _load_class_rows(W, ks, m, K, M, C, HALF, HALF)
-                    ds_op = dot_operand(ds, GRAD_DTYPE, UPCAST_DOT)
-                    du0 = tl.dot(ds_op, dot_operand(w0, GRAD_DTYPE, UPCAST_DOT), du0,
-                                 input_precision=GRAD_PRECISION, out_dtype=tl.float32)
-                    du1 = tl.dot(ds_op, dot_operand(w1, GRAD_DTYPE, UPCAST_DOT), du1,
-                                 input_precision=GRAD_PRECISION, out_dtype=tl.float32)
+                    du0, du1 = _du_step(du0, du1, ds, wd0, wd1, W, ks, m, K, M, C, HALF, GRAD_FROM_WD,
+                                        GRAD_DTYPE, GRAD_PRECISION, UPCAST_DOT)
             if NEED_DSCALE:
                 gp += tl.sum(tl.where(mask, g * pooled, 0.0), axis=1)
 
