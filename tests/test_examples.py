@@ -16,6 +16,7 @@ import sys
 import pytest
 import torch
 
+import torch_ppl
 from torch_ppl import PPLHead, PushPullLoss
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
@@ -173,12 +174,16 @@ def test_doc_code_blocks_run(page):
     scope: dict = {}
     blocks = _python_blocks(page)
     assert blocks, page
-    for i, block in enumerate(blocks):
-        code = compile(block, f"{page}[block {i}]", "exec")
-        if block.lstrip().startswith("# fragment"):
-            continue
-        torch.manual_seed(0)
-        exec(code, scope)
+    autotune = torch_ppl.autotune_enabled()  # a page may turn it on; the other tests run on
+    try:
+        for i, block in enumerate(blocks):
+            code = compile(block, f"{page}[block {i}]", "exec")
+            if block.lstrip().startswith("# fragment"):
+                continue
+            torch.manual_seed(0)
+            exec(code, scope)
+    finally:
+        torch_ppl.set_autotune(autotune)
 
 
 def test_mmseg_page_marks_its_code_untested():

@@ -10,8 +10,10 @@ The public API:
   ``head(x) -> logits``, ``head(x, target) -> (logits, features, loss)``.
 * :mod:`torch_ppl.functional`: the same as functions, each with ``backend=``.
 * :func:`set_value_checks`: turn the checks that read the data (label range, weights) off.
+* :func:`set_autotune`: time the fused kernels' tiles on the GPU at hand and keep the fastest.
 """
 from . import functional
+from ._backend import autotune_enabled, set_autotune
 from ._checks import set_value_checks, value_checks_enabled
 from ._version import __version__
 from .attention import PPLAttention
@@ -30,5 +32,7 @@ __all__ = [
     "functional",
     "set_value_checks",
     "value_checks_enabled",
+    "set_autotune",
+    "autotune_enabled",
     "__version__",
 ]

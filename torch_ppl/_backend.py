@@ -144,6 +144,35 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+AUTOTUNE_ENV = "TORCH_PPL_AUTOTUNE"
+_AUTOTUNE = os.environ.get(AUTOTUNE_ENV, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Turn autotuning of the fused kernels' tiles on or off for the whole process; returns
+    the previous setting.
+
+    Off by default (``TORCH_PPL_AUTOTUNE=1`` in the environment at import turns it on): every
+    kernel then runs the tiles chosen by rules from its compiled code. On, the first call of a
+    kernel for a given problem on a CUDA GPU times those tiles against their neighbours (each
+    block size, the warps and the pipeline stages one step down and up), which takes seconds
+    (each candidate compiles), and keeps the fastest whose results agree with the rules' tiles;
+    ``TORCH_PPL_AUTOTUNE_CACHE=<file.json>`` keeps the choices across processes. Never with
+    ``torch.use_deterministic_algorithms(True)`` (the tiles set the order of the sums), nor
+    while a CUDA graph is captured (a choice already made applies).
+    """
+    global _AUTOTUNE
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_autotune: enabled must be a bool; got {type(enabled).__name__}")
+    previous, _AUTOTUNE = _AUTOTUNE, enabled
+    return previous
+
+
+def autotune_enabled() -> bool:
+    """Whether the fused kernels' tiles are autotuned (see :func:`set_autotune`)."""
+    return _AUTOTUNE
+
+
 # Set by torch_ppl.kernels._common.compile_for: the launchers tile for a named GPU and CPU
 # tensors are accepted for backend="triton", because a stand-in Triton driver compiles each
 # kernel for that GPU and launches nothing (python -m benchmarks compile).

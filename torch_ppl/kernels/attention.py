@@ -55,7 +55,7 @@ from torch import Tensor
 from ._common import (as_blc, check_dtypes, fp32_precision, has_wgmma, large_shared, launch_device,
                       needs_wide_offsets, on_gpu, opaque_stride, per_iteration, pixel_splits, upcast_dot)
 from .. import _backend
-from . import projected
+from . import _autotune, projected
 
 __all__ = ["prototype_attention", "prototype_side"]
 
@@ -776,24 +776,31 @@ def _fwd_op(
         batch, length, channels = x.shape
         n = batch * length
         num_protos = kt.shape[0] // num_heads
-        out = torch.empty_like(x)
-        lse = torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
         if n == 0:
-            return out, lse
+            return torch.empty_like(x), torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
         block_n, block_p, block_c, block_k = _blocks(x.device, num_protos, channels, x.dtype, (x.stride(2),))
         groups, out_split = _fwd_groups(x.device, channels, x.dtype, (x.stride(2),))
-        _attention_fwd_kernel[(batch * triton.cdiv(length, block_n) * (2 if out_split else 1),)](
-            x, kt, c, vt, out_bias, gamma, exclude, out, lse,
-            length, channels, num_protos, protos_per_class, num_heads,
-            *x.stride(), *out.stride(),
-            HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
-            HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
-            BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
-            DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
-            GROUPS=groups, OUT_SPLIT=out_split,
-            **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype), tf32_fp32=_fp32_in_tf32(x.dtype)),
-        )
-        return out, lse
+
+        def run(tiles):
+            out = torch.empty_like(x)
+            lse = torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
+            _attention_fwd_kernel[(batch * triton.cdiv(length, tiles["BLOCK_N"]) * (2 if out_split else 1),)](
+                x, kt, c, vt, out_bias, gamma, exclude, out, lse,
+                length, channels, num_protos, protos_per_class, num_heads,
+                *x.stride(), *out.stride(),
+                HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
+                HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
+                DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
+                GROUPS=groups, OUT_SPLIT=out_split, **tiles,
+            )
+            return out, lse
+
+        tiles = dict(BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, BLOCK_K=block_k,
+                     **_launch_options(x.device, num_stages=_fwd_stages(x.device, x.dtype),
+                                       tf32_fp32=_fp32_in_tf32(x.dtype)))
+        key = _autotune.problem_key(x, num_heads, num_protos, c is not None, out_bias is not None,
+                                    gamma is not None, exclude is not None)
+        return _autotune.tuned("prototype_attention.fwd", key, tiles, run, x.device)
 
 
 @_fwd_op.register_fake
@@ -823,70 +830,87 @@ def _bwd_op(
                                                         (x.stride(2), grad.stride(2)))
         # float16 features and gradient: exact in TF32 (_tf32_halves)
         exact_tf32 = x.dtype == torch.float16 and grad.dtype == torch.float16
-        num_n_tiles = batch * triton.cdiv(length, block_n)  # tiles never straddle two images
-        dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
 
         def empty() -> Tensor:  # a fresh one each time: outputs of a custom op may not alias
             return torch.empty((0,), **f32)
 
         if n == 0:
-            return (dx, torch.zeros_like(kt) if need_dproto else empty(),
+            return (torch.empty_like(x) if need_dx else x.new_empty((0,)),
+                    torch.zeros_like(kt) if need_dproto else empty(),
                     torch.zeros((rows_hp,), **f32) if need_dproto else empty(),
                     torch.zeros_like(vt) if need_dproto else empty(),
                     torch.zeros((channels,), **f32) if need_gread else empty(),
                     torch.zeros((channels,), **f32) if need_gsum else empty())
-        delta = torch.empty((n, num_heads), **f32)
         # d(gamma)'s sum_n g * read = sum_p Vt * (sum_n a g): the prototype-gradient kernel holds
         # sum_n a g as dVt / gamma, so the dx kernel forms it (one GEMM per tile) only without that one
         gread_in_dx = need_gread and not need_dproto
-        gread = torch.empty((num_n_tiles, channels), **f32) if gread_in_dx else empty()
-        gsum = torch.empty((num_n_tiles, channels), **f32) if need_gsum else empty()
         common = dict(HAS_C=c is not None, HAS_GAMMA=gamma is not None, HAS_EXCLUDE=exclude is not None,
-                      BLOCK_P=block_p, BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype))
-        _attention_bwd_dx_kernel[(num_n_tiles,)](
-            x, grad, kt, c, vt, gamma, exclude, lse,
-            dx if need_dx else None, delta, gread if gread_in_dx else None, gsum if need_gsum else None,
-            length, channels, num_protos, protos_per_class, num_heads,
-            *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
-            NEED_DX=need_dx, NEED_GREAD=gread_in_dx, NEED_GSUM=need_gsum,
-            WIDE=needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
-            EXACT_TF32=exact_tf32,
-            **dict(common, BLOCK_N=block_n, BLOCK_K=block_k),
-            **_launch_options(dev, num_stages=1, tf32_fp32=_fp32_in_tf32(x.dtype)),
-        )
-        gread = gread.sum(0) if gread_in_dx else gread
-        gsum = gsum.sum(0) if need_gsum else gsum
+                      BLOCK_C=block_c, DOT_PREC=_dot_precision(x.dtype))
+        key = _autotune.problem_key(x, num_heads, num_protos, c is not None, gamma is not None,
+                                    exclude is not None, grad.stride(2) == 1)
+
+        def run_dx(tiles):
+            num_n_tiles = batch * triton.cdiv(length, tiles["BLOCK_N"])  # tiles never straddle two images
+            dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
+            delta = torch.empty((n, num_heads), **f32)
+            # per-tile partials, summed in a fixed order below
+            gread = torch.empty((num_n_tiles, channels), **f32) if gread_in_dx else empty()
+            gsum = torch.empty((num_n_tiles, channels), **f32) if need_gsum else empty()
+            _attention_bwd_dx_kernel[(num_n_tiles,)](
+                x, grad, kt, c, vt, gamma, exclude, lse,
+                dx if need_dx else None, delta, gread if gread_in_dx else None, gsum if need_gsum else None,
+                length, channels, num_protos, protos_per_class, num_heads,
+                *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
+                NEED_DX=need_dx, NEED_GREAD=gread_in_dx, NEED_GSUM=need_gsum,
+                WIDE=needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
+                EXACT_TF32=exact_tf32, **common, **tiles,
+            )
+            return dx, delta, gread.sum(0) if gread_in_dx else gread, gsum.sum(0) if need_gsum else gsum
+
+        dx, delta, gread, gsum = _autotune.tuned(
+            "prototype_attention.bwd_dx", key, dict(BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_K=block_k,
+                                                    **_launch_options(dev, num_stages=1,
+                                                                      tf32_fp32=_fp32_in_tf32(x.dtype))),
+            run_dx, dev)
         if not need_dproto:
             return dx, empty(), empty(), empty(), gread, gsum
 
         block_n, block_p, block_k = _dproto_blocks(dev, num_protos, block_c, x.dtype)
-        common.update(BLOCK_P=block_p, BLOCK_K=block_k, WIDE=needs_wide_offsets(x, grad),
-                      DOT_PREC=_dproto_precision(dev, x.dtype, block_c))
-        num_n_tiles = batch * triton.cdiv(length, block_n)
-        tiles_per_head = triton.cdiv(num_protos, block_p)
-        num_p_programs = num_heads * tiles_per_head
-        splits = pixel_splits(dev, num_p_programs, num_n_tiles)
-        if deterministic:
-            dkt = torch.empty((splits, rows_hp, channels), **f32)
-            dvt = torch.empty((splits, rows_hp, channels), **f32)
-            dc = torch.empty((splits, rows_hp), **f32)
-        else:
-            dkt = torch.zeros((rows_hp, channels), **f32)
-            dvt = torch.zeros((rows_hp, channels), **f32)
-            dc = torch.zeros((rows_hp,), **f32)
-        _attention_bwd_dproto_kernel[(num_p_programs, splits)](
-            x, grad, kt, c, vt, gamma, exclude, lse, delta, dkt, dc, dvt,
-            length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
-            *x.stride(), *grad.stride(),
-            DETERMINISTIC=deterministic, BLOCK_N=block_n, SPLIT16=x.dtype == torch.bfloat16,
-            SPLIT_TF32=exact_tf32, UPCAST_DOT=upcast_dot(),
-            OPAQUE_X=opaque_stride(dev, x.stride(2), channels),
-            OPAQUE_G=opaque_stride(dev, grad.stride(2), channels),
-            **common, **_launch_options(dev, num_stages=1),
-        )
-        if deterministic:
-            # stage two: a fixed-order sum over the splits (no atomics anywhere)
-            dkt, dvt, dc = dkt.sum(0), dvt.sum(0), dc.sum(0)
+        dproto_common = dict(common, WIDE=needs_wide_offsets(x, grad),
+                             DOT_PREC=_dproto_precision(dev, x.dtype, block_c))
+
+        def run_dproto(tiles):
+            num_n_tiles = batch * triton.cdiv(length, tiles["BLOCK_N"])
+            tiles_per_head = triton.cdiv(num_protos, tiles["BLOCK_P"])
+            num_p_programs = num_heads * tiles_per_head
+            splits = pixel_splits(dev, num_p_programs, num_n_tiles)
+            if deterministic:
+                dkt = torch.empty((splits, rows_hp, channels), **f32)
+                dvt = torch.empty((splits, rows_hp, channels), **f32)
+                dc = torch.empty((splits, rows_hp), **f32)
+            else:
+                dkt = torch.zeros((rows_hp, channels), **f32)
+                dvt = torch.zeros((rows_hp, channels), **f32)
+                dc = torch.zeros((rows_hp,), **f32)
+            _attention_bwd_dproto_kernel[(num_p_programs, splits)](
+                x, grad, kt, c, vt, gamma, exclude, lse, delta, dkt, dc, dvt,
+                length, channels, num_protos, protos_per_class, num_heads, tiles_per_head, num_n_tiles, splits,
+                *x.stride(), *grad.stride(),
+                DETERMINISTIC=deterministic, SPLIT16=x.dtype == torch.bfloat16,
+                SPLIT_TF32=exact_tf32, UPCAST_DOT=upcast_dot(),
+                OPAQUE_X=opaque_stride(dev, x.stride(2), channels),
+                OPAQUE_G=opaque_stride(dev, grad.stride(2), channels),
+                **dproto_common, **tiles,
+            )
+            if deterministic:
+                # stage two: a fixed-order sum over the splits (no atomics anywhere)
+                return dkt.sum(0), dvt.sum(0), dc.sum(0)
+            return dkt, dvt, dc
+
+        dkt, dvt, dc = _autotune.tuned(
+            "prototype_attention.bwd_dproto", key,
+            dict(BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_K=block_k, **_launch_options(dev, num_stages=1)),
+            run_dproto, dev)
         # the kernel leaves dVt without its gamma: sum_n a g
         if need_gread:
             gread = (vt * dvt).sum(0)

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _autotune
 from ._common import (EPS, EPS_C, TRITON_VERSION, as_blc, capability, check_dtypes, dot_operand, has_tcgen05,
                       has_wgmma, large_shared, launch_device, next_pow2, on_gpu, opaque_stride, per_iteration,
                       pixel_splits, fp32_precision, upcast_dot)
@@ -643,27 +644,33 @@ def _fwd_op(
     with launch_device(x):
         B, L, C = x.shape
         P = w_hat.shape[0]
-        loss = torch.empty((B, L), device=x.device, dtype=torch.float32)
-        lse, pos = torch.empty_like(loss), torch.empty_like(loss)
-        best = torch.empty((B, L), device=x.device, dtype=torch.int32)
         if B * L == 0:
-            return loss, lse, pos, best
+            loss = torch.empty((B, L), device=x.device, dtype=torch.float32)
+            best = torch.empty((B, L), device=x.device, dtype=torch.int32)
+            return loss, torch.empty_like(loss), torch.empty_like(loss), best
         block_n, block_p, block_c = _blocks(x.device, L, P, C, x.element_size())
         dot, _ = _dot_dtypes(x.dtype)
-        grid = (B * triton.cdiv(L, block_n),)
         # The GEMM operand, rounded once here, and the same rounding in the backward: the
         # backward's recomputed z must be the forward's bit for bit.
         w_op = w_hat.to(x.dtype)
-        _contrastive_fwd_kernel[grid](
-            x, w_op, target, loss, lse, pos, best,
-            L, C, P, num_per_class, ignore_index, inv_temperature,
-            x.stride(0), x.stride(1), x.stride(2), w_op.stride(0), w_op.stride(1),
-            target.stride(0), target.stride(1),
-            COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION=_input_precision(x.dtype, C),
-            UPCAST_DOT=upcast_dot(), BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c,
-            **_fwd_options(x.device, x.dtype),
-        )
-        return loss, lse, pos, best
+
+        def run(tiles):
+            loss = torch.empty((B, L), device=x.device, dtype=torch.float32)
+            lse, pos = torch.empty_like(loss), torch.empty_like(loss)
+            best = torch.empty((B, L), device=x.device, dtype=torch.int32)
+            _contrastive_fwd_kernel[(B * triton.cdiv(L, tiles["BLOCK_N"]),)](
+                x, w_op, target, loss, lse, pos, best,
+                L, C, P, num_per_class, ignore_index, inv_temperature,
+                x.stride(0), x.stride(1), x.stride(2), w_op.stride(0), w_op.stride(1),
+                target.stride(0), target.stride(1),
+                COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION=_input_precision(x.dtype, C),
+                UPCAST_DOT=upcast_dot(), **tiles,
+            )
+            return loss, lse, pos, best
+
+        tiles = dict(BLOCK_N=block_n, BLOCK_P=block_p, BLOCK_C=block_c, **_fwd_options(x.device, x.dtype))
+        return _autotune.tuned("contrastive_loss.fwd", _autotune.problem_key(x, P, cosine, nearest), tiles, run,
+                               x.device)
 
 
 @torch.library.custom_op("torch_ppl::contrastive_loss_bwd", mutates_args=())
@@ -678,9 +685,12 @@ def _bwd_op(
     with launch_device(x):
         B, L, C = x.shape
         P = w_hat.shape[0]
-        dx = torch.empty_like(x) if need_dx else x.new_empty((0,))
-        dw = torch.zeros((P, C), device=x.device, dtype=torch.float32) if need_dw else w_hat.new_empty((0,))
+        dx, dw = x.new_empty((0,)), w_hat.new_empty((0,))
         if B * L == 0:
+            if need_dx:
+                dx = torch.empty_like(x)
+            if need_dw:
+                dw = torch.zeros((P, C), device=x.device, dtype=torch.float32)
             return dx, dw
         dx_cfg, dw_cfg = _bwd_configs(x.device, L, P, C, x.dtype, x.stride(2))
         dot, dw_dot = _dot_dtypes(x.dtype)
@@ -689,26 +699,37 @@ def _bwd_op(
                   w_op.stride(0), w_op.stride(1), target.stride(0), target.stride(1))
         flags = dict(COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION=_input_precision(x.dtype, C),
                      UPCAST_DOT=upcast_dot())
-        if need_dx:
-            _contrastive_bwd_dx_kernel[(B * triton.cdiv(L, dx_cfg["BLOCK_N"]),)](
+        key = _autotune.problem_key(x, P, cosine, nearest)
+
+        def run_dx(tiles):
+            dx = torch.empty_like(x)
+            _contrastive_bwd_dx_kernel[(B * triton.cdiv(L, tiles["BLOCK_N"]),)](
                 grad, x, w_op, target, lse, pos, best, dx,
                 L, C, P, num_per_class, ignore_index, inv_temperature,
-                *common, dx.stride(0), dx.stride(1), dx.stride(2), **flags, **{"HALVES": False, **dx_cfg},
+                *common, dx.stride(0), dx.stride(1), dx.stride(2), **flags, **{"HALVES": False, **tiles},
                 OPAQUE=on_gpu(x.device),
             )
-        if need_dw:
-            num_tiles = B * triton.cdiv(L, dw_cfg["BLOCK_N"])
-            p_tiles = triton.cdiv(P, dw_cfg["BLOCK_P"])
+            return dx
+
+        def run_dw(tiles):
+            num_tiles = B * triton.cdiv(L, tiles["BLOCK_N"])
+            p_tiles = triton.cdiv(P, tiles["BLOCK_P"])
             splits = pixel_splits(x.device, p_tiles, num_tiles)
-            out = torch.empty((splits, P, C), device=x.device, dtype=torch.float32) if deterministic else dw
+            out = (torch.empty((splits, P, C), device=x.device, dtype=torch.float32) if deterministic
+                   else torch.zeros((P, C), device=x.device, dtype=torch.float32))
             _contrastive_bwd_dw_kernel[(p_tiles, splits)](
                 grad, x, w_op, target, lse, pos, best, out,
                 B, L, C, P, num_per_class, ignore_index, inv_temperature,
                 *common, DW_DOT_DTYPE=dw_dot, DETERMINISTIC=deterministic,
-                OPAQUE_X=opaque_stride(x.device, x.stride(2), C), **flags, **dw_cfg,
+                OPAQUE_X=opaque_stride(x.device, x.stride(2), C), **flags, **tiles,
             )
-            if deterministic:
-                dw = out.sum(0)  # stage two: the splits' partials added in a fixed order
+            # deterministic: stage two, the splits' partials added in a fixed order
+            return out.sum(0) if deterministic else out
+
+        if need_dx:
+            dx = _autotune.tuned("contrastive_loss.bwd_dx", key, dx_cfg, run_dx, x.device)
+        if need_dw:
+            dw = _autotune.tuned("contrastive_loss.bwd_dw", key, dw_cfg, run_dw, x.device)
         return dx, dw
 
 

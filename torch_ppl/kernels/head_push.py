@@ -27,10 +27,11 @@ import torch
 import triton
 from torch import Tensor
 
+from . import _autotune
 from ._common import (as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows, on_gpu,
                       pixel_splits)
-from .similarity import (_POOL_CODE, _Config, _joint_dw_config, _logits_bwd_dx_kernel, _logits_fwd_kernel,
-                         _logits_push_bwd_dw_kernel, _new_stat, prototype_operands)
+from .similarity import (_POOL_CODE, _Config, _head_outputs, _joint_dw_config, _logits_bwd_dx_kernel,
+                         _logits_fwd_kernel, _logits_push_bwd_dw_kernel, prototype_operands)
 
 __all__ = ["prototype_logits_and_contrastive"]
 
@@ -87,41 +88,46 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
     """
     with launch_device(x):
         k, m, c = w_hat.shape
-        out = new_rows(x, k, torch.float32)
-        x3, out3 = as_blc(x), as_blc(out)
+        x3 = as_blc(x)
         nb, nl, _ = x3.shape
         y = target.reshape(nb, nl)
         pool = _POOL_CODE[pooling]
-        stat = _new_stat(x, nb, nl, k, m, pool)
-        inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
-        loss = x.new_empty((nb, nl), dtype=torch.float32)
-        lse, pos = torch.empty_like(loss), torch.empty_like(loss)
-        best = x.new_empty((nb, nl), dtype=torch.int32)
-        if out.numel() == 0:
-            return out, stat, inv, loss, lse, pos, best
+        if nb * nl * k == 0:
+            return (*_head_outputs(x, nb, nl, k, m, pool, cosine), *_push_outputs(x, nb, nl))
         cfg = _config(x.device, c, k, m, x.dtype, x3.stride(2))
-        _logits_fwd_kernel[(nb * triton.cdiv(nl, cfg.block_n),)](
-            x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
-            y, loss, lse, pos, best,
-            nl, c, k, m, ignore_index, inv_temperature,
-            *x3.stride(), *out3.stride(), *y.stride(),
-            COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
-            PUSH=True, NEAREST=nearest,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.fwd_block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
-            num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
-        )
-        return out, stat, inv, loss, lse, pos, best
+        w_op = w_hat.to(x.dtype)
+
+        def run(tiles):
+            out, stat, inv = _head_outputs(x, nb, nl, k, m, pool, cosine)
+            loss, lse, pos, best = _push_outputs(x, nb, nl)
+            out3 = as_blc(out)
+            _logits_fwd_kernel[(nb * triton.cdiv(nl, tiles["BLOCK_N"]),)](
+                x3, w_op, scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
+                y, loss, lse, pos, best,
+                nl, c, k, m, ignore_index, inv_temperature,
+                *x3.stride(), *out3.stride(), *y.stride(),
+                COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision,
+                UPCAST_DOT=cfg.upcast, PUSH=True, NEAREST=nearest, **tiles,
+            )
+            return out, stat, inv, loss, lse, pos, best
+
+        tiles = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.fwd_block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
+                     num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg())
+        key = _autotune.problem_key(x3, k, m, cosine, pool, bias is not None, nearest)
+        return _autotune.tuned("prototype_logits_and_contrastive.fwd", key, tiles, run, x.device)
 
 
 @_fwd_op.register_fake
 def _fwd_fake(x, w_hat, scale, bias, target, cosine, pooling, inv_temperature, nearest, ignore_index):
     k, m, _ = w_hat.shape
     nb, nl, _ = as_blc(x).shape
-    pool = _POOL_CODE[pooling]
+    return (*_head_outputs(x, nb, nl, k, m, _POOL_CODE[pooling], cosine), *_push_outputs(x, nb, nl))
+
+
+def _push_outputs(x: Tensor, nb: int, nl: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """New per-pixel ``(loss, lse, pos, best)`` of the forward: float32 and int32 ``(B, L)``."""
     loss = x.new_empty((nb, nl), dtype=torch.float32)
-    return (new_rows(x, k, torch.float32), _new_stat(x, nb, nl, k, m, pool),
-            x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32),
-            loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss, dtype=torch.int32))
+    return loss, torch.empty_like(loss), torch.empty_like(loss), x.new_empty((nb, nl), dtype=torch.int32)
 
 
 @torch.library.custom_op("torch_ppl::prototype_logits_contrastive_bwd", mutates_args=())
@@ -135,8 +141,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
     dscale as 0."""
     with launch_device(x):
         k, m, c = w_hat.shape
-        dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
-        dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
+        dx, dw = x.new_empty((0,)), w_hat.new_empty((0,))  # what is not asked for
         dscale = torch.zeros((), dtype=torch.float32, device=x.device)
         x3, g3 = as_blc(x), as_blc(grad_logits)
         nb, nl, _ = x3.shape
@@ -145,15 +150,19 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
         stat = stat if pool != 2 else None
         if x.numel() == 0 or k == 0:
             if need_dx:
-                dx.zero_()
+                dx = new_rows(x, x.shape[-1], x.dtype).zero_()
+            if need_dw:
+                dw = torch.zeros_like(w_hat)
             return dx, dw, dscale
         cfg = _config(x.device, c, k, m, x.dtype, x3.stride(2))
         w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed from the same rounding
         push = (y, grad_loss, lse, pos, best)
+        key = _autotune.problem_key(x3, k, m, cosine, pool, nearest, need_dx, need_dscale)
 
-        if need_dx or need_dscale:
+        def run_dx(tiles):
+            dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
             dx3 = as_blc(dx) if need_dx else None
-            n_blocks = nb * triton.cdiv(nl, cfg.bwd_block_n)
+            n_blocks = nb * triton.cdiv(nl, tiles["BLOCK_N"])
             partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
             # without dx the push adds nothing (dscale is the head's alone)
             _logits_bwd_dx_kernel[(n_blocks,)](
@@ -165,28 +174,31 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
                 GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype != torch.float16, UPCAST_DOT=cfg.upcast,
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest,
                 WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
-                BLOCK_N=cfg.bwd_block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c),
-                S_CHUNK=cfg.dx_s_chunk, BLOCK_P=cfg.dx_block_p,
-                num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg,
+                BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk, **tiles,
             )
-            if need_dscale:
-                dscale = partial.sum()
+            return dx, partial.sum() if need_dscale else dscale
 
-        if need_dw:
-            tiles = _joint_dw_config(x.device, c, x.dtype, x3.stride(2))
+        def run_dw(tiles):
             p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
             grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
-            target_dw = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
+            out = w_hat.new_empty((grid[1], k, m, c)) if deterministic else torch.zeros_like(w_hat)
             _logits_push_bwd_dw_kernel[grid](
-                x3, w_dot, scale, g3, stat, *push, target_dw,
+                x3, w_dot, scale, g3, stat, *push, out,
                 nb, nl, c, k, m, ignore_index, inv_temperature,
                 *x3.stride(), *g3.stride(), *y.stride(), *grad_loss.stride(),
                 COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
                 GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic, PUSH=True,
                 WIDE=needs_wide_offsets(x3), **tiles,
             )
-            if deterministic:
-                dw = target_dw.sum(0)  # the splits' partials added in a fixed order
+            return out.sum(0) if deterministic else out  # the splits' partials added in a fixed order
+
+        if need_dx or need_dscale:
+            tiles = dict(BLOCK_N=cfg.bwd_block_n, BLOCK_P=cfg.dx_block_p, num_warps=cfg.bwd_num_warps,
+                         num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+            dx, dscale = _autotune.tuned("prototype_logits_and_contrastive.bwd_dx", key, tiles, run_dx, x.device)
+        if need_dw:
+            dw = _autotune.tuned("prototype_logits_and_contrastive.bwd_dw", key,
+                                 _joint_dw_config(x.device, c, x.dtype, x3.stride(2)), run_dw, x.device)
         return dx, dw, dscale
 
 

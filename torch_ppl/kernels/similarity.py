@@ -57,6 +57,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _autotune
 from ._common import (EPS, EPS_C, TRITON_VERSION, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, large_shared, launch_device,
                       needs_wide_offsets, new_rows, next_pow2, on_gpu, opaque_stride, per_iteration, pixel_splits,
                       fp32_precision, upcast_dot)
@@ -1142,27 +1143,38 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
     ``(K, M, C)`` fp32 prototype tensor, already normalised for cosine."""
     with launch_device(x):
         k, m, c = w_hat.shape
-        out = new_rows(x, k, torch.float32)
-        x3, out3 = as_blc(x), as_blc(out)
+        x3 = as_blc(x)
         nb, nl, _ = x3.shape
         pool = _POOL_CODE[pooling]
-        stat = _new_stat(x, nb, nl, k, m, pool)
-        inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
-        if out.numel() == 0:
-            return out, stat, inv
+        if nb * nl * k == 0:
+            return _head_outputs(x, nb, nl, k, m, pool, cosine)
         cfg = _Config(x.device, c, k, m, x.dtype, x3.stride(2))
-        grid = (nb * triton.cdiv(nl, cfg.block_n),)
-        _logits_fwd_kernel[grid](
-            x3, w_hat.to(x.dtype), scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
-            *_NO_PUSH,
-            nl, c, k, m, 0, 1.0,
-            *x3.stride(), *out3.stride(), 0, 0,
-            COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision, UPCAST_DOT=cfg.upcast,
-            PUSH=False, NEAREST=False,
-            BLOCK_N=cfg.block_n, BLOCK_K=cfg.fwd_block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
-            num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg(),
-        )
-        return out, stat, inv
+        w_op = w_hat.to(x.dtype)
+
+        def run(tiles):
+            out, stat, inv = _head_outputs(x, nb, nl, k, m, pool, cosine)
+            out3 = as_blc(out)
+            _logits_fwd_kernel[(nb * triton.cdiv(nl, tiles["BLOCK_N"]),)](
+                x3, w_op, scale, bias, out3, stat if pool != 2 else None, inv if cosine else None,
+                *_NO_PUSH,
+                nl, c, k, m, 0, 1.0,
+                *x3.stride(), *out3.stride(), 0, 0,
+                COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision,
+                UPCAST_DOT=cfg.upcast, PUSH=False, NEAREST=False, **tiles,
+            )
+            return out, stat, inv
+
+        tiles = dict(BLOCK_N=cfg.block_n, BLOCK_K=cfg.fwd_block_k, BLOCK_C=cfg.block_c, S_CHUNK=cfg.s_chunk,
+                     num_warps=cfg.num_warps, num_stages=cfg.fwd_stages, maxnreg=cfg.fwd_maxnreg())
+        key = _autotune.problem_key(x3, k, m, cosine, pool, bias is not None)
+        return _autotune.tuned("prototype_logits.fwd", key, tiles, run, x.device)
+
+
+def _head_outputs(x: Tensor, nb: int, nl: int, k: int, m: int, pool: int,
+                  cosine: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """New ``(logits, stat, inv)`` of the forward (:func:`_fwd_op`): logits laid out like ``x``."""
+    return (new_rows(x, k, torch.float32), _new_stat(x, nb, nl, k, m, pool),
+            x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32))
 
 
 def _new_stat(x: Tensor, nb: int, nl: int, k: int, m: int, pool: int) -> Tensor:
@@ -1178,11 +1190,8 @@ def _new_stat(x: Tensor, nb: int, nl: int, k: int, m: int, pool: int) -> Tensor:
 @_fwd_op.register_fake
 def _fwd_fake(x, w_hat, scale, bias, cosine, pooling):
     k, m, _ = w_hat.shape
-    out = new_rows(x, k, torch.float32)
     nb, nl, _ = as_blc(x).shape
-    stat = _new_stat(x, nb, nl, k, m, _POOL_CODE[pooling])
-    inv = x.new_empty((nb, nl) if cosine else (0,), dtype=torch.float32)
-    return out, stat, inv
+    return _head_outputs(x, nb, nl, k, m, _POOL_CODE[pooling], cosine)
 
 
 @torch.library.custom_op("torch_ppl::prototype_logits_bwd", mutates_args=())
@@ -1195,27 +1204,32 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
     similarity and for ``dscale`` (:func:`_needs_logits`), else ``None``."""
     with launch_device(x):
         k, m, c = w_hat.shape
-        dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
-        dw = torch.zeros_like(w_hat) if need_dw else w_hat.new_empty((0,))
+        dx, dw = x.new_empty((0,)), w_hat.new_empty((0,))  # what is not asked for
         dscale = torch.zeros((), dtype=torch.float32, device=x.device)
         x3, g3 = as_blc(x), as_blc(grad)
-        dx3 = as_blc(dx) if need_dx else None
         nb, nl, _ = x3.shape
         pool = _POOL_CODE[pooling]
         winners = stat if pool == 0 else None
         if x.numel() == 0 or k == 0:
             if need_dx:
-                dx.zero_()
+                dx = new_rows(x, x.shape[-1], x.dtype).zero_()
+            if need_dw:
+                dw = torch.zeros_like(w_hat)
             return dx, dw, dscale
         cfg = _Config(x.device, c, k, m, x.dtype, x3.stride(2))
         w_dot = w_hat.to(x.dtype)  # the forward's GEMM operand, so ``s`` is recomputed bit for bit
         common = dict(COSINE=cosine, POOL=pool, PRECISION=cfg.precision, GRAD_PRECISION=cfg.grad_precision,
-                      GRAD_DTYPE=cfg.grad_dtype, UPCAST_DOT=cfg.upcast,
-                      num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
+                      GRAD_DTYPE=cfg.grad_dtype, UPCAST_DOT=cfg.upcast)
+        key = _autotune.problem_key(x3, k, m, cosine, pool, bias is not None, need_dx, need_dscale)
 
-        if pool != 1 and (need_dx or need_dscale):
+        def new_dx():
+            dx = new_rows(x, x.shape[-1], x.dtype) if need_dx else x.new_empty((0,))
+            return dx, as_blc(dx) if need_dx else None
+
+        def run_slice(tiles):
             # max / mean pooling: dx a channel slice at a time, R from the logits (no similarity)
-            n_blocks = nb * triton.cdiv(nl, cfg.slice_block_n)
+            dx, dx3 = new_dx()
+            n_blocks = nb * triton.cdiv(nl, tiles["BLOCK_N"])
             partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
             o3 = as_blc(logits) if (cosine or need_dscale) else None
             # bfloat16 and float32 features: the forward's Ŵ; float16: fp32 Ŵ (fp32 ds operands)
@@ -1227,17 +1241,15 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 *(dx3.stride() if need_dx else (0, 0, 0)),
                 COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, NEED_DX=need_dx, NEED_DSCALE=need_dscale,
                 GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast,
-                WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
-                BLOCK_N=cfg.slice_block_n, BLOCK_K=cfg.slice_block_k, BLOCK_C=cfg.slice_block_c,
-                num_warps=cfg.slice_num_warps, num_stages=cfg.slice_stages, maxnreg=cfg.maxnreg,
+                WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])), **tiles,
             )
-            if need_dscale:
-                dscale = partial.sum() / scale  # sum_n R[n] = scale * sum g * pool_m s
+            # sum_n R[n] = scale * sum g * pool_m s
+            return dx, partial.sum() / scale if need_dscale else dscale
 
-        elif need_dx or need_dscale:
+        def run_recompute(tiles):
             # logsumexp pooling: the similarities are recomputed for its softmax weights
-            block_n, stages = min(cfg.bwd_block_n, cfg.recompute_block_n), cfg.recompute_stages
-            n_blocks = nb * triton.cdiv(nl, block_n)
+            dx, dx3 = new_dx()
+            n_blocks = nb * triton.cdiv(nl, tiles["BLOCK_N"])
             partial = torch.empty((n_blocks,), dtype=torch.float32, device=x.device) if need_dscale else None
             _logits_bwd_dx_kernel[(n_blocks,)](
                 x3, w_hat, w_dot, scale, g3, stat, dx3, partial,
@@ -1247,46 +1259,59 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 # fp32 features: w_dot is w_hat itself
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
                 PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
-                BLOCK_N=block_n, BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk,
-                BLOCK_P=cfg.dx_block_p, **dict(common, num_stages=stages),
+                BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk, **common, **tiles,
             )
-            if need_dscale:
-                dscale = partial.sum()
+            return dx, partial.sum() if need_dscale else dscale
+
+        if pool != 1 and (need_dx or need_dscale):
+            tiles = dict(BLOCK_N=cfg.slice_block_n, BLOCK_K=cfg.slice_block_k, BLOCK_C=cfg.slice_block_c,
+                         num_warps=cfg.slice_num_warps, num_stages=cfg.slice_stages, maxnreg=cfg.maxnreg)
+            dx, dscale = _autotune.tuned("prototype_logits.bwd_dx_slice", key, tiles, run_slice, x.device)
+        elif need_dx or need_dscale:
+            tiles = dict(BLOCK_N=min(cfg.bwd_block_n, cfg.recompute_block_n), BLOCK_P=cfg.dx_block_p,
+                         num_warps=cfg.bwd_num_warps, num_stages=cfg.recompute_stages, maxnreg=cfg.maxnreg)
+            dx, dscale = _autotune.tuned("prototype_logits.bwd_dx", key, tiles, run_recompute, x.device)
 
         if need_dw:
             deterministic = torch.are_deterministic_algorithms_enabled()
             if pool == 1:
                 # logsumexp: ds = scale g exp(s - pooled) needs the similarities, recomputed over all
                 # channels per flat prototype tile by the joint kernel without the push
+                def run_dw(tiles):
+                    p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
+                    grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
+                    out = w_hat.new_empty((grid[1], k, m, c)) if deterministic else torch.zeros_like(w_hat)
+                    _logits_push_bwd_dw_kernel[grid](
+                        x3, w_dot, scale, g3, stat, *_NO_PUSH, out,
+                        nb, nl, c, k, m, 0, 1.0,
+                        *x3.stride(), *g3.stride(), 0, 0, 0, 0,
+                        COSINE=cosine, POOL=pool, NEAREST=False, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
+                        GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
+                        PUSH=False, WIDE=needs_wide_offsets(x3), **tiles,
+                    )
+                    return out.sum(0) if deterministic else out  # the splits' partials in a fixed order
+
                 tiles = _joint_dw_config(x.device, c, x.dtype, x3.stride(2))
-                p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
-                grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
-                target = w_hat.new_empty((grid[1], k, m, c)) if deterministic else dw
-                _logits_push_bwd_dw_kernel[grid](
-                    x3, w_dot, scale, g3, stat, *_NO_PUSH, target,
-                    nb, nl, c, k, m, 0, 1.0,
-                    *x3.stride(), *g3.stride(), 0, 0, 0, 0,
-                    COSINE=cosine, POOL=pool, NEAREST=False, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
-                    GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
-                    PUSH=False, WIDE=needs_wide_offsets(x3), **tiles,
-                )
+                dw = _autotune.tuned("prototype_logits.bwd_dw_joint", key, tiles, run_dw, x.device)
             else:
-                p_tiles, c_slices = triton.cdiv(k * m, cfg.dw_block_p), triton.cdiv(c, cfg.dw_block_c)
-                pixel_tiles = nb * triton.cdiv(nl, cfg.dw_block_n)
-                grid = (p_tiles, c_slices, pixel_splits(x.device, p_tiles * c_slices, pixel_tiles))
-                target = w_hat.new_empty((grid[2], k, m, c)) if deterministic else dw
-                _logits_bwd_dw_kernel[grid](
-                    x3, inv if cosine else None, scale, g3, winners, target,
-                    nb, nl, c, k, m,
-                    *x3.stride(), *g3.stride(),
-                    COSINE=cosine, POOL=pool, GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision,
-                    UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
-                    BLOCK_N=cfg.dw_block_n, BLOCK_P=cfg.dw_block_p, BLOCK_C=cfg.dw_block_c,
-                    OPAQUE_X=opaque_stride(x.device, x3.stride(2), c),
-                    num_warps=cfg.dw_num_warps, num_stages=cfg.dw_stages, maxnreg=cfg.dw_maxnreg,
-                )
-            if deterministic:
-                dw = target.sum(0)  # the splits' partials added in a fixed order
+                def run_dw(tiles):
+                    p_tiles, c_slices = triton.cdiv(k * m, tiles["BLOCK_P"]), triton.cdiv(c, tiles["BLOCK_C"])
+                    pixel_tiles = nb * triton.cdiv(nl, tiles["BLOCK_N"])
+                    grid = (p_tiles, c_slices, pixel_splits(x.device, p_tiles * c_slices, pixel_tiles))
+                    out = w_hat.new_empty((grid[2], k, m, c)) if deterministic else torch.zeros_like(w_hat)
+                    _logits_bwd_dw_kernel[grid](
+                        x3, inv if cosine else None, scale, g3, winners, out,
+                        nb, nl, c, k, m,
+                        *x3.stride(), *g3.stride(),
+                        COSINE=cosine, POOL=pool, GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision,
+                        UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
+                        OPAQUE_X=opaque_stride(x.device, x3.stride(2), c), **tiles,
+                    )
+                    return out.sum(0) if deterministic else out  # the splits' partials in a fixed order
+
+                tiles = dict(BLOCK_N=cfg.dw_block_n, BLOCK_P=cfg.dw_block_p, BLOCK_C=cfg.dw_block_c,
+                             num_warps=cfg.dw_num_warps, num_stages=cfg.dw_stages, maxnreg=cfg.dw_maxnreg)
+                dw = _autotune.tuned("prototype_logits.bwd_dw", key, tiles, run_dw, x.device)
         return dx, dw, dscale
 
 
