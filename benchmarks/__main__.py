@@ -4,7 +4,8 @@ repository root.
 ``python -m benchmarks gpu`` measures everything on a CUDA GPU: every op, provider and pass at
 the headline shapes, the loss and head at the M=1 dot-product shapes (where Liger and CCE
 compete), then the N and P sweeps (fwd+bwd, without torch.compile), then the attention with
-eight heads in each of its two forms (fused kernels; PyTorch's GEMMs and fused attention).
+eight heads in each of its two forms (fused kernels; PyTorch's GEMMs and fused attention),
+then the fused kernels with autotuning on (``tuned``) at the headline shapes.
 Results are appended to
 ``benchmarks/results/<device>.jsonl`` (+ ``.csv``) and plotted into
 ``benchmarks/results/<device>/``. It stops cleanly after ``--time-budget`` seconds (default
@@ -105,12 +106,16 @@ class Step(NamedTuple):
 #    Liger and CCE compete) and the head (the 1x1-conv replacement);
 # 3. the sweeps over N and P, forward+backward only and without torch.compile, whose fresh
 #    compile for every shape and op would cost more device time than all the measuring;
-# 4. the attention with eight heads, in bf16 and fp32 features, in each of its two forms.
+# 4. the attention with eight heads, in bf16 and fp32 features, in each of its two forms;
+# 5. the fused kernels with autotuning on at the headline shapes, forward+backward (each
+#    kernel's tiles timed against their neighbours at its first call, seconds per kernel).
+_UNTUNED = [p for p in providers.PROVIDERS if p != "tuned"]
 GPU_PLAN = [
-    Step(["headline"], list(roofline.PASSES)),
-    Step(["m1-dot"], list(roofline.PASSES), ops=["contrastive_loss", "prototype_logits"]),
-    Step(["sweep-N", "sweep-P"], ["fwdbwd"], providers=[p for p in providers.PROVIDERS if p != "compile"]),
-    Step(["heads"], list(roofline.PASSES), ops=["prototype_attention"]),
+    Step(["headline"], list(roofline.PASSES), providers=_UNTUNED),
+    Step(["m1-dot"], list(roofline.PASSES), ops=["contrastive_loss", "prototype_logits"], providers=_UNTUNED),
+    Step(["sweep-N", "sweep-P"], ["fwdbwd"], providers=[p for p in _UNTUNED if p != "compile"]),
+    Step(["heads"], list(roofline.PASSES), ops=["prototype_attention"], providers=_UNTUNED),
+    Step(["headline"], ["fwdbwd"], providers=["tuned"]),
 ]
 
 

@@ -3,6 +3,8 @@
 Providers, all run in the same process on the same inputs:
 
 * ``triton``: torch_ppl's fused kernels, ``backend="triton"``.
+* ``tuned``: the same with autotuning on (``torch_ppl.set_autotune``): each kernel's tiles
+  timed against their neighbours at the first call (the runner's warm-up), the fastest kept.
 * ``reference``: torch_ppl's pure-PyTorch reference in eager mode, ``backend="reference"``.
 * ``compile``: the same reference under ``torch.compile`` (a fresh compile per shape).
 * ``sdpa``: the attention as a user would write it with PyTorch's fused attention:
@@ -21,6 +23,7 @@ a time.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -32,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import torch_ppl
 from torch_ppl import _backend
 from torch_ppl import functional as PF
 
 from .shapes import Shape
 
-PROVIDERS = ("triton", "reference", "compile", "sdpa", "fast-form", "projected-form", "liger", "cce")
+PROVIDERS = ("triton", "reference", "compile", "sdpa", "fast-form", "projected-form", "liger", "cce", "tuned")
 _FORMS = {"fast-form": "fast", "projected-form": "projected"}
 IGNORE_INDEX = 255
 IGNORE_FRAC = 0.2  # fraction of ignored pixels in the targets, as in the tests
@@ -173,6 +177,18 @@ def attention_in_form(form: str, p: Problem) -> Tensor:
             os.environ[projected.FORM_ENV_VAR] = saved
 
 
+@contextlib.contextmanager
+def autotuning(on: bool):
+    """Autotuning on inside (for the ``tuned`` provider: the runner measures it, forward and
+    backward, inside this block), as it was before outside."""
+    previous = torch_ppl.set_autotune(on) if on else None
+    try:
+        yield
+    finally:
+        if on:
+            torch_ppl.set_autotune(previous)
+
+
 def _ce_rows(p: Problem):
     """``(N, C)`` features, ``(K, C)`` weight in the features' dtype and ``(N,)`` targets: what a
     fused linear cross-entropy takes. The copy to channel-last rows is part of the timed work."""
@@ -230,7 +246,7 @@ def unavailable(provider: str, op: str, shape: Shape, device: torch.device) -> O
     wrong device), or ``None`` if it can. Only asked where :func:`applies` holds."""
     if provider in ("reference", "compile", "sdpa"):
         return None
-    if provider == "triton" or provider in _FORMS:
+    if provider in ("triton", "tuned") or provider in _FORMS:
         try:
             for kernel_op in _KERNEL_OPS[op]:
                 resolved = _backend.resolve("triton", torch.empty(0, device=device), op=kernel_op)
@@ -255,6 +271,8 @@ def build(provider: str, op: str, problem: Problem, compile_backend: str = "indu
     :func:`applies` and :func:`unavailable` have cleared)."""
     if provider in ("triton", "reference"):
         return functools.partial(OPS[op], problem, provider)
+    if provider == "tuned":  # the runner turns autotuning on around it (autotuning)
+        return functools.partial(OPS[op], problem, "triton")
     if provider == "compile":
         compiled = torch.compile(OPS[op], backend=compile_backend, dynamic=False)
         return functools.partial(compiled, problem, "reference")

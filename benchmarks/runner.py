@@ -227,9 +227,11 @@ def run(
                     except Exception:  # noqa: BLE001
                         reference_out = False
                         _free(device)
-                _measure_provider(writer, env, peak, problem, reference_out if reference_out is not False else None,
-                                  op, provider, shape, todo, device, compile_backend=compile_backend,
-                                  warmup_ms=warmup_ms, rep_ms=rep_ms, cpu_reps=cpu_reps, log=log)
+                with P.autotuning(provider == "tuned"):
+                    _measure_provider(writer, env, peak, problem,
+                                      reference_out if reference_out is not False else None,
+                                      op, provider, shape, todo, device, compile_backend=compile_backend,
+                                      warmup_ms=warmup_ms, rep_ms=rep_ms, cpu_reps=cpu_reps, log=log)
                 if provider == "compile":
                     torch._dynamo.reset()
                 _free(device)
@@ -256,6 +258,11 @@ def _measure_provider(writer, env, peak, problem, reference_out, op, provider, s
         out = fn()  # first call: compiles, autotunes; also the accuracy check
         err = None if reference_out is None else max_abs_diff(out.detach(), reference_out)
         grad = timing.output_grad(out)
+        if provider == "tuned" and any(p != "fwd" for p in todo):
+            # the backward's kernels are tuned at their first call: here, not in a timed run
+            out.backward(grad)
+            for t in problem.leaves:
+                t.grad = None
         del out
     except NotImplementedError as exc:
         for p in todo:

@@ -235,6 +235,31 @@ def test_tuned_attention_gives_the_untuned_results(tuner, rules):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_benchmark_provider_tunes_forward_and_backward(monkeypatch, tmp_path):
+    """The ``tuned`` provider of ``python -m benchmarks``: every launch of its measurement,
+    backward included, sees autotuning on; other providers' do not."""
+    from benchmarks import runner, shapes
+
+    seen = []
+    original = autotune.tuned
+
+    def spy(site, key, default, run, device, knobs=tuple(autotune.KNOBS)):
+        seen.append((site, torch_ppl.autotune_enabled()))
+        return original(site, key, default, run, device, knobs)
+
+    monkeypatch.setattr(autotune, "tuned", spy)
+    shape = shapes.smoke()[0]
+    for provider in ("tuned", "triton"):
+        seen.clear()
+        done = runner.run([shape], ["contrastive_loss"], [provider], ["fwdbwd"], device=torch.device("cpu"),
+                          out=tmp_path / "r.jsonl", cpu_reps=1)
+        assert [r["status"] for r in done["rows"]] == ["ok"]
+        assert {site for site, _ in seen} == {"contrastive_loss.fwd", "contrastive_loss.bwd_dx",
+                                              "contrastive_loss.bwd_dw"}
+        assert {on for _, on in seen} == {provider == "tuned"}
+    assert not torch_ppl.autotune_enabled()
+
+
 def test_agree_reads_in_chunks():
     a = torch.randn(1000)
     b = a.clone()

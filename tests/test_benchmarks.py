@@ -360,20 +360,23 @@ def test_cli(tmp_path, capsys):
 
 def test_gpu_command_plan(monkeypatch):
     """`gpu` writes to results/<device>.jsonl: the headline shapes first, then the M=1 shapes,
-    then the sweeps forward+backward, then the attention's two forms with eight heads, within
-    the default time budget."""
+    then the sweeps forward+backward, then the attention's two forms with eight heads, then the
+    autotuned kernels (only there), within the default time budget."""
     seen = {}
     monkeypatch.setattr(cli.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(cli.runner, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(cli, "_run", lambda args, out, plan=None: seen.update(args=args, out=out, plan=plan) or 1)
     assert cli.main(["gpu"]) == 1
     assert seen["out"] == runner.RESULTS_DIR / "nvidia-h100-80gb-hbm3.jsonl"
-    headline, m1, sweeps, heads = seen["plan"]
-    assert headline == cli.Step(["headline"], list(PASSES))
+    headline, m1, sweeps, heads, tuned = seen["plan"]
+    untuned = [p for p in providers.PROVIDERS if p != "tuned"]
+    assert headline == cli.Step(["headline"], list(PASSES), providers=untuned)
     assert m1.sets == ["m1-dot"] and m1.passes == list(PASSES) and "contrastive_loss" in m1.ops
+    assert m1.providers == untuned
     assert sweeps.sets == ["sweep-N", "sweep-P"] and sweeps.passes == ["fwdbwd"]
-    assert "triton" in sweeps.providers and "compile" not in sweeps.providers
-    assert heads.sets == ["heads"] and heads.ops == ["prototype_attention"] and heads.providers is None
+    assert "triton" in sweeps.providers and "compile" not in sweeps.providers and "tuned" not in sweeps.providers
+    assert heads.sets == ["heads"] and heads.ops == ["prototype_attention"] and heads.providers == untuned
+    assert tuned == cli.Step(["headline"], ["fwdbwd"], providers=["tuned"])
     assert 0 < seen["args"].time_budget < 600
     assert cli.main(["gpu", "--shapes", "headline"]) == 1
     assert seen["plan"] is None and seen["args"].passes == list(PASSES)
