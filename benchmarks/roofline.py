@@ -342,6 +342,9 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             bytes_ = once = 2 * n * c * xb + n * h * 4 + small
             stream = small  # Kt and Vt, float32
             exact, other = 1, 1  # s = x Kt, o = a Vt
+            if meta.get("ROWS"):  # s as two bfloat16 products against Kt's halves
+                exact = 0
+                gemm(2 * 2 * n * h * p_pad * c, "16-bit")
             if meta.get("OUT_SPLIT"):
                 # two programs per pixel tile: each reads x and Kt whole and forms every
                 # score, and reads the half of Vt its half of the output needs

@@ -281,6 +281,12 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
                                                                   "OUT_SPLIT": True}, s)
     assert split["l2_bytes"] - split["bytes"] == 15 * 3 * p * c * 4 // 2
     assert sum(split["flops"].values()) == 1.5 * sum(att["flops"].values())
+    # the whole-channel forward: the scores as two bf16 products (Kt's halves, the same bytes),
+    # a Vt in TF32; its time equals the TF32 scores' (twice the FLOPs at twice the rate)
+    rows = roofline.kernel_work("_attention_fwd_kernel", (8,), {"BLOCK_P": 16, "DOT_PREC": "tf32", "ROWS": True}, s)
+    assert rows["flops"] == {"16-bit": 2 * 2 * 128 * 32 * c, "tf32": 2 * 128 * 32 * c}
+    assert att["flops"] == {"tf32": 2 * 2 * 128 * 32 * c}
+    assert rows["l2_bytes"] == att["l2_bytes"] and rows["bytes"] == att["bytes"]
     dw = roofline.kernel_work("_contrastive_bwd_dw_kernel", (2, 3), meta, s)
     assert dw["l2_bytes"] == dw["bytes"] > dw["bytes_once"]
     # the push's dx in channel halves reads x again from L2 for cosine's normalisation backward

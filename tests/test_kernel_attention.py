@@ -203,6 +203,7 @@ def test_forward_channel_groups_and_split_output(monkeypatch, groups, out_split,
     _fwd_groups) forced on the interpreter: 40 channels make two 16-wide chunks per group
     (the last partly past C), 20 channels a second group of one chunk, mostly past C."""
     monkeypatch.setattr(_kernel(), "_fwd_groups", lambda *args: (groups, out_split))
+    monkeypatch.setattr(_kernel(), "_rows_tiles", lambda *args: None)  # the chunked form
     case = dict(layout="channels_last", batch=2, height=3, width=7, channels=channels, num_heads=num_heads,
                 head_dim=4, num_classes=11, protos_per_class=2, bias=True, gamma=True, exclude=exclude)
     x, w, params, labels = make_case(7, **case)
@@ -211,6 +212,70 @@ def test_forward_channel_groups_and_split_output(monkeypatch, groups, out_split,
     torch.testing.assert_close(out, ref_out, **FP32)
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], **FP32, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("channels,num_classes,protos_per_class,exclude", [(20, 7, 5, True), (33, 2, 1, False)])
+def test_whole_channel_forward(monkeypatch, layout, channels, num_classes, protos_per_class, exclude):
+    """The forward's whole-channel form (_fwd_rows, one head, bf16 features: the GPU's choice on
+    sm_90) forced for both layouts, against the chunked form and the reference: 35 prototypes
+    cross three 16-wide tiles (the online softmax across them), 2 prototypes fill one tile
+    partly; 20 and 33 channels leave the second half of the output tile partly or wholly past
+    C; 21 pixels cross two pixel tiles. Its scores are the chunked form's (Kt rounded to TF32,
+    multiplied as two exact bf16 halves), so the two agree to the rounding of the bf16 output,
+    and the backward, which reads the forward's lse, gives the same gradients."""
+    attention = _kernel()
+    case = dict(layout=layout, batch=1, height=3, width=7, channels=channels, num_heads=1, head_dim=6,
+                num_classes=num_classes, protos_per_class=protos_per_class, bias=True, gamma=True, exclude=exclude)
+    x, w, params, labels = make_case(11, **case, x_dtype=torch.bfloat16)
+    monkeypatch.setattr(attention, "_rows_tiles", lambda *args: (16, 16))
+    out, grads = run(x, w, params, labels, 1, "triton")
+    monkeypatch.setattr(attention, "_rows_tiles", lambda *args: None)
+    chunked, chunked_grads = run(x, w, params, labels, 1, "triton")
+    same, same_grads = run(x, w, params, labels, 1, "reference")
+    gt, gt_grads = run(x, w, params, labels, 1, "reference", upcast=True)
+    bf16 = dict(rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(out, chunked, **bf16)
+    assert_no_worse(out, same, gt, TOL[torch.bfloat16], "out")
+    for name in grads:
+        torch.testing.assert_close(grads[name], chunked_grads[name], **bf16, msg=lambda m: f"d{name}: {m}")
+        assert_no_worse(grads[name], same_grads[name], gt_grads[name], TOL[torch.bfloat16], f"d{name}")
+
+
+def test_kt_rounded_to_tf32_splits_into_exact_bf16_halves():
+    attention = _kernel()
+    kt = torch.randn(1000) * torch.logspace(-20, 20, 1000)
+    kt[:3] = torch.tensor([float("nan"), float("inf"), 0.0])
+    r = attention._kt_operand(kt, torch.bfloat16)
+    assert r[0].isnan() and r[1] == float("inf") and r[2] == 0
+    assert attention._kt_operand(kt, torch.float16) is kt
+    finite = r[3:]
+    assert (finite.view(torch.int32) & 0x1FFF == 0).all()  # 10 explicit mantissa bits: TF32
+    assert ((finite - kt[3:]).abs() <= kt[3:].abs() * 2.0 ** -11).all()  # to nearest
+    hi, lo = attention._bf16_halves(finite)
+    assert hi.dtype == lo.dtype == torch.bfloat16
+    assert torch.equal(hi.float() + lo.float(), finite)
+
+
+def test_whole_channel_forward_tiles():
+    """Which calls take the whole-channel forward: one head, bf16 features up to 256 channels
+    on a GPU with wgmma; channels-last bf16 features of one head on the interpreter."""
+    attention = _kernel()
+    from torch_ppl.kernels._common import CompileTarget, compile_for
+
+    cpu = torch.device("cpu")
+    assert attention._rows_tiles(cpu, 35, 20, torch.bfloat16, 1, (1,)) == (16, 16)
+    assert attention._rows_tiles(cpu, 35, 20, torch.bfloat16, 1, (21,)) is None
+    assert attention._rows_tiles(cpu, 35, 20, torch.bfloat16, 2, (1,)) is None
+    assert attention._rows_tiles(cpu, 35, 20, torch.float32, 1, (1,)) is None
+    with compile_for(CompileTarget(90, 132)):
+        assert attention._rows_tiles(cpu, 210, 256, torch.bfloat16, 1, (16641,)) == (64, 16)
+        assert attention._rows_tiles(cpu, 20, 128, torch.bfloat16, 1, (1,)) == (64, 16)
+        for args in [(210, 512, torch.bfloat16, 1), (210, 256, torch.float16, 1), (210, 256, torch.float32, 1),
+                     (210, 256, torch.bfloat16, 8)]:
+            assert attention._rows_tiles(cpu, *args, (1,)) is None, args
+    with compile_for(CompileTarget(80, 108)):
+        assert attention._rows_tiles(cpu, 210, 256, torch.bfloat16, 1, (1,)) is None
 
 
 @pytest.mark.parametrize("wanted", [("x", "gamma", "out_bias"), ("gamma",), ("gamma", "v_weight")])

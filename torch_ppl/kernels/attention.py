@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (as_blc, check_dtypes, fp32_precision, has_wgmma, large_shared, launch_device,
+from ._common import (as_blc, check_dtypes, dot_operand, fp32_precision, has_wgmma, large_shared, launch_device,
                       needs_wide_offsets, on_gpu, opaque_stride, per_iteration, pixel_splits, upcast_dot)
 from .. import _backend
 from . import _autotune, projected
@@ -190,14 +190,111 @@ def _group_read(acc, alpha, p, vt_ptr, head, p0, offs_pt, chan, P, C, NCH: tl.co
 
 
 @triton.jit
+def _row_offsets(b, offs_l, chan, stride_b, stride_l, stride_c, WIDE: tl.constexpr):
+    """Element offsets of pixels ``offs_l`` of image ``b`` and channels ``chan`` in a
+    ``(B, L, C)`` strided tensor, a ``(BLOCK_N, len(chan))`` tile (as :func:`_chunk_offsets`)."""
+    l2 = offs_l[:, None]
+    c2 = chan[None, :]
+    if WIDE:
+        l2 = l2.to(tl.int64)
+        c2 = c2.to(tl.int64)
+    return b * stride_b + (l2 * stride_l + c2 * stride_c)
+
+
+@triton.jit
+def _proto_tile(ptr, p0, offs_pt, chan, P, C):
+    """The ``(BLOCK_P, BLOCK_C)`` tile of rows ``p0 + offs_pt`` of a dense ``(P, C)`` tensor (one
+    head's ``Kt`` or ``Vt``, or a half of ``Kt``; 32-bit offsets: the attention takes ``C <= 512``, and
+    ``P * C`` stays far below 2**31), zero outside."""
+    return tl.load(ptr + p0 * C + (offs_pt[:, None] * C + chan[None, :]),
+                   mask=((p0 + offs_pt) < P)[:, None] & (chan < C)[None, :], other=0.0)
+
+
+@triton.jit
+def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
+              L, C, P, M, sx_b, sx_l, sx_c, so_b, so_l, so_c,
+              HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
+              WIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+              DOT_PREC: tl.constexpr, OPAQUE: tl.constexpr, UPCAST_DOT: tl.constexpr):
+    """The forward of one head on whole-channel tiles, bfloat16 features: the ``(BLOCK_N,
+    BLOCK_C)`` x tile, the accumulator and ``(BLOCK_P, BLOCK_C)`` prototype tiles as plain 2-D
+    operands, so that both GEMMs lower to wgmma on sm_90 (the chunked form's batched 3-D GEMMs
+    take mma.sync).
+
+    The scores are two bfloat16 products, ``x Kt_hi^T + x Kt_lo^T``: ``Kt`` comes rounded to
+    TF32 (:func:`_kt_operand`), so its bfloat16 halves hold it exactly and the sum is what the
+    other kernels' TF32 products of ``x`` and ``Kt`` give, up to summation order (the
+    backward's recomputed scores match the forward's ``lse``). ``x`` stays a 16-bit operand in
+    shared memory: as an fp32 operand of TF32 products it sat in registers (128 per thread),
+    and the kernel spilled. ``a Vt`` stays TF32 (``DOT_PREC``). The output is formed and
+    stored in two channel halves, with offsets recomputed after the loop (``OPAQUE``): a
+    whole-tile epilogue, or offsets held across the loop, spilled."""
+    b, offs_l, mask_n, n64 = _tile_rows(tl.program_id(0), L, BLOCK_N)
+    chan = tl.arange(0, BLOCK_C)
+    offs_pt = tl.arange(0, BLOCK_P)
+    x = tl.load(x_ptr + _row_offsets(b, offs_l, chan, sx_b, sx_l, sx_c, WIDE),
+                mask=mask_n[:, None] & (chan < C)[None, :], other=0.0)
+    x = dot_operand(x, tl.bfloat16, UPCAST_DOT)
+    # labels as int32 (class indices): int64 ones held across the loop spilled with NCHW features
+    lab = tl.full((BLOCK_N,), -1, tl.int32)
+    if HAS_EXCLUDE:
+        lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1).to(tl.int32)
+    m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_N,), tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        hi = dot_operand(_proto_tile(kthi_ptr, p0, offs_pt, chan, P, C), tl.bfloat16, UPCAST_DOT)
+        lo = dot_operand(_proto_tile(ktlo_ptr, p0, offs_pt, chan, P, C), tl.bfloat16, UPCAST_DOT)
+        s = tl.dot(x, tl.trans(lo), tl.dot(x, tl.trans(hi)))
+        s, valid = _biased_scores(s, c_ptr, 0, p0 + offs_pt, lab, P, M, HAS_C, HAS_EXCLUDE)
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in the chunked form
+        p = tl.exp(s - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = _proto_tile(vt_ptr, p0, offs_pt, chan, P, C)
+        acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PREC)
+        m_i = m_new
+    seen = l_i > 0.0
+    tl.store(lse_ptr + n64, tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf")), mask=mask_n)
+    o = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
+    # the two channel halves: (BLOCK_N, BLOCK_C) -> (BLOCK_N, 2, BLOCK_C / 2) -> two tiles
+    o0, o1 = tl.split(tl.permute(tl.reshape(o, (BLOCK_N, 2, BLOCK_C // 2)), (0, 2, 1)))
+    half = tl.arange(0, BLOCK_C // 2)
+    sx_l, so_l = per_iteration(sx_l, OPAQUE), per_iteration(so_l, OPAQUE)
+    _fwd_rows_out(o0, half, b, offs_l, mask_n, C, x_ptr, sx_b, sx_l, sx_c, bo_ptr, gamma_ptr,
+                  out_ptr, so_b, so_l, so_c, HAS_BO, HAS_GAMMA, WIDE)
+    _fwd_rows_out(o1, half + BLOCK_C // 2, b, offs_l, mask_n, C, x_ptr, sx_b, sx_l, sx_c, bo_ptr,
+                  gamma_ptr, out_ptr, so_b, so_l, so_c, HAS_BO, HAS_GAMMA, WIDE)
+
+
+@triton.jit
+def _fwd_rows_out(o, chan, b, offs_l, mask_n, C, x_ptr, sx_b, sx_l, sx_c, bo_ptr, gamma_ptr,
+                  out_ptr, so_b, so_l, so_c, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, WIDE: tl.constexpr):
+    """``x + gamma * (o + b_o)`` of the channels ``chan``, ``x`` read again, stored."""
+    mask_c = chan < C
+    mask = mask_n[:, None] & mask_c[None, :]
+    if HAS_BO:
+        o += tl.load(bo_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    if HAS_GAMMA:
+        o = o * tl.load(gamma_ptr + chan, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    x = tl.load(x_ptr + _row_offsets(b, offs_l, chan, sx_b, sx_l, sx_c, WIDE), mask=mask, other=0.0)
+    out = x.to(tl.float32) + o
+    tl.store(out_ptr + _row_offsets(b, offs_l, chan, so_b, so_l, so_c, WIDE), out.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
 def _attention_fwd_kernel(
-    x_ptr, kt_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
+    x_ptr, kt_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
     L, C, P, M, H,
     sx_b, sx_l, sx_c, so_b, so_l, so_c,
     HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PREC: tl.constexpr, EXACT_TF32: tl.constexpr, GROUPS: tl.constexpr, OUT_SPLIT: tl.constexpr,
+    ROWS: tl.constexpr = False, OPAQUE: tl.constexpr = False, UPCAST_DOT: tl.constexpr = False,
 ):
     # Pixel-side tiles and accumulators are held as NCH = BLOCK_C / BLOCK_K chunks of BLOCK_K
     # channels, (NCH, BLOCK_N, BLOCK_K), prototype tiles as (NCH, BLOCK_P, BLOCK_K), and every
@@ -212,82 +309,90 @@ def _attention_fwd_kernel(
     # of a score product, loaded from shared memory into registers for every prototype tile,
     # is then a group's share of the BLOCK_N x C tile, not all of it. OUT_SPLIT (GROUPS = 2):
     # two programs per pixel tile, both form all the scores, each the output of one group.
-    NCH: tl.constexpr = BLOCK_C // BLOCK_K // GROUPS
-    WIDTH: tl.constexpr = NCH * BLOCK_K
-    pid = tl.program_id(0)
-    part = 0
-    if OUT_SPLIT:
-        part = pid % 2
-        pid = pid // 2
-    b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
-    chan0 = tl.arange(0, NCH)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
-    chan_o = chan0 + part * WIDTH
-    chan1 = chan0 + WIDTH
-    offs_pt = tl.arange(0, BLOCK_P)
-
-    x0 = _chunked_rows(x_ptr, b, offs_l, chan0, mask_n[None, :, None] & (chan0 < C),
-                       sx_b, sx_l, sx_c, WIDE).to(tl.float32)
-    x1 = x0
-    if GROUPS == 2:
-        x1 = _chunked_rows(x_ptr, b, offs_l, chan1, mask_n[None, :, None] & (chan1 < C),
-                           sx_b, sx_l, sx_c, WIDE).to(tl.float32)
-    lab = tl.full((BLOCK_N,), -1, tl.int64)
-    if HAS_EXCLUDE:
-        lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
-
-    o0 = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
-    o1 = o0
-    for head in range(H):
-        # online softmax over the P prototypes of this head (flash-attention style):
-        #   m = running max, l = running sum of exp(s - m), acc = running sum of exp(s - m) Vt
-        m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        l_i = tl.zeros((BLOCK_N,), tl.float32)
-        acc0 = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
-        acc1 = acc0
-        for p0 in range(0, P, BLOCK_P):
-            offs_p = p0 + offs_pt
-            kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan0, P, C)
-            s = _score_product(x0, kt, DOT_PREC, EXACT_TF32)
-            if GROUPS == 2:
-                kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan1, P, C)
-                s += _score_product(x1, kt, DOT_PREC, EXACT_TF32)
-            s, valid = _biased_scores(s, c_ptr, head, offs_p, lab, P, M, HAS_C, HAS_EXCLUDE)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_use[:, None])
-            alpha = tl.exp(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            # chan_o: this program's output channels, chan0 unless the output is split
-            acc0 = _group_read(acc0, alpha, p, vt_ptr, head, p0, offs_pt, chan_o, P, C, NCH, DOT_PREC)
-            if GROUPS == 2 and not OUT_SPLIT:
-                acc1 = _group_read(acc1, alpha, p, vt_ptr, head, p0, offs_pt, chan1, P, C, NCH, DOT_PREC)
-            m_i = m_new
-        seen = l_i > 0.0
-        # a pixel that sees no prototype (K = 1 with exclude=) reads nothing; lse = +inf makes
-        # the backward's exp(s - lse) exactly 0 for it
-        l_safe = tl.where(seen, l_i, 1.0)[None, :, None]
-        o0 += tl.where(seen[None, :, None], acc0 / l_safe, 0.0)
-        if GROUPS == 2 and not OUT_SPLIT:
-            o1 += tl.where(seen[None, :, None], acc1 / l_safe, 0.0)
-        lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
-        if OUT_SPLIT:  # once per pixel tile
-            tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n & ((tl.zeros((BLOCK_N,), tl.int32) + part) == 0))
-        else:
-            tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n)
-
-    if OUT_SPLIT:
-        x_o = _chunked_rows(x_ptr, b, offs_l, chan_o, mask_n[None, :, None] & (chan_o < C),
-                            sx_b, sx_l, sx_c, WIDE).to(tl.float32)
-        _fwd_out(x_o, o0, chan_o, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
-                 HAS_BO, HAS_GAMMA, WIDE)
+    # ROWS (one head, bfloat16 features on sm_90): whole-channel 2-D tiles instead, Kt as the
+    # bfloat16 halves kt_ptr + ktlo_ptr (_fwd_rows)
+    if ROWS:
+        _fwd_rows(x_ptr, kt_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
+                  L, C, P, M, sx_b, sx_l, sx_c, so_b, so_l, so_c,
+                  HAS_C, HAS_BO, HAS_GAMMA, HAS_EXCLUDE, WIDE, BLOCK_N, BLOCK_P, BLOCK_C, DOT_PREC, OPAQUE,
+                  UPCAST_DOT)
     else:
-        _fwd_out(x0, o0, chan0, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
-                 HAS_BO, HAS_GAMMA, WIDE)
-    if GROUPS == 2 and not OUT_SPLIT:
-        _fwd_out(x1, o1, chan1, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
-                 HAS_BO, HAS_GAMMA, WIDE)
+        NCH: tl.constexpr = BLOCK_C // BLOCK_K // GROUPS
+        WIDTH: tl.constexpr = NCH * BLOCK_K
+        pid = tl.program_id(0)
+        part = 0
+        if OUT_SPLIT:
+            part = pid % 2
+            pid = pid // 2
+        b, offs_l, mask_n, n64 = _tile_rows(pid, L, BLOCK_N)
+        chan0 = tl.arange(0, NCH)[:, None, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, None, :]
+        chan_o = chan0 + part * WIDTH
+        chan1 = chan0 + WIDTH
+        offs_pt = tl.arange(0, BLOCK_P)
+
+        x0 = _chunked_rows(x_ptr, b, offs_l, chan0, mask_n[None, :, None] & (chan0 < C),
+                           sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+        x1 = x0
+        if GROUPS == 2:
+            x1 = _chunked_rows(x_ptr, b, offs_l, chan1, mask_n[None, :, None] & (chan1 < C),
+                               sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+        lab = tl.full((BLOCK_N,), -1, tl.int64)
+        if HAS_EXCLUDE:
+            lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1)
+
+        o0 = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+        o1 = o0
+        for head in range(H):
+            # online softmax over the P prototypes of this head (flash-attention style):
+            #   m = running max, l = running sum of exp(s - m), acc = running sum of exp(s - m) Vt
+            m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+            l_i = tl.zeros((BLOCK_N,), tl.float32)
+            acc0 = tl.zeros((NCH, BLOCK_N, BLOCK_K), tl.float32)
+            acc1 = acc0
+            for p0 in range(0, P, BLOCK_P):
+                offs_p = p0 + offs_pt
+                kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan0, P, C)
+                s = _score_product(x0, kt, DOT_PREC, EXACT_TF32)
+                if GROUPS == 2:
+                    kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan1, P, C)
+                    s += _score_product(x1, kt, DOT_PREC, EXACT_TF32)
+                s, valid = _biased_scores(s, c_ptr, head, offs_p, lab, P, M, HAS_C, HAS_EXCLUDE)
+                s = tl.where(valid, s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.exp(s - m_use[:, None])
+                alpha = tl.exp(m_i - m_use)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                # chan_o: this program's output channels, chan0 unless the output is split
+                acc0 = _group_read(acc0, alpha, p, vt_ptr, head, p0, offs_pt, chan_o, P, C, NCH, DOT_PREC)
+                if GROUPS == 2 and not OUT_SPLIT:
+                    acc1 = _group_read(acc1, alpha, p, vt_ptr, head, p0, offs_pt, chan1, P, C, NCH, DOT_PREC)
+                m_i = m_new
+            seen = l_i > 0.0
+            # a pixel that sees no prototype (K = 1 with exclude=) reads nothing; lse = +inf makes
+            # the backward's exp(s - lse) exactly 0 for it
+            l_safe = tl.where(seen, l_i, 1.0)[None, :, None]
+            o0 += tl.where(seen[None, :, None], acc0 / l_safe, 0.0)
+            if GROUPS == 2 and not OUT_SPLIT:
+                o1 += tl.where(seen[None, :, None], acc1 / l_safe, 0.0)
+            lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
+            if OUT_SPLIT:  # once per pixel tile
+                tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n & ((tl.zeros((BLOCK_N,), tl.int32) + part) == 0))
+            else:
+                tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n)
+
+        if OUT_SPLIT:
+            x_o = _chunked_rows(x_ptr, b, offs_l, chan_o, mask_n[None, :, None] & (chan_o < C),
+                                sx_b, sx_l, sx_c, WIDE).to(tl.float32)
+            _fwd_out(x_o, o0, chan_o, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
+                     HAS_BO, HAS_GAMMA, WIDE)
+        else:
+            _fwd_out(x0, o0, chan0, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
+                     HAS_BO, HAS_GAMMA, WIDE)
+        if GROUPS == 2 and not OUT_SPLIT:
+            _fwd_out(x1, o1, chan1, b, offs_l, mask_n, C, bo_ptr, gamma_ptr, out_ptr, so_b, so_l, so_c,
+                     HAS_BO, HAS_GAMMA, WIDE)
 
 
 @triton.jit
@@ -629,6 +734,28 @@ def _fwd_groups(device: torch.device, channels: int, dtype: torch.dtype,
     return 1, False
 
 
+def _rows_tiles(device: torch.device, num_protos: int, channels: int, dtype: torch.dtype, num_heads: int,
+                strides: Tuple[int, ...] = ()) -> Optional[Tuple[int, int]]:
+    """``(BLOCK_N, BLOCK_P)`` of the forward's whole-channel form (:func:`_fwd_rows`), or
+    ``None`` for the chunked form. One head, bfloat16 features (its score products take
+    bfloat16 operands), wgmma (sm_90) and ``C <= 256``: 64 pixels against 16-prototype tiles on
+    8 warps, two stages, every GEMM on wgmma and no spill with NCHW and NHWC features, with and
+    without ``exclude=`` and a layer scale (176 to 179 registers; 32 prototypes took 234 to 255
+    and spilled 16 to 24 bytes per thread with ``exclude=`` and NCHW features). On the
+    interpreter channels-last bfloat16 features of one head take it (16 x 16), so that the
+    tests run both forms."""
+    if num_heads != 1:
+        return None
+    if dtype != torch.bfloat16:
+        return None
+    if not on_gpu(device):
+        return (16, 16) if strides[:1] == (1,) else None
+    block_c = triton.next_power_of_2(channels)
+    if has_wgmma(device) and 16 < block_c <= 256:
+        return 64, 16
+    return None
+
+
 def _fwd_stages(device: torch.device, dtype: torch.dtype) -> int:
     """Software-pipelining depth of the forward: 2, and 1 for float32 features, whose
     double-buffered ``Kt``/``Vt`` tiles doubled the registers at ``C = 256`` (about 120 to 240)
@@ -763,6 +890,28 @@ def _dense(*tensors: Optional[Tensor]):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _kt_operand(kt: Tensor, x_dtype: torch.dtype) -> Tensor:
+    """``Kt`` as the kernels multiply it. For bfloat16 features its GEMMs run in TF32, and it is
+    rounded to TF32 here (to nearest even, NaN kept) once for every kernel: each of them then
+    multiplies exactly the same values, whether in TF32 (forward, ``dx``), as the two bfloat16
+    halves that hold a TF32 value exactly (the whole-channel forward, :func:`_fwd_rows`), or as
+    the prototype gradient's bfloat16 ``hi + lo`` split. The forward's ``lse`` and the
+    backward's recomputed scores agree up to summation order. The gradient flows to ``Kt`` as if
+    unrounded, as through any low-precision GEMM operand."""
+    if x_dtype != torch.bfloat16:
+        return kt
+    bits = kt.view(torch.int32)
+    rounded = ((bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF).view(torch.float32)
+    return torch.where(torch.isnan(kt), kt, rounded)
+
+
+def _bf16_halves(t: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(hi, lo)`` bfloat16 with ``hi + lo == t`` exactly for a TF32-representable ``t``
+    (:func:`_kt_operand`): ``hi`` holds its leading 8 significant bits, ``lo`` the other 3."""
+    hi = t.to(torch.bfloat16)
+    return hi, (t - hi.float()).to(torch.bfloat16)
+
+
 # ============================================================================ torch.library ops
 @torch.library.custom_op("torch_ppl::prototype_attention_fwd", mutates_args=())
 def _fwd_op(
@@ -780,18 +929,25 @@ def _fwd_op(
             return torch.empty_like(x), torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
         block_n, block_p, block_c, block_k = _blocks(x.device, num_protos, channels, x.dtype, (x.stride(2),))
         groups, out_split = _fwd_groups(x.device, channels, x.dtype, (x.stride(2),))
+        rows = _rows_tiles(x.device, num_protos, channels, x.dtype, num_heads, (x.stride(2),))
+        if rows is not None:  # the whole-channel form (_fwd_rows)
+            (block_n, block_p), block_k, groups, out_split = rows, block_c, 1, False
+
+        kt = _kt_operand(kt, x.dtype)
+        kt, kt_lo = _bf16_halves(kt) if rows is not None else (kt, None)
 
         def run(tiles):
             out = torch.empty_like(x)
             lse = torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
             _attention_fwd_kernel[(batch * triton.cdiv(length, tiles["BLOCK_N"]) * (2 if out_split else 1),)](
-                x, kt, c, vt, out_bias, gamma, exclude, out, lse,
+                x, kt, kt_lo, c, vt, out_bias, gamma, exclude, out, lse,
                 length, channels, num_protos, protos_per_class, num_heads,
                 *x.stride(), *out.stride(),
                 HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
                 HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
                 DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
-                GROUPS=groups, OUT_SPLIT=out_split, **tiles,
+                GROUPS=groups, OUT_SPLIT=out_split, ROWS=rows is not None, OPAQUE=on_gpu(x.device),
+                UPCAST_DOT=upcast_dot(), **tiles,
             )
             return out, lse
 
@@ -820,6 +976,7 @@ def _bwd_op(
     were not asked for are empty tensors."""
     with launch_device(x):
         kt, c, vt, gamma, exclude, lse = _dense(kt, c, vt, gamma, exclude, lse)
+        kt = _kt_operand(kt, x.dtype)  # the values the forward multiplied
         batch, length, channels = x.shape
         n = batch * length
         rows_hp = kt.shape[0]
