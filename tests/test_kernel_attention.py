@@ -259,7 +259,8 @@ def test_kt_rounded_to_tf32_splits_into_exact_bf16_halves():
 
 def test_whole_channel_forward_tiles():
     """Which calls take the whole-channel forward: one head, bf16 features up to 256 channels
-    on a GPU with wgmma; channels-last bf16 features of one head on the interpreter."""
+    on a GPU with wgmma (or tcgen05, Triton 3.8 on); channels-last bf16 features of one head on
+    the interpreter."""
     attention = _kernel()
     from torch_ppl.kernels._common import CompileTarget, compile_for
 
@@ -276,6 +277,9 @@ def test_whole_channel_forward_tiles():
             assert attention._rows_tiles(cpu, *args, (1,)) is None, args
     with compile_for(CompileTarget(80, 108)):
         assert attention._rows_tiles(cpu, 210, 256, torch.bfloat16, 1, (1,)) is None
+    with compile_for(CompileTarget(100, 148)):  # B200: on tcgen05 from Triton 3.8
+        expected = (64, 16) if attention._TRITON >= (3, 8) else None
+        assert attention._rows_tiles(cpu, 210, 256, torch.bfloat16, 1, (1,)) == expected
 
 
 @pytest.mark.parametrize("wanted", [("x", "gamma", "out_bias"), ("gamma",), ("gamma", "v_weight")])

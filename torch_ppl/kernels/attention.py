@@ -52,8 +52,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (as_blc, check_dtypes, dot_operand, fp32_precision, has_wgmma, large_shared, launch_device,
-                      needs_wide_offsets, on_gpu, opaque_stride, per_iteration, pixel_splits, upcast_dot)
+from ._common import (as_blc, check_dtypes, dot_operand, fp32_precision, has_tcgen05, has_wgmma, large_shared,
+                      launch_device, needs_wide_offsets, on_gpu, opaque_stride, per_iteration, pixel_splits,
+                      upcast_dot)
 from .. import _backend
 from . import _autotune, projected
 
@@ -751,7 +752,7 @@ def _rows_tiles(device: torch.device, num_protos: int, channels: int, dtype: tor
     if not on_gpu(device):
         return (16, 16) if strides[:1] == (1,) else None
     block_c = triton.next_power_of_2(channels)
-    if has_wgmma(device) and 16 < block_c <= 256:
+    if (has_wgmma(device) or (has_tcgen05(device) and _TRITON >= (3, 8))) and 16 < block_c <= 256:
         return 64, 16
     return None
 
