@@ -30,7 +30,7 @@ FIELDS = (
     "bytes", "flops", "achieved_gbps", "achieved_tflops", "roofline_fraction", "bound",
     "fwd_max_abs_err",
     "device", "torch_version", "triton_version", "commit", "timestamp",
-    "status", "reason",
+    "status", "reason", "tiles",
 )
 STATUSES = ("ok", "unavailable", "skipped", "error")
 REPO = Path(__file__).resolve().parent.parent
@@ -251,18 +251,35 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 26) -> floa
                for i in range(0, a.numel(), chunk))
 
 
+def _tuned_tiles() -> Optional[Dict[str, Dict[str, object]]]:
+    """What each kernel of the ``tuned`` provider's last call ran: ``{site: launch arguments}``
+    (empty where nothing was tuned, as on the CPU), and forgets it for the next cell."""
+    try:
+        from torch_ppl.kernels import _autotune
+    except ImportError:  # no Triton
+        return None
+    tiles = dict(_autotune.LAST)
+    _autotune.LAST.clear()
+    return tiles
+
+
 def _measure_provider(writer, env, peak, problem, reference_out, op, provider, shape, todo, device, *,
                       compile_backend, warmup_ms, rep_ms, cpu_reps, log) -> None:
+    if provider == "tuned":
+        _tuned_tiles()  # start from nothing
     try:
         fn = P.build(provider, op, problem, compile_backend)
         out = fn()  # first call: compiles, autotunes; also the accuracy check
         err = None if reference_out is None else max_abs_diff(out.detach(), reference_out)
         grad = timing.output_grad(out)
-        if provider == "tuned" and any(p != "fwd" for p in todo):
-            # the backward's kernels are tuned at their first call: here, not in a timed run
-            out.backward(grad)
-            for t in problem.leaves:
-                t.grad = None
+        tiles = None
+        if provider == "tuned":
+            if any(p != "fwd" for p in todo):
+                # the backward's kernels are tuned at their first call: here, not in a timed run
+                out.backward(grad)
+                for t in problem.leaves:
+                    t.grad = None
+            tiles = _tuned_tiles()
         del out
     except NotImplementedError as exc:
         for p in todo:
@@ -286,7 +303,7 @@ def _measure_provider(writer, env, peak, problem, reference_out, op, provider, s
             _free(device)
             continue
         bytes_, flops = roofline.work(op, shape, p)
-        row = _row(env, op, provider, shape, p, "ok", fwd_max_abs_err=err, **m,
+        row = _row(env, op, provider, shape, p, "ok", fwd_max_abs_err=err, tiles=tiles, **m,
                    **roofline.rates(bytes_, flops, m["median_ms"], peak))
         writer.add(row)
         log(f"{shape.name:>16} {op:>20} {provider:>9} {p:>6}: {m['median_ms']:9.3f} ms"

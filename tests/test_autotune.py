@@ -237,7 +237,8 @@ def test_tuned_attention_gives_the_untuned_results(tuner, rules):
 
 def test_benchmark_provider_tunes_forward_and_backward(monkeypatch, tmp_path):
     """The ``tuned`` provider of ``python -m benchmarks``: every launch of its measurement,
-    backward included, sees autotuning on; other providers' do not."""
+    backward included, sees autotuning on, and its rows record the tiles each kernel ran; other
+    providers' launches see it off and record none."""
     from benchmarks import runner, shapes
 
     seen = []
@@ -248,15 +249,28 @@ def test_benchmark_provider_tunes_forward_and_backward(monkeypatch, tmp_path):
         return original(site, key, default, run, device, knobs)
 
     monkeypatch.setattr(autotune, "tuned", spy)
+    # the tuner acts on CPU tensors when the setting is on, with a stand-in timer
+    monkeypatch.setattr(autotune, "_active", lambda device: torch_ppl.autotune_enabled())
+    monkeypatch.setattr(autotune, "_measure", lambda fn: 1.0)
+    monkeypatch.delenv(autotune.CACHE_ENV, raising=False)
+    autotune.clear()
     shape = shapes.smoke()[0]
-    for provider in ("tuned", "triton"):
-        seen.clear()
-        done = runner.run([shape], ["contrastive_loss"], [provider], ["fwdbwd"], device=torch.device("cpu"),
-                          out=tmp_path / "r.jsonl", cpu_reps=1)
-        assert [r["status"] for r in done["rows"]] == ["ok"]
-        assert {site for site, _ in seen} == {"contrastive_loss.fwd", "contrastive_loss.bwd_dx",
-                                              "contrastive_loss.bwd_dw"}
-        assert {on for _, on in seen} == {provider == "tuned"}
+    sites = {"contrastive_loss.fwd", "contrastive_loss.bwd_dx", "contrastive_loss.bwd_dw"}
+    try:
+        for provider in ("tuned", "triton"):
+            seen.clear()
+            done = runner.run([shape], ["contrastive_loss"], [provider], ["fwd", "fwdbwd"],
+                              device=torch.device("cpu"), out=tmp_path / "r.jsonl", cpu_reps=1)
+            assert [r["status"] for r in done["rows"]] == ["ok", "ok"]
+            assert {site for site, _ in seen} == sites
+            assert {on for _, on in seen} == {provider == "tuned"}
+            for row in done["rows"]:
+                if provider == "tuned":
+                    assert set(row["tiles"]) == sites and all("BLOCK_N" in t for t in row["tiles"].values())
+                else:
+                    assert row["tiles"] is None
+    finally:
+        autotune.clear()
     assert not torch_ppl.autotune_enabled()
 
 

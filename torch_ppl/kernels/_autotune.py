@@ -50,6 +50,8 @@ KNOBS: Dict[str, Tuple[int, ...]] = {
 
 # (site, device, Triton version, key) -> the chosen arguments
 _CHOSEN: Dict[str, Dict[str, object]] = {}
+# site -> the arguments its last tuned call ran (what ``python -m benchmarks`` records)
+LAST: Dict[str, Dict[str, object]] = {}
 _LOADED_FROM: Optional[str] = None
 
 
@@ -57,6 +59,7 @@ def clear() -> None:
     """Forget every choice made in this process (the cache file, if any, is read again)."""
     global _LOADED_FROM
     _CHOSEN.clear()
+    LAST.clear()
     _LOADED_FROM = None
 
 
@@ -191,6 +194,7 @@ def tuned(site: str, key: Tuple, default: Dict[str, object], run: Callable[[Dict
     cache_key = _cache_key(site, device, key)
     chosen = _CHOSEN.get(cache_key)
     if chosen is not None:
+        LAST[site] = chosen
         return run(dict(default, **chosen))
     reference = run(default)
     if not all(bool(torch.isfinite(t).all()) for t in _tensors(reference) if t.is_floating_point()):
@@ -214,7 +218,7 @@ def tuned(site: str, key: Tuple, default: Dict[str, object], run: Callable[[Dict
         if ms < best_ms:
             best, best_ms, best_result = candidate, ms, result
     choice = {k: v for k, v in best.items() if k in knobs}
-    _CHOSEN[cache_key] = choice
+    _CHOSEN[cache_key] = LAST[site] = choice
     LOG.info("%s %r: %s (%s)", site, key, choice, ", ".join(f"{k} {v:.3f} ms" for k, v in timings.items()))
     _save()
     return best_result
