@@ -342,15 +342,15 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
             bytes_ = once = 2 * n * c * xb + n * h * 4 + small
             stream = small  # Kt and Vt, float32
             exact, other = 1, 1  # s = x Kt, o = a Vt
-            if meta.get("ROWS"):  # s as two bfloat16 products against Kt's halves
-                exact = 0
-                gemm(2 * 2 * n * h * p_pad * c, "16-bit")
             if meta.get("OUT_SPLIT"):
                 # two programs per pixel tile: each reads x and Kt whole and forms every
                 # score, and reads the half of Vt its half of the output needs
                 bytes_ += n * c * xb
                 stream = small * 3 // 4
                 exact = 2
+            if meta.get("ROWS"):  # s as two bfloat16 products against Kt's halves
+                gemm(2 * 2 * exact * n * h * p_pad * c, "16-bit")
+                exact = 0
         elif kernel == "_attention_bwd_dx_kernel":
             bytes_ = once = 3 * n * c * xb + 2 * n * h * 4 + small
             stream = small

@@ -287,6 +287,9 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
     assert rows["flops"] == {"16-bit": 2 * 2 * 128 * 32 * c, "tf32": 2 * 128 * 32 * c}
     assert att["flops"] == {"tf32": 2 * 2 * 128 * 32 * c}
     assert rows["l2_bytes"] == att["l2_bytes"] and rows["bytes"] == att["bytes"]
+    both = roofline.kernel_work("_attention_fwd_kernel", (16,), {"BLOCK_P": 16, "DOT_PREC": "tf32", "ROWS": True,
+                                                                  "OUT_SPLIT": True}, s)
+    assert both["flops"] == {"16-bit": 2 * rows["flops"]["16-bit"], "tf32": rows["flops"]["tf32"]}
     dw = roofline.kernel_work("_contrastive_bwd_dw_kernel", (2, 3), meta, s)
     assert dw["l2_bytes"] == dw["bytes"] > dw["bytes_once"]
     # the push's dx in channel halves reads x again from L2 for cosine's normalisation backward
