@@ -236,7 +236,7 @@ def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_p
     x = tl.load(x_ptr + _row_offsets(b, offs_l, chan, sx_b, sx_l, sx_c, WIDE),
                 mask=mask_n[:, None] & (chan < C)[None, :], other=0.0)
     x = dot_operand(x, tl.bfloat16, UPCAST_DOT)
-    # labels as int32 (class indices): int64 ones held across the loop spilled with NCHW features
+    # labels as int32 (class indices): held across the loop, int64 ones take twice the registers
     lab = tl.full((BLOCK_N,), -1, tl.int32)
     if HAS_EXCLUDE:
         lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1).to(tl.int32)
