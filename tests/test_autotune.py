@@ -283,3 +283,19 @@ def test_agree_reads_in_chunks():
     nan, inf = a.clone(), a.clone()
     nan[5], inf[5] = float("nan"), float("inf")
     assert autotune._agree(nan, nan.clone(), chunk=64) and not autotune._agree(nan, inf, chunk=64)
+
+
+def test_tuned_under_torch_compile(tuner, rules):
+    """A compiled function calls the ops' bodies at run time: tuning happens there as in eager
+    mode, and the compiled results are the untuned ones."""
+    x, protos, target = _case(seed=2)
+    fn = OPS["contrastive_loss"]
+    tuner.on = False
+    expected, expected_grads = _grads(lambda a, b: fn(a, b, target), x, protos)
+    tuner.on = True
+    tuner.extend([float(-i) for i in range(100)])
+    compiled = torch.compile(lambda a, b: fn(a, b, target), backend="eager", fullgraph=True)
+    got, grads = _grads(compiled, x, protos)
+    assert _moved_sites(rules)
+    for a, b in zip(got + grads, expected + expected_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
