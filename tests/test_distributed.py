@@ -172,6 +172,10 @@ def _fsdp_worker(rank: int, world: int, rendezvous: str) -> None:
         logits = model(img[half])
         _expect_clear_error(lambda: model.head.loss(logits, y[half]), "prototypes is a DTensor")
     finally:
+        # every rank past its last collective before any tears its connections down: a rank
+        # that destroyed its group while the other still used it aborted it (gloo: "terminate
+        # called without an active exception") on a loaded machine
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -293,6 +293,10 @@ def _ddp_worker(rank: int, world: int, out_dir: str) -> None:
         torch.save({"grads": grads, "params": dict(model.module.named_parameters())},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # every rank past its last collective before any tears its connections down: a rank
+        # that destroyed its group while the other still used it aborted it (gloo: "terminate
+        # called without an active exception") on a loaded machine
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
