@@ -9,6 +9,7 @@
 * :mod:`.projected`: the attention's projected form (PyTorch's GEMMs and fused attention),
   which :mod:`.attention` runs instead of its kernels with many heads on a GPU.
 * :mod:`._common`: the conventions the three share (layouts, flags, numerics, GPU tiling).
+* :mod:`._autotune`: opt-in autotuning of every launch's tiles (``torch_ppl.set_autotune``).
 
 Each op module exposes a function with the same signature as its counterpart in
 :mod:`torch_ppl.reference`; :mod:`torch_ppl._backend` dispatches to it. Importing any of them
