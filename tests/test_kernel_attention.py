@@ -9,6 +9,7 @@ size is 16, so more than 16 prototypes per head exercise the online softmax acro
 """
 from __future__ import annotations
 
+import math
 
 import pytest
 import torch
@@ -214,32 +215,34 @@ def test_forward_channel_groups_and_split_output(monkeypatch, groups, out_split,
         torch.testing.assert_close(grads[name], ref_grads[name], **FP32, msg=lambda m: f"d{name}: {m}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("channels,num_classes,protos_per_class,exclude", [(20, 7, 5, True), (33, 2, 1, False)])
-def test_whole_channel_forward(monkeypatch, layout, channels, num_classes, protos_per_class, exclude):
-    """The forward's whole-channel form (_fwd_rows, one head, bf16 features: the GPU's choice on
-    sm_90) forced for both layouts, against the chunked form and the reference: 35 prototypes
-    cross three 16-wide tiles (the online softmax across them), 2 prototypes fill one tile
-    partly; 20 and 33 channels leave the second half of the output tile partly or wholly past
-    C; 21 pixels cross two pixel tiles. Its scores are the chunked form's (Kt rounded to TF32,
-    multiplied as two exact bf16 halves), so the two agree to the rounding of the bf16 output,
-    and the backward, which reads the forward's lse, gives the same gradients."""
+def test_whole_channel_forward(monkeypatch, layout, channels, num_classes, protos_per_class, exclude, dtype):
+    """The forward's whole-channel form (_fwd_rows, one head, 16-bit features: the GPU's choice
+    on sm_90) forced for both layouts, against the chunked form and the reference: 35
+    prototypes cross three 16-wide tiles (the online softmax across them), 2 prototypes fill
+    one tile partly; 20 and 33 channels leave the second half of the output tile partly or
+    wholly past C; 21 pixels cross two pixel tiles. Its scores are the chunked form's (bf16: Kt
+    rounded to TF32, multiplied as two exact bf16 halves; fp16: 22-bit halves), so the two agree
+    to a rounding of the 16-bit output, and the backward, which reads the forward's lse, gives
+    the same gradients."""
     attention = _kernel()
     case = dict(layout=layout, batch=1, height=3, width=7, channels=channels, num_heads=1, head_dim=6,
                 num_classes=num_classes, protos_per_class=protos_per_class, bias=True, gamma=True, exclude=exclude)
-    x, w, params, labels = make_case(11, **case, x_dtype=torch.bfloat16)
+    x, w, params, labels = make_case(11, **case, x_dtype=dtype)
     monkeypatch.setattr(attention, "_rows_tiles", lambda *args: (16, 16))
     out, grads = run(x, w, params, labels, 1, "triton")
     monkeypatch.setattr(attention, "_rows_tiles", lambda *args: None)
     chunked, chunked_grads = run(x, w, params, labels, 1, "triton")
     same, same_grads = run(x, w, params, labels, 1, "reference")
     gt, gt_grads = run(x, w, params, labels, 1, "reference", upcast=True)
-    bf16 = dict(rtol=2 ** -7, atol=1e-5)
-    torch.testing.assert_close(out, chunked, **bf16)
-    assert_no_worse(out, same, gt, TOL[torch.bfloat16], "out")
+    rounding = dict(rtol=2 * torch.finfo(dtype).eps, atol=1e-5)
+    torch.testing.assert_close(out, chunked, **rounding)
+    assert_no_worse(out, same, gt, TOL[dtype], "out")
     for name in grads:
-        torch.testing.assert_close(grads[name], chunked_grads[name], **bf16, msg=lambda m: f"d{name}: {m}")
-        assert_no_worse(grads[name], same_grads[name], gt_grads[name], TOL[torch.bfloat16], f"d{name}")
+        torch.testing.assert_close(grads[name], chunked_grads[name], **rounding, msg=lambda m: f"d{name}: {m}")
+        assert_no_worse(grads[name], same_grads[name], gt_grads[name], TOL[dtype], f"d{name}")
 
 
 def test_kt_rounded_to_tf32_splits_into_exact_bf16_halves():
@@ -252,15 +255,29 @@ def test_kt_rounded_to_tf32_splits_into_exact_bf16_halves():
     finite = r[3:]
     assert (finite.view(torch.int32) & 0x1FFF == 0).all()  # 10 explicit mantissa bits: TF32
     assert ((finite - kt[3:]).abs() <= kt[3:].abs() * 2.0 ** -11).all()  # to nearest
-    hi, lo = attention._bf16_halves(finite)
-    assert hi.dtype == lo.dtype == torch.bfloat16
+    hi, lo, scale = attention._16bit_halves(finite, torch.bfloat16)
+    assert hi.dtype == lo.dtype == torch.bfloat16 and scale == 1.0
     assert torch.equal(hi.float() + lo.float(), finite)
 
 
+@pytest.mark.parametrize("peak", [1e-6, 0.3, 1e5])
+def test_kt_float16_halves_hold_22_bits_at_any_scale(peak):
+    """float16's halves of Kt, scaled by a power of two so its largest value sits at 2**10:
+    no overflow, and hi + lo within 2**-21 of the largest value (TF32 halves: 2**-20)."""
+    attention = _kernel()
+    kt = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    kt = kt / kt.abs().max() * peak
+    hi, lo, scale = attention._16bit_halves(kt, torch.float16)
+    assert hi.dtype == lo.dtype == torch.float16 and torch.isfinite(hi).all() and torch.isfinite(lo).all()
+    assert 2 ** 10 <= float(hi.float().abs().max()) <= 2 ** 11 and math.log2(scale).is_integer()
+    err = ((hi.float() + lo.float()).double() * scale - kt.double()).abs().max()
+    assert err <= 2.0 ** -21 * peak
+
+
 def test_whole_channel_forward_tiles():
-    """Which calls take the whole-channel forward: one head, bf16 features up to 256 channels
-    on a GPU with wgmma (or tcgen05, Triton 3.8 on); channels-last bf16 features of one head on
-    the interpreter."""
+    """Which calls take the whole-channel forward: one head, 16-bit features up to 256 channels
+    on a GPU with wgmma (or tcgen05, Triton 3.8 on); channels-last 16-bit features of one head
+    on the interpreter."""
     attention = _kernel()
     from torch_ppl.kernels._common import CompileTarget, compile_for
 
@@ -268,12 +285,13 @@ def test_whole_channel_forward_tiles():
     assert attention._rows_tiles(cpu, 35, 20, torch.bfloat16, 1, (1,)) == (16, 16)
     assert attention._rows_tiles(cpu, 35, 20, torch.bfloat16, 1, (21,)) is None
     assert attention._rows_tiles(cpu, 35, 20, torch.bfloat16, 2, (1,)) is None
+    assert attention._rows_tiles(cpu, 35, 20, torch.float16, 1, (1,)) == (16, 16)
     assert attention._rows_tiles(cpu, 35, 20, torch.float32, 1, (1,)) is None
     with compile_for(CompileTarget(90, 132)):
         assert attention._rows_tiles(cpu, 210, 256, torch.bfloat16, 1, (16641,)) == (64, 16)
+        assert attention._rows_tiles(cpu, 210, 256, torch.float16, 1, (16641,)) == (64, 16)
         assert attention._rows_tiles(cpu, 20, 128, torch.bfloat16, 1, (1,)) == (64, 16)
-        for args in [(210, 512, torch.bfloat16, 1), (210, 256, torch.float16, 1), (210, 256, torch.float32, 1),
-                     (210, 256, torch.bfloat16, 8)]:
+        for args in [(210, 512, torch.bfloat16, 1), (210, 256, torch.float32, 1), (210, 256, torch.bfloat16, 8)]:
             assert attention._rows_tiles(cpu, *args, (1,)) is None, args
     with compile_for(CompileTarget(80, 108)):
         assert attention._rows_tiles(cpu, 210, 256, torch.bfloat16, 1, (1,)) is None

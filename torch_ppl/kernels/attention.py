@@ -213,29 +213,33 @@ def _proto_tile(ptr, p0, offs_pt, chan, P, C):
 
 @triton.jit
 def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
-              L, C, P, M, sx_b, sx_l, sx_c, so_b, so_l, so_c,
+              L, C, P, M, kt_scale, sx_b, sx_l, sx_c, so_b, so_l, so_c,
               HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
               WIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
               DOT_PREC: tl.constexpr, OPAQUE: tl.constexpr, UPCAST_DOT: tl.constexpr):
-    """The forward of one head on whole-channel tiles, bfloat16 features: the ``(BLOCK_N,
+    """The forward of one head on whole-channel tiles, 16-bit features: the ``(BLOCK_N,
     BLOCK_C)`` x tile, the accumulator and ``(BLOCK_P, BLOCK_C)`` prototype tiles as plain 2-D
     operands, so that both GEMMs lower to wgmma on sm_90 (the chunked form's batched 3-D GEMMs
     take mma.sync).
 
-    The scores are two bfloat16 products, ``x Kt_hi^T + x Kt_lo^T``: ``Kt`` comes rounded to
-    TF32 (:func:`_kt_operand`), so its bfloat16 halves hold it exactly and the sum is what the
-    other kernels' TF32 products of ``x`` and ``Kt`` give, up to summation order (the
-    backward's recomputed scores match the forward's ``lse``). ``x`` stays a 16-bit operand in
-    shared memory: as an fp32 operand of TF32 products it sat in registers (128 per thread),
-    and the kernel spilled. ``a Vt`` stays TF32 (``DOT_PREC``). The output is formed and
-    stored in two channel halves, with offsets recomputed after the loop (``OPAQUE``): a
-    whole-tile epilogue, or offsets held across the loop, spilled."""
+    The scores are two products in the features' dtype, ``kt_scale * (x Kt_hi^T + x Kt_lo^T)``
+    (:func:`_16bit_halves`). bfloat16: ``Kt`` comes rounded to TF32 (:func:`_kt_operand`) and
+    its halves hold it exactly, so the sum is what the other kernels' TF32 products of ``x``
+    and ``Kt`` give, up to summation order; float16: the halves hold 22 significant bits, as
+    the chunked form's two TF32 products do 21. Either way the backward's recomputed scores
+    match the forward's ``lse``. ``x`` stays a 16-bit operand in shared memory: as an fp32
+    operand of TF32 products it sat in registers (128 per thread), and the kernel spilled.
+    ``a Vt`` is a TF32 product (``DOT_PREC``; float16's chunked form takes 3xTF32 there, whose
+    split operands spilled here). The output is formed and stored in two channel halves, with
+    offsets recomputed after the loop (``OPAQUE``): a whole-tile epilogue, or offsets held
+    across the loop, spilled."""
     b, offs_l, mask_n, n64 = _tile_rows(tl.program_id(0), L, BLOCK_N)
     chan = tl.arange(0, BLOCK_C)
     offs_pt = tl.arange(0, BLOCK_P)
     x = tl.load(x_ptr + _row_offsets(b, offs_l, chan, sx_b, sx_l, sx_c, WIDE),
                 mask=mask_n[:, None] & (chan < C)[None, :], other=0.0)
-    x = dot_operand(x, tl.bfloat16, UPCAST_DOT)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    x = dot_operand(x, DT, UPCAST_DOT)
     # labels as int32 (class indices): held across the loop, int64 ones take twice the registers
     lab = tl.full((BLOCK_N,), -1, tl.int32)
     if HAS_EXCLUDE:
@@ -244,9 +248,9 @@ def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_p
     l_i = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
     for p0 in range(0, P, BLOCK_P):
-        hi = dot_operand(_proto_tile(kthi_ptr, p0, offs_pt, chan, P, C), tl.bfloat16, UPCAST_DOT)
-        lo = dot_operand(_proto_tile(ktlo_ptr, p0, offs_pt, chan, P, C), tl.bfloat16, UPCAST_DOT)
-        s = tl.dot(x, tl.trans(lo), tl.dot(x, tl.trans(hi)))
+        hi = dot_operand(_proto_tile(kthi_ptr, p0, offs_pt, chan, P, C), DT, UPCAST_DOT)
+        lo = dot_operand(_proto_tile(ktlo_ptr, p0, offs_pt, chan, P, C), DT, UPCAST_DOT)
+        s = tl.dot(x, tl.trans(lo), tl.dot(x, tl.trans(hi))) * kt_scale
         s, valid = _biased_scores(s, c_ptr, 0, p0 + offs_pt, lab, P, M, HAS_C, HAS_EXCLUDE)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -289,7 +293,7 @@ def _fwd_rows_out(o, chan, b, offs_l, mask_n, C, x_ptr, sx_b, sx_l, sx_c, bo_ptr
 @triton.jit
 def _attention_fwd_kernel(
     x_ptr, kt_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
-    L, C, P, M, H,
+    L, C, P, M, H, kt_scale,
     sx_b, sx_l, sx_c, so_b, so_l, so_c,
     HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     WIDE: tl.constexpr,
@@ -310,11 +314,11 @@ def _attention_fwd_kernel(
     # of a score product, loaded from shared memory into registers for every prototype tile,
     # is then a group's share of the BLOCK_N x C tile, not all of it. OUT_SPLIT (GROUPS = 2):
     # two programs per pixel tile, both form all the scores, each the output of one group.
-    # ROWS (one head, bfloat16 features on sm_90): whole-channel 2-D tiles instead, Kt as the
-    # bfloat16 halves kt_ptr + ktlo_ptr (_fwd_rows)
+    # ROWS (one head, 16-bit features on sm_90): whole-channel 2-D tiles instead, Kt as the
+    # 16-bit halves kt_scale * (kt_ptr + ktlo_ptr) (_fwd_rows)
     if ROWS:
         _fwd_rows(x_ptr, kt_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
-                  L, C, P, M, sx_b, sx_l, sx_c, so_b, so_l, so_c,
+                  L, C, P, M, kt_scale, sx_b, sx_l, sx_c, so_b, so_l, so_c,
                   HAS_C, HAS_BO, HAS_GAMMA, HAS_EXCLUDE, WIDE, BLOCK_N, BLOCK_P, BLOCK_C, DOT_PREC, OPAQUE,
                   UPCAST_DOT)
     else:
@@ -738,16 +742,17 @@ def _fwd_groups(device: torch.device, channels: int, dtype: torch.dtype,
 def _rows_tiles(device: torch.device, num_protos: int, channels: int, dtype: torch.dtype, num_heads: int,
                 strides: Tuple[int, ...] = ()) -> Optional[Tuple[int, int]]:
     """``(BLOCK_N, BLOCK_P)`` of the forward's whole-channel form (:func:`_fwd_rows`), or
-    ``None`` for the chunked form. One head, bfloat16 features (its score products take
-    bfloat16 operands), wgmma (sm_90) and ``C <= 256``: 64 pixels against 16-prototype tiles on
+    ``None`` for the chunked form. One head, 16-bit features (its score products take them as
+    operands), wgmma (sm_90) and ``C <= 256``: 64 pixels against 16-prototype tiles on
     8 warps, two stages, every GEMM on wgmma and no spill with NCHW and NHWC features, with and
     without ``exclude=`` and a layer scale (176 to 179 registers; 32 prototypes took 234 to 255
     and spilled 16 to 24 bytes per thread with ``exclude=`` and NCHW features). On the
-    interpreter channels-last bfloat16 features of one head take it (16 x 16), so that the
-    tests run both forms."""
+    interpreter channels-last 16-bit features of one head take it (16 x 16), so that the
+    tests run both forms. float16 features: the same tiles and registers, no spill, with Triton
+    3.8 and 3.9 (a 3xTF32 ``a Vt``, as the chunked form has, spilled 32 to 96 bytes)."""
     if num_heads != 1:
         return None
-    if dtype != torch.bfloat16:
+    if dtype not in (torch.bfloat16, torch.float16):
         return None
     if not on_gpu(device):
         return (16, 16) if strides[:1] == (1,) else None
@@ -906,11 +911,24 @@ def _kt_operand(kt: Tensor, x_dtype: torch.dtype) -> Tensor:
     return torch.where(torch.isnan(kt), kt, rounded)
 
 
-def _bf16_halves(t: Tensor) -> Tuple[Tensor, Tensor]:
-    """``(hi, lo)`` bfloat16 with ``hi + lo == t`` exactly for a TF32-representable ``t``
-    (:func:`_kt_operand`): ``hi`` holds its leading 8 significant bits, ``lo`` the other 3."""
-    hi = t.to(torch.bfloat16)
-    return hi, (t - hi.float()).to(torch.bfloat16)
+def _16bit_halves(kt: Tensor, x_dtype: torch.dtype) -> Tuple[Tensor, Tensor, float]:
+    """``(hi, lo, scale)``: ``Kt`` as two GEMM operands in the features' 16-bit dtype, with
+    ``scale * (hi + lo)`` its value.
+
+    bfloat16: ``Kt`` comes rounded to TF32 (:func:`_kt_operand`), and ``hi`` holds its leading
+    8 significant bits, ``lo`` the other 3: exact, ``scale = 1``. float16 (11 significant bits
+    and a narrow exponent range): ``Kt`` is first scaled by a power of two that puts its largest
+    magnitude at 2**10, so that neither half overflows and ``lo`` stays in float16's range
+    down to 2**-11 of that; ``hi + lo`` then holds 22 significant bits of each value (about
+    the float16 chunked form's two TF32 products), and ``scale`` undoes the power of two."""
+    scale = 1.0
+    if x_dtype == torch.float16:
+        peak = float(kt.abs().max()) if kt.numel() else 0.0
+        if math.isfinite(peak) and peak > 0:
+            scale = 2.0 ** (math.frexp(peak)[1] - 11)  # peak / scale in [2**10, 2**11)
+    scaled = kt / scale
+    hi = scaled.to(x_dtype)
+    return hi, (scaled - hi.float()).to(x_dtype), scale
 
 
 # ============================================================================ torch.library ops
@@ -935,18 +953,22 @@ def _fwd_op(
             (block_n, block_p), block_k, groups, out_split = rows, block_c, 1, False
 
         kt = _kt_operand(kt, x.dtype)
-        kt, kt_lo = _bf16_halves(kt) if rows is not None else (kt, None)
+        kt_lo, kt_scale = None, 1.0
+        if rows is not None:
+            kt, kt_lo, kt_scale = _16bit_halves(kt, x.dtype)
 
         def run(tiles):
             out = torch.empty_like(x)
             lse = torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
             _attention_fwd_kernel[(batch * triton.cdiv(length, tiles["BLOCK_N"]) * (2 if out_split else 1),)](
                 x, kt, kt_lo, c, vt, out_bias, gamma, exclude, out, lse,
-                length, channels, num_protos, protos_per_class, num_heads,
+                length, channels, num_protos, protos_per_class, num_heads, kt_scale,
                 *x.stride(), *out.stride(),
                 HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
                 HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
-                DOT_PREC=_dot_precision(x.dtype), EXACT_TF32=x.dtype == torch.float16,
+                # the whole-channel form's a Vt: TF32 for float16 too (_fwd_rows)
+                DOT_PREC="tf32" if rows is not None else _dot_precision(x.dtype),
+                EXACT_TF32=x.dtype == torch.float16,
                 GROUPS=groups, OUT_SPLIT=out_split, ROWS=rows is not None, OPAQUE=on_gpu(x.device),
                 UPCAST_DOT=upcast_dot(), **tiles,
             )
