@@ -256,7 +256,7 @@ def test_kt_rounded_to_tf32_splits_into_exact_bf16_halves():
     assert (finite.view(torch.int32) & 0x1FFF == 0).all()  # 10 explicit mantissa bits: TF32
     assert ((finite - kt[3:]).abs() <= kt[3:].abs() * 2.0 ** -11).all()  # to nearest
     hi, lo, scale = attention._16bit_halves(finite, torch.bfloat16)
-    assert hi.dtype == lo.dtype == torch.bfloat16 and scale == 1.0
+    assert hi.dtype == lo.dtype == torch.bfloat16 and scale.tolist() == [1.0]
     assert torch.equal(hi.float() + lo.float(), finite)
 
 
@@ -269,9 +269,13 @@ def test_kt_float16_halves_hold_22_bits_at_any_scale(peak):
     kt = kt / kt.abs().max() * peak
     hi, lo, scale = attention._16bit_halves(kt, torch.float16)
     assert hi.dtype == lo.dtype == torch.float16 and torch.isfinite(hi).all() and torch.isfinite(lo).all()
-    assert 2 ** 10 <= float(hi.float().abs().max()) <= 2 ** 11 and math.log2(scale).is_integer()
-    err = ((hi.float() + lo.float()).double() * scale - kt.double()).abs().max()
+    assert scale.shape == (1,) and scale.dtype == torch.float32
+    assert 2 ** 10 <= float(hi.float().abs().max()) <= 2 ** 11 and math.log2(float(scale)).is_integer()
+    err = ((hi.float() + lo.float()).double() * float(scale) - kt.double()).abs().max()
     assert err <= 2.0 ** -21 * peak
+    # all zeros (and non-finite) take no scale
+    assert attention._16bit_halves(torch.zeros(5), torch.float16)[2].tolist() == [1.0]
+    assert attention._16bit_halves(torch.tensor([1.0, float("inf")]), torch.float16)[2].tolist() == [1.0]
 
 
 def test_whole_channel_forward_tiles():

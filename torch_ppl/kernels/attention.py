@@ -212,8 +212,8 @@ def _proto_tile(ptr, p0, offs_pt, chan, P, C):
 
 
 @triton.jit
-def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
-              L, C, P, M, kt_scale, sx_b, sx_l, sx_c, so_b, so_l, so_c,
+def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, ktscale_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr,
+              lse_ptr, L, C, P, M, sx_b, sx_l, sx_c, so_b, so_l, so_c,
               HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
               WIDE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
               DOT_PREC: tl.constexpr, OPAQUE: tl.constexpr, UPCAST_DOT: tl.constexpr):
@@ -222,8 +222,8 @@ def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_p
     operands, so that both GEMMs lower to wgmma on sm_90 (the chunked form's batched 3-D GEMMs
     take mma.sync).
 
-    The scores are two products in the features' dtype, ``kt_scale * (x Kt_hi^T + x Kt_lo^T)``
-    (:func:`_16bit_halves`). bfloat16: ``Kt`` comes rounded to TF32 (:func:`_kt_operand`) and
+    The scores are two products in the features' dtype, ``scale * (x Kt_hi^T + x Kt_lo^T)``
+    (:func:`_16bit_halves`; the scale, a power of two, read from ``ktscale_ptr``). bfloat16: ``Kt`` comes rounded to TF32 (:func:`_kt_operand`) and
     its halves hold it exactly, so the sum is what the other kernels' TF32 products of ``x``
     and ``Kt`` give, up to summation order; float16: the halves hold 22 significant bits, as
     the chunked form's two TF32 products do 21. Either way the backward's recomputed scores
@@ -244,6 +244,7 @@ def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_p
     lab = tl.full((BLOCK_N,), -1, tl.int32)
     if HAS_EXCLUDE:
         lab = tl.load(lab_ptr + n64, mask=mask_n, other=-1).to(tl.int32)
+    kt_scale = tl.load(ktscale_ptr)
     m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_N,), tl.float32)
     acc = tl.zeros((BLOCK_N, BLOCK_C), tl.float32)
@@ -292,8 +293,8 @@ def _fwd_rows_out(o, chan, b, offs_l, mask_n, C, x_ptr, sx_b, sx_l, sx_c, bo_ptr
 
 @triton.jit
 def _attention_fwd_kernel(
-    x_ptr, kt_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
-    L, C, P, M, H, kt_scale,
+    x_ptr, kt_ptr, ktlo_ptr, ktscale_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
+    L, C, P, M, H,
     sx_b, sx_l, sx_c, so_b, so_l, so_c,
     HAS_C: tl.constexpr, HAS_BO: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_EXCLUDE: tl.constexpr,
     WIDE: tl.constexpr,
@@ -315,10 +316,10 @@ def _attention_fwd_kernel(
     # is then a group's share of the BLOCK_N x C tile, not all of it. OUT_SPLIT (GROUPS = 2):
     # two programs per pixel tile, both form all the scores, each the output of one group.
     # ROWS (one head, 16-bit features on sm_90): whole-channel 2-D tiles instead, Kt as the
-    # 16-bit halves kt_scale * (kt_ptr + ktlo_ptr) (_fwd_rows)
+    # 16-bit halves scale * (kt_ptr + ktlo_ptr), the scale at ktscale_ptr (_fwd_rows)
     if ROWS:
-        _fwd_rows(x_ptr, kt_ptr, ktlo_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr, lse_ptr,
-                  L, C, P, M, kt_scale, sx_b, sx_l, sx_c, so_b, so_l, so_c,
+        _fwd_rows(x_ptr, kt_ptr, ktlo_ptr, ktscale_ptr, c_ptr, vt_ptr, bo_ptr, gamma_ptr, lab_ptr, out_ptr,
+                  lse_ptr, L, C, P, M, sx_b, sx_l, sx_c, so_b, so_l, so_c,
                   HAS_C, HAS_BO, HAS_GAMMA, HAS_EXCLUDE, WIDE, BLOCK_N, BLOCK_P, BLOCK_C, DOT_PREC, OPAQUE,
                   UPCAST_DOT)
     else:
@@ -745,7 +746,7 @@ def _rows_tiles(device: torch.device, num_protos: int, channels: int, dtype: tor
     ``None`` for the chunked form. One head, 16-bit features (its score products take them as
     operands), wgmma (sm_90) and ``C <= 256``: 64 pixels against 16-prototype tiles on
     8 warps, two stages, every GEMM on wgmma and no spill with NCHW and NHWC features, with and
-    without ``exclude=`` and a layer scale (176 to 179 registers; 32 prototypes took 234 to 255
+    without ``exclude=`` and a layer scale (172 to 190 registers; 32 prototypes took 234 to 255
     and spilled 16 to 24 bytes per thread with ``exclude=`` and NCHW features). On the
     interpreter channels-last 16-bit features of one head take it (16 x 16), so that the
     tests run both forms. float16 features: the same tiles and registers, no spill, with Triton
@@ -911,21 +912,25 @@ def _kt_operand(kt: Tensor, x_dtype: torch.dtype) -> Tensor:
     return torch.where(torch.isnan(kt), kt, rounded)
 
 
-def _16bit_halves(kt: Tensor, x_dtype: torch.dtype) -> Tuple[Tensor, Tensor, float]:
+def _16bit_halves(kt: Tensor, x_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Tensor]:
     """``(hi, lo, scale)``: ``Kt`` as two GEMM operands in the features' 16-bit dtype, with
-    ``scale * (hi + lo)`` its value.
+    ``scale * (hi + lo)`` its value (``scale``: a one-element float32 tensor, a power of two).
 
     bfloat16: ``Kt`` comes rounded to TF32 (:func:`_kt_operand`), and ``hi`` holds its leading
     8 significant bits, ``lo`` the other 3: exact, ``scale = 1``. float16 (11 significant bits
     and a narrow exponent range): ``Kt`` is first scaled by a power of two that puts its largest
     magnitude at 2**10, so that neither half overflows and ``lo`` stays in float16's range
     down to 2**-11 of that; ``hi + lo`` then holds 22 significant bits of each value (about
-    the float16 chunked form's two TF32 products), and ``scale`` undoes the power of two."""
-    scale = 1.0
-    if x_dtype == torch.float16:
-        peak = float(kt.abs().max()) if kt.numel() else 0.0
-        if math.isfinite(peak) and peak > 0:
-            scale = 2.0 ** (math.frexp(peak)[1] - 11)  # peak / scale in [2**10, 2**11)
+    the float16 chunked form's two TF32 products), and ``scale`` undoes the power of two. The
+    scale is found on the device, with no host sync (a forward captured in a CUDA graph must
+    not read values back)."""
+    scale = torch.ones((1,), device=kt.device, dtype=torch.float32)
+    if x_dtype == torch.float16 and kt.numel():
+        peak = kt.abs().amax().reshape(1)
+        usable = torch.isfinite(peak) & (peak > 0)
+        # peak / scale in [2**10, 2**11): scale = 2**(e - 11) for peak = m * 2**e, m in [0.5, 1)
+        exponent = torch.frexp(torch.where(usable, peak, 1.0)).exponent
+        scale = torch.where(usable, torch.ldexp(scale, exponent - 11), scale)
     scaled = kt / scale
     hi = scaled.to(x_dtype)
     return hi, (scaled - hi.float()).to(x_dtype), scale
@@ -953,7 +958,7 @@ def _fwd_op(
             (block_n, block_p), block_k, groups, out_split = rows, block_c, 1, False
 
         kt = _kt_operand(kt, x.dtype)
-        kt_lo, kt_scale = None, 1.0
+        kt_lo = kt_scale = None
         if rows is not None:
             kt, kt_lo, kt_scale = _16bit_halves(kt, x.dtype)
 
@@ -961,8 +966,8 @@ def _fwd_op(
             out = torch.empty_like(x)
             lse = torch.empty((n, num_heads), device=x.device, dtype=torch.float32)
             _attention_fwd_kernel[(batch * triton.cdiv(length, tiles["BLOCK_N"]) * (2 if out_split else 1),)](
-                x, kt, kt_lo, c, vt, out_bias, gamma, exclude, out, lse,
-                length, channels, num_protos, protos_per_class, num_heads, kt_scale,
+                x, kt, kt_lo, kt_scale, c, vt, out_bias, gamma, exclude, out, lse,
+                length, channels, num_protos, protos_per_class, num_heads,
                 *x.stride(), *out.stride(),
                 HAS_C=c is not None, HAS_BO=out_bias is not None, HAS_GAMMA=gamma is not None,
                 HAS_EXCLUDE=exclude is not None, WIDE=needs_wide_offsets(x, out),
