@@ -28,10 +28,9 @@ import triton
 from torch import Tensor
 
 from . import _autotune
-from ._common import (as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows, on_gpu,
-                      pixel_splits)
-from .similarity import (_POOL_CODE, _Config, _head_outputs, _joint_dw_config, _logits_bwd_dx_kernel,
-                         _logits_fwd_kernel, _logits_push_bwd_dw_kernel, prototype_operands)
+from ._common import as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows, on_gpu
+from .similarity import (_POOL_CODE, _Config, _head_outputs, _joint_dw, _joint_dw_config, _logits_bwd_dx_kernel,
+                         _logits_fwd_kernel, prototype_operands)
 
 __all__ = ["prototype_logits_and_contrastive"]
 
@@ -178,27 +177,16 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
             )
             return dx, partial.sum() if need_dscale else dscale
 
-        def run_dw(tiles):
-            p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
-            grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
-            out = w_hat.new_empty((grid[1], k, m, c)) if deterministic else torch.zeros_like(w_hat)
-            _logits_push_bwd_dw_kernel[grid](
-                x3, w_dot, scale, g3, stat, *push, out,
-                nb, nl, c, k, m, ignore_index, inv_temperature,
-                *x3.stride(), *g3.stride(), *y.stride(), *grad_loss.stride(),
-                COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
-                GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic, PUSH=True,
-                WIDE=needs_wide_offsets(x3), **tiles,
-            )
-            return out.sum(0) if deterministic else out  # the splits' partials added in a fixed order
-
         if need_dx or need_dscale:
             tiles = dict(BLOCK_N=cfg.bwd_block_n, BLOCK_P=cfg.dx_block_p, num_warps=cfg.bwd_num_warps,
                          num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
             dx, dscale = _autotune.tuned("prototype_logits_and_contrastive.bwd_dx", key, tiles, run_dx, x.device)
         if need_dw:
-            dw = _autotune.tuned("prototype_logits_and_contrastive.bwd_dw", key,
-                                 _joint_dw_config(x.device, c, x.dtype, x3.stride(2)), run_dw, x.device)
+            dw = _autotune.tuned(
+                "prototype_logits_and_contrastive.bwd_dw", key, _joint_dw_config(x.device, c, x.dtype, x3.stride(2)),
+                lambda tiles: _joint_dw(tiles, x3, w_dot, w_hat, scale, g3, stat, cfg, cosine, pool, deterministic,
+                                        push, ignore_index, inv_temperature, nearest),
+                x.device)
         return dx, dw, dscale
 
 

@@ -932,6 +932,30 @@ def _joint_dw_tiles(device: torch.device, block_c: int, x_dtype: torch.dtype, ch
 _NO_PUSH = (None,) * 5
 
 
+def _joint_dw(tiles: dict, x3: Tensor, w_dot: Tensor, w_hat: Tensor, scale: Tensor, g3: Tensor, stat: Optional[Tensor],
+              cfg: "_Config", cosine: bool, pool: int, deterministic: bool, push: Optional[Tuple[Tensor, ...]] = None,
+              ignore_index: int = 0, inv_temperature: float = 1.0, nearest: bool = False) -> Tensor:
+    """dŴ ``(K, M, C)`` float32 from the joint kernel (:func:`_logits_push_bwd_dw_kernel`) with
+    the launch arguments ``tiles``: the head's alone (logsumexp pooling, ``push=None``) or the
+    head's and the push's (``push = (y, grad_loss, lse, pos, best)``, ``(B, L)`` each). In
+    deterministic mode the splits' partials are added in a fixed order."""
+    k, m, c = w_hat.shape
+    nb, nl, _ = x3.shape
+    p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
+    grid = (p_tiles, pixel_splits(x3.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
+    out = w_hat.new_empty((grid[1], k, m, c)) if deterministic else torch.zeros_like(w_hat)
+    push_strides = (0, 0, 0, 0) if push is None else (*push[0].stride(), *push[1].stride())
+    _logits_push_bwd_dw_kernel[grid](
+        x3, w_dot, scale, g3, stat, *(push or _NO_PUSH), out,
+        nb, nl, c, k, m, ignore_index, inv_temperature,
+        *x3.stride(), *g3.stride(), *push_strides,
+        COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
+        GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
+        PUSH=push is not None, WIDE=needs_wide_offsets(x3), **tiles,
+    )
+    return out.sum(0) if deterministic else out
+
+
 def _argmax_dtype(m: int) -> torch.dtype:
     return torch.int8 if m <= 127 else (torch.int16 if m <= 32767 else torch.int32)
 
@@ -1277,22 +1301,11 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
             if pool == 1:
                 # logsumexp: ds = scale g exp(s - pooled) needs the similarities, recomputed over all
                 # channels per flat prototype tile by the joint kernel without the push
-                def run_dw(tiles):
-                    p_tiles = triton.cdiv(k * m, tiles["BLOCK_P"])
-                    grid = (p_tiles, pixel_splits(x.device, p_tiles, nb * triton.cdiv(nl, tiles["BLOCK_N"])))
-                    out = w_hat.new_empty((grid[1], k, m, c)) if deterministic else torch.zeros_like(w_hat)
-                    _logits_push_bwd_dw_kernel[grid](
-                        x3, w_dot, scale, g3, stat, *_NO_PUSH, out,
-                        nb, nl, c, k, m, 0, 1.0,
-                        *x3.stride(), *g3.stride(), 0, 0, 0, 0,
-                        COSINE=cosine, POOL=pool, NEAREST=False, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
-                        GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
-                        PUSH=False, WIDE=needs_wide_offsets(x3), **tiles,
-                    )
-                    return out.sum(0) if deterministic else out  # the splits' partials in a fixed order
-
-                tiles = _joint_dw_config(x.device, c, x.dtype, x3.stride(2))
-                dw = _autotune.tuned("prototype_logits.bwd_dw_joint", key, tiles, run_dw, x.device)
+                dw = _autotune.tuned(
+                    "prototype_logits.bwd_dw_joint", key, _joint_dw_config(x.device, c, x.dtype, x3.stride(2)),
+                    lambda tiles: _joint_dw(tiles, x3, w_dot, w_hat, scale, g3, stat, cfg, cosine, pool,
+                                            deterministic),
+                    x.device)
             else:
                 def run_dw(tiles):
                     p_tiles, c_slices = triton.cdiv(k * m, tiles["BLOCK_P"]), triton.cdiv(c, tiles["BLOCK_C"])
