@@ -931,7 +931,7 @@ def _16bit_halves(kt: Tensor, x_dtype: torch.dtype) -> Tuple[Tensor, Tensor, Ten
         # peak / scale in [2**10, 2**11): scale = 2**(e - 11) for peak = m * 2**e, m in [0.5, 1)
         exponent = torch.frexp(torch.where(usable, peak, 1.0)).exponent
         scale = torch.where(usable, torch.ldexp(scale, exponent - 11), scale)
-    scaled = kt / scale
+    scaled = kt / scale if x_dtype == torch.float16 else kt  # bfloat16: scale 1
     hi = scaled.to(x_dtype)
     return hi, (scaled - hi.float()).to(x_dtype), scale
 
