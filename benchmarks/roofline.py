@@ -261,6 +261,9 @@ def kernel_work(kernel: str, grid: Tuple[int, ...], meta: Dict[str, object], s: 
                     steps = p_pad // int(meta.get("BLOCK_P") or meta["BLOCK_K"])
                     l2_extra = (steps + bool(meta.get("COSINE"))) * n * c * xb
                     stream = p * c * (xb + (xb if from_wd else 4) * need_dx)
+                elif meta.get("RELOAD_X") and need_dx:
+                    # the rows held for the similarities are loaded again at the end, from L2
+                    l2_extra = n * c * xb
             if meta.get("NEED_DX", True):
                 gemm(2 * n * p_pad * c, grad)
         elif kernel == "_logits_bwd_dx_slice_kernel":  # max / mean: channel slices, no recompute

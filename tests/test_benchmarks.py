@@ -315,6 +315,9 @@ def test_kernel_model_charges_each_programs_pass_over_the_prototypes_to_l2():
     assert chunked["bytes"] == held["bytes"]
     # two prototype tiles and the norms' pass over x; all of Ŵ twice per program, not once
     assert chunked["l2_bytes"] - held["l2_bytes"] == (2 + 1) * n * c * 4 + 7 * p * c * 4
+    # the rows loaded again at the end (RELOAD_X) cross L2 once more, not HBM
+    reloaded = roofline.kernel_work("_logits_bwd_dx_kernel", (8,), dict(head, S_CHUNK=0, RELOAD_X=True), s32)
+    assert reloaded["bytes"] == held["bytes"] and reloaded["l2_bytes"] - held["l2_bytes"] == n * c * 4
     dw_meta = {"BLOCK_P": 16, "BLOCK_N": 16}
     held, chunked = (roofline.kernel_work("_contrastive_bwd_dw_kernel", (2, 3), dict(dw_meta, Z_CHUNK=chunk), s32)
                      for chunk in (0, 16))

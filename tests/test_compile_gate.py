@@ -438,26 +438,32 @@ def test_the_gate_catches_a_kernel_compiled_to_a_trap(tmp_path):
     (80, "bfloat16", 512, 32, 0),  # an A100 with bf16 features: the wider tile, which compiles clean
     (80, "float16", 512, 16, 0),  # float16 spilled 40 to 88 bytes per thread with it
     (90, "bfloat16", 256, 32, 64),  # sm_90, bf16: flat prototype tiles
-    (90, "bfloat16", 512, 16, 0),  # which spilled (or read x again) at 512 channels
+    (90, "bfloat16", 512, 32, 32),  # at 512 channels 32 wide, the rows loaded again at the end
     (90, "bfloat16", 64, 32, 0),  # and with 32-channel halves
-    (90, "float16", 512, 16, 0),  # float16 keeps the class tiles, 16 pixels at 512 channels
+    (90, "float16", 512, 32, 16),  # float16 at 512 channels: 16 wide
+    (90, "float16", 256, 32, 0),  # float16 up to 256 channels: class tiles
     (100, "bfloat16", 256, 32, 64),  # sm_100 (tcgen05, Triton 3.8 or newer) as sm_90
+    (100, "float16", 512, 32, 16),
+    (90, "float32", 512, 16, 0),  # float32 features keep 16 pixels (and their channel chunks)
     (80, "bfloat16", 1024, 16, 0),  # wider features keep the narrow tiles
     (80, "bfloat16", 256, 32, 0),  # up to 256 channels every GPU takes 32 pixels
 ])
 def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p):
     """The one-pass head + push's dx tile, which the compile gate checks for spills: 32 pixels
     only where they compiled without spilling, flat prototype tiles on sm_90 for bfloat16 up
-    to 256 channels."""
+    to 256 channels, and for 16-bit features at 257 to 512 channels, with the rows loaded
+    again at the end."""
     import torch
 
     from torch_ppl.kernels import _common, head_push
 
     with _common.compile_for(_common.CompileTarget(arch, 108 if arch == 80 else 132)):
         cfg = head_push._config(torch.device("cpu"), channels, 150, 10, getattr(torch, dtype))
-    assert (cfg.bwd_block_n, cfg.dx_block_p, cfg.dx_s_chunk) == (block_n, block_p, 0)
-    if block_n == 32 and channels > 256:  # with 16-class tiles and two stages
-        assert (cfg.block_k, cfg.num_stages) == (16, 2)
+    chunk = 64 if dtype == "float32" else 0
+    assert (cfg.bwd_block_n, cfg.dx_block_p, cfg.dx_s_chunk) == (block_n, block_p, chunk)
+    assert cfg.reload_x == (block_n == 32 and 256 < channels <= 512 and arch != 80)
+    if block_n == 32 and channels > 256:  # with 16-class tiles and two stages, or flat ones and one
+        assert (cfg.block_k, cfg.num_stages) == ((16, 2) if arch == 80 else (cfg.block_k, 1))
 
 
 @pytest.mark.parametrize("arch, dtype, channels, expected", [

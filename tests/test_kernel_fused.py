@@ -312,17 +312,19 @@ def test_similarity_forms_of_the_prototype_gradient(pooling, dtype, forced, monk
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("chunk", [0, 16], ids=["held", "chunks"])
+@pytest.mark.parametrize("chunk, reload", [(0, False), (0, True), (16, False)], ids=["held", "reloaded", "chunks"])
 @pytest.mark.parametrize("positives", ["all", "nearest"])
 @pytest.mark.parametrize("pooling", ["max", "logsumexp", "mean"])
-def test_flat_prototype_tiles_of_dx(pooling, positives, chunk, monkeypatch):
+def test_flat_prototype_tiles_of_dx(pooling, positives, chunk, reload, monkeypatch):
     """dx from recomputed similarities (the one op; the head alone with logsumexp pooling)
-    walks the prototypes one class tile and prototype index at a time, or (sm_90, bfloat16;
-    on the interpreter channels-last features) in tiles of the flat P = K*M axis, with the rows
-    held on chip or read again in channel chunks per tile. NCHW features take the class tiles
-    on the interpreter; the flat forms are forced here (7 classes of 3 prototypes: tiles of 16
-    split classes; 40 channels: the last chunk of 16 masked) and must give the same dx and,
-    with a learnable scale, the same d(scale), up to summation order."""
+    walks the prototypes one class tile and prototype index at a time, or (sm_90 and sm_100,
+    bfloat16 and, for the one op at 512 channels, float16; on the interpreter channels-last
+    features) in tiles of the flat P = K*M axis, with the rows held on chip, held and loaded
+    again for the normalisation backward at the end, or read again in channel chunks per tile.
+    NCHW features take the class tiles on the interpreter; the flat forms are forced here (7
+    classes of 3 prototypes: tiles of 16 split classes; 40 channels: the last chunk of 16
+    masked) and must give the same dx and, with a learnable scale, the same d(scale), up to
+    summation order."""
     similarity = pytest.importorskip("torch_ppl.kernels.similarity")
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
@@ -345,8 +347,8 @@ def test_flat_prototype_tiles_of_dx(pooling, positives, chunk, monkeypatch):
     class Flat(similarity._Config):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            assert self.dx_block_p == 0
-            self.dx_block_p, self.dx_s_chunk = 16, chunk
+            assert self.dx_block_p == 0 and not self.reload_x
+            self.dx_block_p, self.dx_s_chunk, self.reload_x = 16, chunk, reload
 
     monkeypatch.setattr(similarity, "_Config", Flat)
     monkeypatch.setattr(head_push, "_Config", Flat)

@@ -28,7 +28,8 @@ import triton
 from torch import Tensor
 
 from . import _autotune
-from ._common import as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows, on_gpu
+from ._common import (TRITON_VERSION, as_blc, capability, check_dtypes, has_tcgen05, has_wgmma, launch_device,
+                      needs_wide_offsets, new_rows, on_gpu)
 from .similarity import (_POOL_CODE, _Config, _head_outputs, _joint_dw, _joint_dw_config, _logits_bwd_dx_kernel,
                          _logits_fwd_kernel, prototype_operands)
 
@@ -37,32 +38,42 @@ __all__ = ["prototype_logits_and_contrastive"]
 
 def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
             channel_stride: int = 1) -> _Config:
-    """The head's tiles for the forward and dx kernels, with two changes the push's extra
-    per-pixel state needs on the GPU: the forward runs 8 warps (4 spilled 16 bytes per thread
-    at voc, NHWC, with Triton 3.8 on sm_90, and 56 bytes on sm_80), and dx takes 16 pixels per
-    program at C > 256 (32 spilled 144 bytes per thread at ade on sm_90).
+    """The head's tiles for the forward and dx kernels, with the changes the push's extra
+    per-pixel state needs on the GPU. The forward runs 8 warps (4 spilled 16 bytes per thread
+    at voc, NHWC, with Triton 3.8 on sm_90, and 56 bytes on sm_80).
+
+    dx at 257 to 512 channels: on an H100, or a B200 with Triton 3.8 or newer, 32 pixels with
+    tiles of the flat ``P = K*M`` axis (32 prototypes for bfloat16 features, 16 for float16,
+    whose du GEMM takes the float32 ``Ŵ``) and one stage, half the reads of ``Ŵ`` from L2 of
+    16 pixels (at ade 13 GB instead of 26). The rows are loaded again for the normalisation
+    backward at the end (``RELOAD_X``) instead of held across the loop: held, their register
+    copy spilled 40 bytes per thread on sm_90 (with class tiles, 144). No spill with Triton 3.3
+    and 3.5 to 3.9 (3.4: 8 bytes), NCHW, NHWC and 129 x 129 pixels, nor on sm_100 with 3.8 and
+    3.9. 64-prototype tiles, which no warp computes twice over, spilled 16 bytes per thread for
+    channels-last bfloat16 features and 24 to 32 for float16 at 32; 64 pixels 712 bytes.
 
     On an A100 (sm_80) with bfloat16 features dx takes 32 pixels at 257 to 512 channels, with
-    16-class tiles and two stages, half the reads of ``Ŵ`` from L2 (at ade 13 GB instead of
-    26): no spill with Triton 3.4 to 3.9, at 128 x 128 and 129 x 129 pixels, NCHW and NHWC
-    (3.3 leaves 8 bytes per thread for NCHW features of 129 x 129 pixels). The same tile spilled
-    8 to 24 bytes per thread on sm_90 with every Triton but 3.8, 8 to 16 on sm_86 and sm_100,
-    and 40 to 88 with float16 features; those keep 16.
+    16-class tiles and two stages: no spill with Triton 3.4 to 3.9, at 128 x 128 and 129 x 129
+    pixels, NCHW and NHWC (3.3 leaves 8 bytes per thread for NCHW features of 129 x 129
+    pixels). Other GPUs, float32 features and wider ones keep 16 pixels.
 
     Where logsumexp pooling's dx takes tiles of the flat ``P = K*M`` axis (``dx_block_p``,
     ``similarity._Config``: an H100, or a B200 with Triton 3.8 or newer, bfloat16 features of
     128 to 256 channels), this dx takes them 64 prototypes wide: its 32 x 32 class tiles were
-    computed twice over by 8 warps. At 512 channels the flat tiles spilled with the rows held
-    and, without, read ``x`` or ``Ŵ`` again per tile: no gain there (docs/kernel-fused.md)."""
+    computed twice over by 8 warps."""
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)
-        if cfg.block_c > 256:
-            cfg.bwd_block_n = 16
-            if capability(device) == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
-                cfg.bwd_block_n, cfg.block_k, cfg.num_stages = 32, 16, 2
         if cfg.dx_block_p:  # where logsumexp pooling's dx takes flat tiles (_Config), 64 wide
             cfg.dx_block_p = 64
+        if cfg.block_c > 256:
+            cfg.bwd_block_n = 16
+            flat = (has_wgmma(device) or (has_tcgen05(device) and TRITON_VERSION >= (3, 8)))
+            if capability(device) == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
+                cfg.bwd_block_n, cfg.block_k, cfg.num_stages = 32, 16, 2
+            elif flat and cfg.block_c <= 512 and x_dtype in (torch.bfloat16, torch.float16):
+                cfg.bwd_block_n, cfg.num_stages, cfg.reload_x = 32, 1, True
+                cfg.dx_block_p = 32 if x_dtype == torch.bfloat16 else 16
     return cfg
 
 
@@ -173,7 +184,8 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
                 GRAD_DTYPE=cfg.grad_dtype, GRAD_FROM_WD=x.dtype != torch.float16, UPCAST_DOT=cfg.upcast,
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest,
                 WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
-                BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk, **tiles,
+                BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk,
+                RELOAD_X=cfg.reload_x, OPAQUE=on_gpu(x.device), **tiles,
             )
             return dx, partial.sum() if need_dscale else dscale
 

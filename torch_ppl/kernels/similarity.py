@@ -422,7 +422,7 @@ def _logits_bwd_dx_kernel(
     GRAD_DTYPE: tl.constexpr, GRAD_FROM_WD: tl.constexpr, UPCAST_DOT: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DSCALE: tl.constexpr, PUSH: tl.constexpr, NEAREST: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, S_CHUNK: tl.constexpr,
-    BLOCK_P: tl.constexpr = 0,
+    BLOCK_P: tl.constexpr = 0, RELOAD_X: tl.constexpr = False, OPAQUE: tl.constexpr = False,
 ):
     # ds[n, k, m] = scale * g[n, k] * dpool[n, k, m] and du = sum_{k,m} ds[n, k, m] Ŵ[k, m], one
     # GEMM per (class tile, m) as in the forward. dpool needs no similarity for max (the saved
@@ -435,6 +435,10 @@ def _logits_bwd_dx_kernel(
     # spilling on sm_90.
     # PUSH adds the contrastive loss's ds (_push_ds, from the recomputed s and the forward's
     # per-pixel statistics) to the head's before the one du GEMM, so dx of both costs one pass.
+    # RELOAD_X: the rows are loaded again for the normalisation backward at the end rather than
+    # held across the loop (their strides made opaque, OPAQUE on a GPU, so that the compiler
+    # cannot merge the two loads): the register copy of the held rows next to the accumulators
+    # spilled 40 bytes per thread with 32 x 512 tiles on sm_90 (head_push._config).
     # BLOCK_P > 0: the loop walks the flat P = K*M prototype axis in tiles of BLOCK_P instead
     # (one GEMM per tile, g and the statistic gathered per prototype, as in
     # _logits_push_bwd_dw_kernel): wider GEMM tiles than BLOCK_K classes, so that 8 warps
@@ -546,9 +550,11 @@ def _logits_bwd_dx_kernel(
         if not NEED_S:
             # max / mean without dscale: x is needed only here, for the normalisation backward
             x0, x1, norm, inv = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE, WIDE)
-        elif not HOLD_X:
+        elif not HOLD_X or RELOAD_X:
             # the norms of the start, from which s was scaled
-            x0, x1, _, _ = _load_half_rows(X, b, l0, L, C, stride_xb, stride_xl, stride_xc, BLOCK_N, HALF, COSINE, WIDE)
+            OPAQUE_ROWS: tl.constexpr = RELOAD_X and OPAQUE
+            x0, x1, _, _ = _load_half_rows(X, b, l0, L, C, stride_xb, per_iteration(stride_xl, OPAQUE_ROWS),
+                                           per_iteration(stride_xc, OPAQUE_ROWS), BLOCK_N, HALF, COSINE, WIDE)
         if COSINE:
             # u = x / max(|x|, eps):
             #   |x| > eps:  dx = (du - u <u, du>) / |x|  = (du - x <x, du> inv²) inv
@@ -1040,6 +1046,9 @@ class _Config:
             # prototype index) and its similarity's channel chunks (below; the one-pass dx:
             # head_push._config)
             self.dx_block_p, self.dx_s_chunk = 0, self.s_chunk
+            # the recomputing dx loads the rows again at the end instead of holding them (the
+            # one-pass dx at 512 channels: head_push._config)
+            self.reload_x = False
             # stages of the forward, of dx without recomputed similarities and of the one-pass
             # dx; on sm_80 one in dx (two spilled 8 bytes per thread for fp16 at ade)
             self.fwd_stages = 2
@@ -1128,9 +1137,11 @@ class _Config:
             self.dw_num_warps = 4
             self.slice_block_n, self.slice_block_c, self.slice_block_k = 16, 16, 16
             self.slice_num_warps, self.slice_stages = 4, 1
-            # channels-last features take the flat prototype tiles of the recomputing dx, so
-            # that the tests run both of its loops (16 prototypes: classes straddle the tiles)
+            # channels-last features take the flat prototype tiles of the recomputing dx, and
+            # load its rows again at the end, so that the tests run both of its loops and both
+            # ends (16 prototypes: classes straddle the tiles)
             self.dx_block_p, self.dx_s_chunk = (16 if channel_stride == 1 else 0), self.s_chunk
+            self.reload_x = channel_stride == 1
         # fp32 features: exact fp32 GEMMs, as PyTorch's by default, or TF32 where PyTorch's
         # float32 matmuls may use it (fp32_precision); for bf16/fp16 operands the precision
         # argument is unused (fp32 accumulation).
