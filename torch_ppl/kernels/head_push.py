@@ -57,14 +57,14 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     pixels, NCHW and NHWC (3.3 leaves 8 bytes per thread for NCHW features of 129 x 129
     pixels). Other GPUs, float32 features and wider ones keep 16 pixels.
 
-    Where logsumexp pooling's dx takes tiles of the flat ``P = K*M`` axis (``dx_block_p``,
-    ``similarity._Config``: an H100, or a B200 with Triton 3.8 or newer, bfloat16 features of
-    128 to 256 channels), this dx takes them 64 prototypes wide: its 32 x 32 class tiles were
-    computed twice over by 8 warps."""
+    Where logsumexp pooling's dx takes tiles of the flat ``P = K*M`` axis of 32 prototypes
+    (``dx_block_p``, ``similarity._Config``: an H100, or a B200 with Triton 3.8 or newer,
+    bfloat16 features of 128 to 256 channels), this dx takes them 64 prototypes wide: its
+    32 x 32 class tiles were computed twice over by 8 warps."""
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)
-        if cfg.dx_block_p:  # where logsumexp pooling's dx takes flat tiles (_Config), 64 wide
+        if cfg.dx_block_p and cfg.block_c <= 256:  # where logsumexp pooling's dx takes flat tiles, 64 wide
             cfg.dx_block_p = 64
         if cfg.block_c > 256:
             cfg.bwd_block_n = 16

@@ -1079,10 +1079,18 @@ class _Config:
                 # similarity tiles, computed four times over by 8 warps; 16 pixels read Ŵ from
                 # L2 twice as often; 64 prototypes spilled 8 to 32 bytes per thread for NHWC
                 # features). No spill with Triton 3.3 to 3.9 (on sm_100: 3.8, 3.9; 236 -> 137 us
-                # modelled at voc there too). Not at 512 channels, where the
-                # flat tiles spilled with the rows held, and read x or Ŵ again per tile without
-                # (docs/kernel-fused.md)
+                # modelled at voc there too)
                 self.recompute_block_n, self.dx_block_p, self.recompute_stages = 32, 32, 2
+            if (has_wgmma(device) or tcgen05) and not fp32 and 256 < self.block_c <= 512:
+                # and at 257 to 512 channels, bfloat16 and float16 (whose dx GEMM takes the
+                # float32 Ŵ: 16-prototype tiles), with the rows loaded again at the end instead
+                # of held (reload_x), whose register copy next to the accumulators made these
+                # tiles spill: half the reads of Ŵ from L2 of 16 pixels (at ade 2.9 -> 1.5 ms
+                # modelled). No spill with Triton 3.4 to 3.9 (3.3: 16 bytes per thread), NCHW,
+                # NHWC and 129 x 129 pixels, on sm_90 and, with 3.8 and 3.9, sm_100. One stage
+                # spilled 8 to 16 bytes, 64 prototypes 24 to 40, float16 with 32 40 to 48
+                self.recompute_block_n, self.recompute_stages, self.reload_x = 32, 2, True
+                self.dx_block_p = 32 if x_dtype == torch.bfloat16 else 16
             if fp32:
                 # fp32 GEMMs run on the CUDA cores (fma), whose register tiles are far larger:
                 # 64-row tiles spilled 21 KB per thread at C = 256 on sm_90, and 32 rows of 512
@@ -1294,7 +1302,8 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 # fp32 features: w_dot is w_hat itself
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
                 PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
-                BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk, **common, **tiles,
+                BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk,
+                RELOAD_X=cfg.reload_x, OPAQUE=on_gpu(x.device), **common, **tiles,
             )
             return dx, partial.sum() if need_dscale else dscale
 
