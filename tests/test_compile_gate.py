@@ -38,16 +38,21 @@ print(json.dumps(rows, default=str))
 """
 
 
-def _compile(tmp_path, target, ops, layout="nchw", sizes=None, dtype="bf16", tf32=False):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def _run(tmp_path, target, ops, layout="nchw", sizes=None, dtype="bf16", tf32=False, fp_fusion_default="1"):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if fp_fusion_default is not None:
+        env["TRITON_DEFAULT_FP_FUSION"] = os.environ.get("TRITON_DEFAULT_FP_FUSION", fp_fusion_default)
     extra = [",".join(map(str, sizes))] if sizes else []
     done = subprocess.run([sys.executable, "-c", _SCRIPT, target, ",".join(ops), layout, str(tmp_path), dtype,
                            "1" if tf32 else "0", *extra],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+def _compile(tmp_path, target, ops, *args, **kwargs):
+    return _run(tmp_path, target, ops, *args, **kwargs)[0]
 
 
 def _by_kernel(rows):
@@ -65,6 +70,21 @@ def test_contrastive_compiles_for_sm90(tmp_path):
         assert row["regs"] > 0 and row["hgmma"] + row["hmma"] > 0, row
         assert (tmp_path / row["files"][0]).read_text().startswith("//")  # the PTX
         assert (tmp_path / row["files"][1]).stat().st_size > 0  # the cubin
+
+
+def test_every_launch_asks_for_fused_multiply_adds(tmp_path):
+    """Triton 3.9 warns at the first kernel it compiles without ``enable_fp_fusion`` stated (its
+    default turns fused multiply-adds off in 3.10, which would change every kernel's code): each
+    launch states it, so a user's first call warns of nothing, and the PTX has its ``fma``."""
+    rows, stderr = _run(tmp_path, "sm_90", ["prototype_logits", "contrastive_loss", "prototype_attention",
+                                            "prototype_logits_and_contrastive"], layout="nhwc",
+                        fp_fusion_default=None)
+    rows = [r for r in rows if "error" not in r]
+    assert len(rows) == 12, sorted(r["kernel"] for r in rows)
+    for row in rows:
+        assert row["meta"].get("enable_fp_fusion") is True, row["kernel"]
+    assert "TRITON_DEFAULT_FP_FUSION" not in stderr, stderr[-2000:]
+    assert "fma.rn.f32" in (tmp_path / rows[0]["files"][0]).read_text()
 
 
 @pytest.mark.parametrize("target, layout", [("sm_90", "nhwc"), ("sm_80", "nchw")])

@@ -36,7 +36,7 @@ from ..reference import EPS
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
     "launch_device", "num_sms", "pixel_splits", "capability", "has_wgmma", "has_tcgen05", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
-    "opaque_stride", "per_iteration", "fp32_precision", "TRITON_VERSION",
+    "opaque_stride", "per_iteration", "fp32_precision", "TRITON_VERSION", "FP_CONTRACTION",
 ]
 
 # (major, minor) of the installed Triton: some tiles compile without spilling with one release
@@ -44,6 +44,12 @@ __all__ = [
 TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Every launch asks for fused multiply-adds (a * b + c in one rounding) by name. Triton 3.9 warns
+# on the first kernel it compiles without that option stated (its default turns them off in
+# 3.10, which would change the kernels' code and slow them), and the compiled code that CI reads
+# (docs/kernels.md) is compiled with them. TRITON_FORCE_DISABLE_FP_FUSION=1 still turns them off.
+FP_CONTRACTION = {"enable_fp_fusion": True}
 
 # Module globals read inside ``@triton.jit`` code must be ``tl.constexpr``: a plain float global
 # passes the interpreter and fails the real compiler.

@@ -52,9 +52,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (as_blc, check_dtypes, dot_operand, fp32_precision, has_tcgen05, has_wgmma, large_shared,
-                      launch_device, needs_wide_offsets, on_gpu, opaque_stride, per_iteration, pixel_splits,
-                      upcast_dot)
+from ._common import (FP_CONTRACTION, as_blc, check_dtypes, dot_operand, fp32_precision, has_tcgen05, has_wgmma,
+                      large_shared, launch_device, needs_wide_offsets, on_gpu, opaque_stride, per_iteration,
+                      pixel_splits, upcast_dot)
 from .. import _backend
 from . import _autotune, projected
 
@@ -975,7 +975,7 @@ def _fwd_op(
                 DOT_PREC="tf32" if rows is not None else _dot_precision(x.dtype),
                 EXACT_TF32=x.dtype == torch.float16,
                 GROUPS=groups, OUT_SPLIT=out_split, ROWS=rows is not None, OPAQUE=on_gpu(x.device),
-                UPCAST_DOT=upcast_dot(), **tiles,
+                UPCAST_DOT=upcast_dot(), **tiles, **FP_CONTRACTION,
             )
             return out, lse
 
@@ -1048,7 +1048,7 @@ def _bwd_op(
                 *x.stride(), *grad.stride(), *(dx.stride() if need_dx else x.stride()),
                 NEED_DX=need_dx, NEED_GREAD=gread_in_dx, NEED_GSUM=need_gsum,
                 WIDE=needs_wide_offsets(x, grad, *([dx] if need_dx else [])),
-                EXACT_TF32=exact_tf32, **common, **tiles,
+                EXACT_TF32=exact_tf32, **common, **tiles, **FP_CONTRACTION,
             )
             return dx, delta, gread.sum(0) if gread_in_dx else gread, gsum.sum(0) if need_gsum else gsum
 
@@ -1085,7 +1085,7 @@ def _bwd_op(
                 SPLIT_TF32=exact_tf32, UPCAST_DOT=upcast_dot(),
                 OPAQUE_X=opaque_stride(dev, x.stride(2), channels),
                 OPAQUE_G=opaque_stride(dev, grad.stride(2), channels),
-                **dproto_common, **tiles,
+                **dproto_common, **tiles, **FP_CONTRACTION,
             )
             if deterministic:
                 # stage two: a fixed-order sum over the splits (no atomics anywhere)

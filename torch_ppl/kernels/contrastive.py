@@ -40,9 +40,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _autotune
-from ._common import (EPS, EPS_C, TRITON_VERSION, as_blc, capability, check_dtypes, dot_operand, has_tcgen05,
-                      has_wgmma, large_shared, launch_device, next_pow2, on_gpu, opaque_stride, per_iteration,
-                      pixel_splits, fp32_precision, upcast_dot)
+from ._common import (EPS, EPS_C, FP_CONTRACTION, TRITON_VERSION, as_blc, capability, check_dtypes, dot_operand,
+                      has_tcgen05, has_wgmma, large_shared, launch_device, next_pow2, on_gpu, opaque_stride,
+                      per_iteration, pixel_splits, fp32_precision, upcast_dot)
 
 __all__ = ["contrastive_loss"]
 
@@ -664,7 +664,7 @@ def _fwd_op(
                 x.stride(0), x.stride(1), x.stride(2), w_op.stride(0), w_op.stride(1),
                 target.stride(0), target.stride(1),
                 COSINE=cosine, NEAREST=nearest, DOT_DTYPE=dot, INPUT_PRECISION=_input_precision(x.dtype, C),
-                UPCAST_DOT=upcast_dot(), **tiles,
+                UPCAST_DOT=upcast_dot(), **tiles, **FP_CONTRACTION,
             )
             return loss, lse, pos, best
 
@@ -707,7 +707,7 @@ def _bwd_op(
                 grad, x, w_op, target, lse, pos, best, dx,
                 L, C, P, num_per_class, ignore_index, inv_temperature,
                 *common, dx.stride(0), dx.stride(1), dx.stride(2), **flags, **{"HALVES": False, **tiles},
-                OPAQUE=on_gpu(x.device),
+                OPAQUE=on_gpu(x.device), **FP_CONTRACTION,
             )
             return dx
 
@@ -721,7 +721,7 @@ def _bwd_op(
                 grad, x, w_op, target, lse, pos, best, out,
                 B, L, C, P, num_per_class, ignore_index, inv_temperature,
                 *common, DW_DOT_DTYPE=dw_dot, DETERMINISTIC=deterministic,
-                OPAQUE_X=opaque_stride(x.device, x.stride(2), C), **flags, **tiles,
+                OPAQUE_X=opaque_stride(x.device, x.stride(2), C), **flags, **tiles, **FP_CONTRACTION,
             )
             # deterministic: stage two, the splits' partials added in a fixed order
             return out.sum(0) if deterministic else out

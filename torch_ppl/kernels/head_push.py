@@ -28,8 +28,8 @@ import triton
 from torch import Tensor
 
 from . import _autotune
-from ._common import (TRITON_VERSION, as_blc, capability, check_dtypes, has_tcgen05, has_wgmma, launch_device,
-                      needs_wide_offsets, new_rows, on_gpu)
+from ._common import (FP_CONTRACTION, TRITON_VERSION, as_blc, capability, check_dtypes, has_tcgen05, has_wgmma,
+                      launch_device, needs_wide_offsets, new_rows, on_gpu)
 from .similarity import (_POOL_CODE, _Config, _head_outputs, _joint_dw, _joint_dw_config, _logits_bwd_dx_kernel,
                          _logits_fwd_kernel, prototype_operands)
 
@@ -117,7 +117,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], tar
                 nl, c, k, m, ignore_index, inv_temperature,
                 *x3.stride(), *out3.stride(), *y.stride(),
                 COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision,
-                UPCAST_DOT=cfg.upcast, PUSH=True, NEAREST=nearest, **tiles,
+                UPCAST_DOT=cfg.upcast, PUSH=True, NEAREST=nearest, **tiles, **FP_CONTRACTION,
             )
             return out, stat, inv, loss, lse, pos, best
 
@@ -185,7 +185,7 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, PUSH=need_dx, NEAREST=nearest,
                 WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
                 BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk,
-                RELOAD_X=cfg.reload_x, OPAQUE=on_gpu(x.device), **tiles,
+                RELOAD_X=cfg.reload_x, OPAQUE=on_gpu(x.device), **tiles, **FP_CONTRACTION,
             )
             return dx, partial.sum() if need_dscale else dscale
 

@@ -58,9 +58,9 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _autotune
-from ._common import (EPS, EPS_C, TRITON_VERSION, as_blc, check_dtypes, dot_operand, has_tcgen05, has_wgmma, large_shared, launch_device,
-                      needs_wide_offsets, new_rows, next_pow2, on_gpu, opaque_stride, per_iteration, pixel_splits,
-                      fp32_precision, upcast_dot)
+from ._common import (EPS, EPS_C, FP_CONTRACTION, TRITON_VERSION, as_blc, check_dtypes, dot_operand, has_tcgen05,
+                      has_wgmma, large_shared, launch_device, needs_wide_offsets, new_rows, next_pow2, on_gpu,
+                      opaque_stride, per_iteration, pixel_splits, fp32_precision, upcast_dot)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
 
@@ -957,7 +957,7 @@ def _joint_dw(tiles: dict, x3: Tensor, w_dot: Tensor, w_hat: Tensor, scale: Tens
         *x3.stride(), *g3.stride(), *push_strides,
         COSINE=cosine, POOL=pool, NEAREST=nearest, PRECISION=cfg.precision, GRAD_DTYPE=cfg.grad_dtype,
         GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
-        PUSH=push is not None, WIDE=needs_wide_offsets(x3), **tiles,
+        PUSH=push is not None, WIDE=needs_wide_offsets(x3), **tiles, **FP_CONTRACTION,
     )
     return out.sum(0) if deterministic else out
 
@@ -1203,7 +1203,7 @@ def _fwd_op(x: Tensor, w_hat: Tensor, scale: Tensor, bias: Optional[Tensor], cos
                 nl, c, k, m, 0, 1.0,
                 *x3.stride(), *out3.stride(), 0, 0,
                 COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, PRECISION=cfg.precision,
-                UPCAST_DOT=cfg.upcast, PUSH=False, NEAREST=False, **tiles,
+                UPCAST_DOT=cfg.upcast, PUSH=False, NEAREST=False, **tiles, **FP_CONTRACTION,
             )
             return out, stat, inv
 
@@ -1284,7 +1284,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 *(dx3.stride() if need_dx else (0, 0, 0)),
                 COSINE=cosine, POOL=pool, HAS_BIAS=bias is not None, NEED_DX=need_dx, NEED_DSCALE=need_dscale,
                 GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision, UPCAST_DOT=cfg.upcast,
-                WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])), **tiles,
+                WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])), **tiles, **FP_CONTRACTION,
             )
             # sum_n R[n] = scale * sum g * pool_m s
             return dx, partial.sum() / scale if need_dscale else dscale
@@ -1303,7 +1303,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                 NEED_DX=need_dx, NEED_DSCALE=need_dscale, GRAD_FROM_WD=x.dtype != torch.float16,
                 PUSH=False, NEAREST=False, WIDE=needs_wide_offsets(x3, *([dx3] if need_dx else [])),
                 BLOCK_K=cfg.block_k, BLOCK_C=max(32, cfg.block_c), S_CHUNK=cfg.dx_s_chunk,
-                RELOAD_X=cfg.reload_x, OPAQUE=on_gpu(x.device), **common, **tiles,
+                RELOAD_X=cfg.reload_x, OPAQUE=on_gpu(x.device), **common, **tiles, **FP_CONTRACTION,
             )
             return dx, partial.sum() if need_dscale else dscale
 
@@ -1338,7 +1338,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                         *x3.stride(), *g3.stride(),
                         COSINE=cosine, POOL=pool, GRAD_DTYPE=cfg.grad_dtype, GRAD_PRECISION=cfg.grad_precision,
                         UPCAST_DOT=cfg.upcast, DETERMINISTIC=deterministic,
-                        OPAQUE_X=opaque_stride(x.device, x3.stride(2), c), **tiles,
+                        OPAQUE_X=opaque_stride(x.device, x3.stride(2), c), **tiles, **FP_CONTRACTION,
                     )
                     return out.sum(0) if deterministic else out  # the splits' partials in a fixed order
 
