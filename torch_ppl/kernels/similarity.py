@@ -1046,8 +1046,8 @@ class _Config:
             # prototype index) and its similarity's channel chunks (below; the one-pass dx:
             # head_push._config)
             self.dx_block_p, self.dx_s_chunk = 0, self.s_chunk
-            # the recomputing dx loads the rows again at the end instead of holding them (the
-            # one-pass dx at 512 channels: head_push._config)
+            # whether the recomputing dx loads the rows again at the end instead of holding them
+            # across its loop (257 to 512 channels, below; the one-pass dx: head_push._config)
             self.reload_x = False
             # stages of the forward, of dx without recomputed similarities and of the one-pass
             # dx; on sm_80 one in dx (two spilled 8 bytes per thread for fp16 at ade)
