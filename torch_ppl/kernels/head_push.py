@@ -50,12 +50,18 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     copy spilled 40 bytes per thread on sm_90 (with class tiles, 144). No spill with Triton 3.3
     and 3.5 to 3.9 (3.4: 8 bytes), NCHW, NHWC and 129 x 129 pixels, nor on sm_100 with 3.8 and
     3.9. 64-prototype tiles, which no warp computes twice over, spilled 16 bytes per thread for
-    channels-last bfloat16 features and 24 to 32 for float16 at 32; 64 pixels 712 bytes.
+    channels-last bfloat16 features and 24 to 32 for float16 at 32; 64 pixels 712 bytes. The
+    same form with 16-prototype tiles serves float16 features on an A100 (sm_80) and both 16-bit
+    types on the other sm_8x GPUs (sm_86: no spill with Triton 3.3, 3.5, 3.7, 3.8 and 3.9, NCHW,
+    NHWC and 129 x 129 pixels; 32-prototype tiles
+    spilled 16 to 128 bytes or asked for more than 99 KB of shared memory), at ade half the
+    modelled time of 16 pixels (float16 8.5 -> 4.3 ms, bfloat16 on sm_86 2.9 -> 2.1). The RTX
+    50 series (sm_120) spilled 16 to 24 bytes with it and keeps 16 pixels.
 
-    On an A100 (sm_80) with bfloat16 features dx takes 32 pixels at 257 to 512 channels, with
-    16-class tiles and two stages: no spill with Triton 3.4 to 3.9, at 128 x 128 and 129 x 129
-    pixels, NCHW and NHWC (3.3 leaves 8 bytes per thread for NCHW features of 129 x 129
-    pixels). Other GPUs, float32 features and wider ones keep 16 pixels.
+    On an A100 with bfloat16 features dx takes 32 pixels at 257 to 512 channels, with 16-class
+    tiles and two stages: no spill with Triton 3.4 to 3.9, at 128 x 128 and 129 x 129 pixels,
+    NCHW and NHWC (3.3 leaves 8 bytes per thread for NCHW features of 129 x 129 pixels). Other
+    GPUs, float32 features and wider ones keep 16 pixels.
 
     Where logsumexp pooling's dx takes tiles of the flat ``P = K*M`` axis of 32 prototypes
     (``dx_block_p``, ``similarity._Config``: an H100, or a B200 with Triton 3.8 or newer,
@@ -68,12 +74,13 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
             cfg.dx_block_p = 64
         if cfg.block_c > 256:
             cfg.bwd_block_n = 16
-            flat = (has_wgmma(device) or (has_tcgen05(device) and TRITON_VERSION >= (3, 8)))
-            if capability(device) == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
+            arch = capability(device)
+            flat = has_wgmma(device) or (has_tcgen05(device) and TRITON_VERSION >= (3, 8))
+            if arch == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
                 cfg.bwd_block_n, cfg.block_k, cfg.num_stages = 32, 16, 2
-            elif flat and cfg.block_c <= 512 and x_dtype in (torch.bfloat16, torch.float16):
+            elif (flat or arch[0] == 8) and cfg.block_c <= 512 and x_dtype in (torch.bfloat16, torch.float16):
                 cfg.bwd_block_n, cfg.num_stages, cfg.reload_x = 32, 1, True
-                cfg.dx_block_p = 32 if x_dtype == torch.bfloat16 else 16
+                cfg.dx_block_p = 32 if flat and x_dtype == torch.bfloat16 else 16
     return cfg
 
 
