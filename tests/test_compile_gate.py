@@ -579,6 +579,7 @@ def test_push_dx_tile_at_512_channels(monkeypatch, arch, triton_version, tile):
     from torch_ppl.kernels import _common, contrastive
 
     monkeypatch.setattr(contrastive, "TRITON_VERSION", triton_version)
+    monkeypatch.setattr(_common, "TRITON_VERSION", triton_version)  # warpgroup_mma
     with _common.compile_for(_common.CompileTarget(arch, 132)):
         dx, _ = contrastive._bwd_configs(torch.device("cpu"), 16384, 1500, 512, torch.bfloat16)
     assert (dx["BLOCK_N"], dx["BLOCK_P"], dx["num_stages"]) == tile
@@ -604,6 +605,7 @@ def test_push_dx_tile_up_to_256_channels(monkeypatch, arch, triton_version, chan
     from torch_ppl.kernels import _common, contrastive
 
     monkeypatch.setattr(contrastive, "TRITON_VERSION", triton_version)
+    monkeypatch.setattr(_common, "TRITON_VERSION", triton_version)  # warpgroup_mma
     with _common.compile_for(_common.CompileTarget(arch, 132)):
         dx, _ = contrastive._bwd_configs(torch.device("cpu"), 16641, 210, channels, getattr(torch, dtype), stride)
     assert (dx["BLOCK_N"], dx["BLOCK_P"], dx.get("HALVES", False)) == tile
@@ -629,6 +631,7 @@ def test_push_dw_transposed_z(monkeypatch, arch, triton_version, channels, dtype
     from torch_ppl.kernels import _common, contrastive
 
     monkeypatch.setattr(contrastive, "TRITON_VERSION", triton_version)
+    monkeypatch.setattr(_common, "TRITON_VERSION", triton_version)  # warpgroup_mma
     with _common.compile_for(_common.CompileTarget(arch, 132)):
         _, dw = contrastive._bwd_configs(torch.device("cpu"), 16641, protos, channels, getattr(torch, dtype), 1)
     assert (dw["BLOCK_P"], dw["num_warps"], dw.get("S_TRANSPOSED", False)) == form

@@ -35,7 +35,7 @@ from ..reference import EPS
 
 __all__ = [
     "EPS", "EPS_C", "SUPPORTED_DTYPES", "check_dtypes", "interpreting", "as_blc", "new_rows", "on_gpu",
-    "launch_device", "num_sms", "pixel_splits", "capability", "has_wgmma", "has_tcgen05", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
+    "launch_device", "num_sms", "pixel_splits", "capability", "has_wgmma", "has_tcgen05", "warpgroup_mma", "large_shared", "upcast_dot", "dot_operand", "next_pow2", "compile_for", "CompileTarget", "compile_target",
     "opaque_stride", "per_iteration", "fp32_precision", "TRITON_VERSION", "FP_CONTRACTION",
 ]
 
@@ -168,6 +168,13 @@ def has_tcgen05(device: torch.device) -> bool:
     (sm_120) has no ``tcgen05``."""
     cap = capability(device)
     return cap is not None and cap[0] == 10
+
+
+def warpgroup_mma(device: torch.device) -> bool:
+    """Whether ``device``'s 16-bit 2-D GEMMs of 64 rows or more lower to the warpgroup-wide
+    tensor-core instructions that some tiles are sized for: wgmma (sm_90), or tcgen05 (sm_100)
+    from Triton 3.8 on (earlier releases spilled those tiles there)."""
+    return has_wgmma(device) or (has_tcgen05(device) and TRITON_VERSION >= (3, 8))
 
 
 def large_shared(device: torch.device) -> bool:

@@ -52,9 +52,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (FP_CONTRACTION, as_blc, check_dtypes, dot_operand, fp32_precision, has_tcgen05, has_wgmma,
-                      large_shared, launch_device, needs_wide_offsets, on_gpu, opaque_stride, per_iteration,
-                      pixel_splits, upcast_dot)
+from ._common import (FP_CONTRACTION, as_blc, check_dtypes, dot_operand, fp32_precision, has_wgmma, large_shared,
+                      launch_device, needs_wide_offsets, on_gpu, opaque_stride, per_iteration, pixel_splits,
+                      upcast_dot, warpgroup_mma)
 from .. import _backend
 from . import _autotune, projected
 
@@ -191,6 +191,28 @@ def _group_read(acc, alpha, p, vt_ptr, head, p0, offs_pt, chan, P, C, NCH: tl.co
 
 
 @triton.jit
+def _softmax_step(s, m_i, l_i):
+    """One prototype tile of the online softmax (flash-attention style): with ``m_i`` the running
+    max and ``l_i`` the running sum of ``exp(s - m_i)``, the tile's weights ``p``, the factor
+    ``alpha`` that rescales what was summed before, and the new ``l_i`` and ``m_i``. A row that
+    has seen only hidden prototypes (``-inf``) so far keeps ``m = -inf``; it shifts by 0 then."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp(s - m_use[:, None])
+    alpha = tl.exp(m_i - m_use)
+    return p, alpha, l_i * alpha + tl.sum(p, 1), m_new
+
+
+@triton.jit
+def _softmax_lse(m_i, l_i):
+    """``(lse, seen)`` at the end of a head's online softmax: a pixel that saw no prototype (K =
+    1 with exclude=) reads nothing, and ``lse = +inf`` makes the backward's ``exp(s - lse)``
+    exactly 0 for it."""
+    seen = l_i > 0.0
+    return tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf")), seen
+
+
+@triton.jit
 def _row_offsets(b, offs_l, chan, stride_b, stride_l, stride_c, WIDE: tl.constexpr):
     """Element offsets of pixels ``offs_l`` of image ``b`` and channels ``chan`` in a
     ``(B, L, C)`` strided tensor, a ``(BLOCK_N, len(chan))`` tile (as :func:`_chunk_offsets`)."""
@@ -253,17 +275,11 @@ def _fwd_rows(x_ptr, kthi_ptr, ktlo_ptr, ktscale_ptr, c_ptr, vt_ptr, bo_ptr, gam
         lo = dot_operand(_proto_tile(ktlo_ptr, p0, offs_pt, chan, P, C), DT, UPCAST_DOT)
         s = tl.dot(x, tl.trans(lo), tl.dot(x, tl.trans(hi))) * kt_scale
         s, valid = _biased_scores(s, c_ptr, 0, p0 + offs_pt, lab, P, M, HAS_C, HAS_EXCLUDE)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # as in the chunked form
-        p = tl.exp(s - m_use[:, None])
-        alpha = tl.exp(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, l_i, m_i = _softmax_step(tl.where(valid, s, float("-inf")), m_i, l_i)
         vt = _proto_tile(vt_ptr, p0, offs_pt, chan, P, C)
         acc = acc * alpha[:, None] + tl.dot(p, vt, input_precision=DOT_PREC)
-        m_i = m_new
-    seen = l_i > 0.0
-    tl.store(lse_ptr + n64, tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf")), mask=mask_n)
+    lse, seen = _softmax_lse(m_i, l_i)
+    tl.store(lse_ptr + n64, lse, mask=mask_n)
     o = tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0)
     # the two channel halves: (BLOCK_N, BLOCK_C) -> (BLOCK_N, 2, BLOCK_C / 2) -> two tiles
     o0, o1 = tl.split(tl.permute(tl.reshape(o, (BLOCK_N, 2, BLOCK_C // 2)), (0, 2, 1)))
@@ -363,26 +379,16 @@ def _attention_fwd_kernel(
                     kt = _proto_rows(kt_ptr, head, p0, offs_pt, chan1, P, C)
                     s += _score_product(x1, kt, DOT_PREC, EXACT_TF32)
                 s, valid = _biased_scores(s, c_ptr, head, offs_p, lab, P, M, HAS_C, HAS_EXCLUDE)
-                s = tl.where(valid, s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                # a row that has seen only hidden prototypes so far keeps m = -inf; shift by 0 then
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.exp(s - m_use[:, None])
-                alpha = tl.exp(m_i - m_use)
-                l_i = l_i * alpha + tl.sum(p, 1)
+                p, alpha, l_i, m_i = _softmax_step(tl.where(valid, s, float("-inf")), m_i, l_i)
                 # chan_o: this program's output channels, chan0 unless the output is split
                 acc0 = _group_read(acc0, alpha, p, vt_ptr, head, p0, offs_pt, chan_o, P, C, NCH, DOT_PREC)
                 if GROUPS == 2 and not OUT_SPLIT:
                     acc1 = _group_read(acc1, alpha, p, vt_ptr, head, p0, offs_pt, chan1, P, C, NCH, DOT_PREC)
-                m_i = m_new
-            seen = l_i > 0.0
-            # a pixel that sees no prototype (K = 1 with exclude=) reads nothing; lse = +inf makes
-            # the backward's exp(s - lse) exactly 0 for it
+            lse, seen = _softmax_lse(m_i, l_i)
             l_safe = tl.where(seen, l_i, 1.0)[None, :, None]
             o0 += tl.where(seen[None, :, None], acc0 / l_safe, 0.0)
             if GROUPS == 2 and not OUT_SPLIT:
                 o1 += tl.where(seen[None, :, None], acc1 / l_safe, 0.0)
-            lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("inf"))
             if OUT_SPLIT:  # once per pixel tile
                 tl.store(lse_ptr + n64 * H + head, lse, mask=mask_n & ((tl.zeros((BLOCK_N,), tl.int32) + part) == 0))
             else:
@@ -758,7 +764,7 @@ def _rows_tiles(device: torch.device, num_protos: int, channels: int, dtype: tor
     if not on_gpu(device):
         return (16, 16) if strides[:1] == (1,) else None
     block_c = triton.next_power_of_2(channels)
-    if (has_wgmma(device) or (has_tcgen05(device) and _TRITON >= (3, 8))) and 16 < block_c <= 256:
+    if warpgroup_mma(device) and 16 < block_c <= 256:
         return 64, 16
     return None
 

@@ -42,7 +42,7 @@ from torch import Tensor
 from . import _autotune
 from ._common import (EPS, EPS_C, FP_CONTRACTION, TRITON_VERSION, as_blc, capability, check_dtypes, dot_operand,
                       has_tcgen05, has_wgmma, large_shared, launch_device, next_pow2, on_gpu, opaque_stride,
-                      per_iteration, pixel_splits, fp32_precision, upcast_dot)
+                      per_iteration, pixel_splits, fp32_precision, upcast_dot, warpgroup_mma)
 
 __all__ = ["contrastive_loss"]
 
@@ -539,7 +539,7 @@ def _bwd_configs(device: torch.device, L: int, P: int, C: int, dtype: torch.dtyp
         return dx, dw
     dx = dict(gpu, BLOCK_N=32, BLOCK_P=min(64, next_pow2(P)))
     tcgen05 = has_tcgen05(device) and TRITON_VERSION >= (3, 8)
-    if (has_wgmma(device) or tcgen05) and 32 <= block_c <= 256 and C % 16 == 0 and TRITON_VERSION >= (3, 6):
+    if warpgroup_mma(device) and 32 <= block_c <= 256 and C % 16 == 0 and TRITON_VERSION >= (3, 6):
         # 64 pixels, on wgmma, half the reads of Ŵ from L2 of 32 (voc: 0.73 GB instead of
         # 1.18): x, Ŵ and the accumulator as two channel halves, and x read again for the
         # normalisation backward, compile without spilling from Triton 3.6 on (3.5: 16 B).

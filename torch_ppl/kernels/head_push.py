@@ -28,8 +28,8 @@ import triton
 from torch import Tensor
 
 from . import _autotune
-from ._common import (FP_CONTRACTION, TRITON_VERSION, as_blc, capability, check_dtypes, has_tcgen05, has_wgmma,
-                      launch_device, needs_wide_offsets, new_rows, on_gpu)
+from ._common import (FP_CONTRACTION, as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows,
+                      on_gpu)
 from .similarity import (_POOL_CODE, _Config, _head_outputs, _joint_dw, _joint_dw_config, _logits_bwd_dx_kernel,
                          _logits_fwd_kernel, prototype_operands)
 
@@ -43,8 +43,9 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     at voc, NHWC, with Triton 3.8 on sm_90, and 56 bytes on sm_80).
 
     dx at 257 to 512 channels: on an H100, or a B200 with Triton 3.8 or newer, 32 pixels with
-    tiles of the flat ``P = K*M`` axis (32 prototypes for bfloat16 features, 16 for float16,
-    whose du GEMM takes the float32 ``Ŵ``) and one stage, half the reads of ``Ŵ`` from L2 of
+    the tiles of the flat ``P = K*M`` axis that logsumexp pooling's dx takes there
+    (``similarity._Config``: 32 prototypes for bfloat16 features, 16 for float16, whose du GEMM
+    takes the float32 ``Ŵ``) and one stage, half the reads of ``Ŵ`` from L2 of
     16 pixels (at ade 13 GB instead of 26). The rows are loaded again for the normalisation
     backward at the end (``RELOAD_X``) instead of held across the loop: held, their register
     copy spilled 40 bytes per thread on sm_90 (with class tiles, 144). No spill with Triton 3.3
@@ -53,8 +54,8 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     channels-last bfloat16 features and 24 to 32 for float16 at 32; 64 pixels 712 bytes. The
     same form with 16-prototype tiles serves float16 features on an A100 (sm_80) and both 16-bit
     types on the other sm_8x GPUs (sm_86: no spill with Triton 3.3, 3.5, 3.7, 3.8 and 3.9, NCHW,
-    NHWC and 129 x 129 pixels; 32-prototype tiles
-    spilled 16 to 128 bytes or asked for more than 99 KB of shared memory), at ade half the
+    NHWC and 129 x 129 pixels; 32-prototype tiles spilled 16 to 128 bytes or asked for more
+    than 99 KB of shared memory), at ade half the
     modelled time of 16 pixels (float16 8.5 -> 4.3 ms, bfloat16 on sm_86 2.9 -> 2.1). The RTX
     50 series (sm_120) spilled 16 to 24 bytes with it and keeps 16 pixels.
 
@@ -75,12 +76,12 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
         if cfg.block_c > 256:
             cfg.bwd_block_n = 16
             arch = capability(device)
-            flat = has_wgmma(device) or (has_tcgen05(device) and TRITON_VERSION >= (3, 8))
             if arch == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
                 cfg.bwd_block_n, cfg.block_k, cfg.num_stages = 32, 16, 2
-            elif (flat or arch[0] == 8) and cfg.block_c <= 512 and x_dtype in (torch.bfloat16, torch.float16):
-                cfg.bwd_block_n, cfg.num_stages, cfg.reload_x = 32, 1, True
-                cfg.dx_block_p = 32 if flat and x_dtype == torch.bfloat16 else 16
+            elif cfg.reload_x:  # logsumexp pooling's flat tiles and reloaded rows (_Config), one stage
+                cfg.bwd_block_n, cfg.num_stages = 32, 1
+            elif arch[0] == 8 and cfg.block_c <= 512 and x_dtype in (torch.bfloat16, torch.float16):
+                cfg.bwd_block_n, cfg.num_stages, cfg.reload_x, cfg.dx_block_p = 32, 1, True, 16
     return cfg
 
 

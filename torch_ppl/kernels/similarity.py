@@ -60,7 +60,7 @@ from torch import Tensor
 from . import _autotune
 from ._common import (EPS, EPS_C, FP_CONTRACTION, TRITON_VERSION, as_blc, check_dtypes, dot_operand, has_tcgen05,
                       has_wgmma, large_shared, launch_device, needs_wide_offsets, new_rows, next_pow2, on_gpu,
-                      opaque_stride, per_iteration, pixel_splits, fp32_precision, upcast_dot)
+                      opaque_stride, per_iteration, pixel_splits, fp32_precision, upcast_dot, warpgroup_mma)
 from .contrastive import NEG, _dz_tile, _label_tile, _pixel_tile
 
 
@@ -1072,8 +1072,7 @@ class _Config:
                 self.block_n, self.num_warps = 128, 8
                 if self.block_c > 256:
                     self.fwd_stages, self.fwd_block_k = 1, 16
-            tcgen05 = has_tcgen05(device) and TRITON_VERSION >= (3, 8)
-            if (has_wgmma(device) or tcgen05) and x_dtype == torch.bfloat16 and 128 <= self.block_c <= 256:
+            if warpgroup_mma(device) and x_dtype == torch.bfloat16 and 128 <= self.block_c <= 256:
                 # logsumexp pooling's dx on sm_90: 32 pixels against tiles of 32 prototypes of
                 # the flat P = K*M axis, two stages (class tiles of 32 pixels made 32 x 16
                 # similarity tiles, computed four times over by 8 warps; 16 pixels read Ŵ from
@@ -1081,7 +1080,7 @@ class _Config:
                 # features). No spill with Triton 3.3 to 3.9 (on sm_100: 3.8, 3.9; 236 -> 137 us
                 # modelled at voc there too)
                 self.recompute_block_n, self.dx_block_p, self.recompute_stages = 32, 32, 2
-            if (has_wgmma(device) or tcgen05) and not fp32 and 256 < self.block_c <= 512:
+            if warpgroup_mma(device) and not fp32 and 256 < self.block_c <= 512:
                 # and at 257 to 512 channels, bfloat16 and float16 (whose dx GEMM takes the
                 # float32 Ŵ: 16-prototype tiles), with the rows loaded again at the end instead
                 # of held (reload_x), whose register copy next to the accumulators made these
