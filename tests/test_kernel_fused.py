@@ -301,8 +301,8 @@ def test_similarity_forms_of_the_prototype_gradient(pooling, dtype, forced, monk
     held = grads()
     config = similarity._joint_dw_config
 
-    def other_form(device, c, x_dtype, channel_stride):
-        tiles = config(device, c, x_dtype, channel_stride)
+    def other_form(device, c, x_dtype, channel_stride, **kwargs):
+        tiles = config(device, c, x_dtype, channel_stride, **kwargs)
         assert tiles["S_CHUNK"] == 0 and not tiles["S_TRANSPOSED"]
         return dict(tiles, **forced)
 

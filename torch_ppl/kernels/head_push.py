@@ -28,8 +28,8 @@ import triton
 from torch import Tensor
 
 from . import _autotune
-from ._common import (FP_CONTRACTION, as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows,
-                      on_gpu)
+from ._common import (FP_CONTRACTION, as_blc, capability, check_dtypes, has_wgmma, launch_device, needs_wide_offsets,
+                      new_rows, on_gpu)
 from .similarity import (_POOL_CODE, _Config, _head_outputs, _joint_dw, _joint_dw_config, _logits_bwd_dx_kernel,
                          _logits_fwd_kernel, prototype_operands)
 
@@ -71,8 +71,10 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)
-        if cfg.dx_block_p and cfg.block_c <= 256:  # where logsumexp pooling's dx takes flat tiles, 64 wide
-            cfg.dx_block_p = 64
+        if cfg.dx_block_p and cfg.block_c <= 256:
+            # where logsumexp pooling's dx takes flat tiles: 64 pixels against 16 prototypes, the
+            # rows loaded again at the end (see above)
+            cfg.bwd_block_n, cfg.dx_block_p, cfg.reload_x = 64, 16, has_wgmma(device)
         if cfg.block_c > 256:
             cfg.bwd_block_n = 16
             arch = capability(device)
@@ -203,7 +205,8 @@ def _bwd_op(grad_logits: Tensor, grad_loss: Tensor, x: Tensor, w_hat: Tensor, sc
             dx, dscale = _autotune.tuned("prototype_logits_and_contrastive.bwd_dx", key, tiles, run_dx, x.device)
         if need_dw:
             dw = _autotune.tuned(
-                "prototype_logits_and_contrastive.bwd_dw", key, _joint_dw_config(x.device, c, x.dtype, x3.stride(2)),
+                "prototype_logits_and_contrastive.bwd_dw", key,
+                _joint_dw_config(x.device, c, x.dtype, x3.stride(2), lse_push=pool == _POOL_CODE["logsumexp"]),
                 lambda tiles: _joint_dw(tiles, x3, w_dot, w_hat, scale, g3, stat, cfg, cosine, pool, deterministic,
                                         push, ignore_index, inv_temperature, nearest),
                 x.device)

@@ -842,10 +842,12 @@ def _logits_push_bwd_dw_kernel(
 
 
 # ============================================================================ host helpers
-def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel_stride: int) -> dict:
+def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel_stride: int,
+                     lse_push: bool = False) -> dict:
     """Tiles of :func:`_logits_push_bwd_dw_kernel`: ``BLOCK_P`` prototypes of the flat axis x all
     ``C`` channels of fp32 accumulator, ``BLOCK_N`` pixels per step; ``channel_stride`` is that
-    of the ``(B, L, C)`` features (1: channels-last).
+    of the ``(B, L, C)`` features (1: channels-last); ``lse_push``: the push beside logsumexp
+    pooling (the head + push in one op), the kernel's heaviest form.
 
     ``OPAQUE_X`` (:func:`~torch_ppl.kernels._common.opaque_stride`) for 16-bit features: at 512
     channels on 129 x 129 pixels (NCHW) it took the spill from 48 to 24 bytes per thread. Not
@@ -864,7 +866,13 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     every warp's registers, and 8 warps hold the ``128 x C`` accumulator without spilling (voc,
     NCHW and channels-last, Triton 3.8 and 3.9): a modelled 94 µs instead of 179 at voc. So do
     they on sm_100 (B200), where the products lower to tcgen05 (18 MMAs, no spill, Triton 3.9)
-    instead of 64 prototypes on mma.sync.
+    instead of 64 prototypes on mma.sync. With the push beside logsumexp pooling (three
+    exponentials per similarity) and NCHW features that tile spilled 16 to 96 bytes per thread
+    on sm_90 (voc and cityscapes, Triton 3.8 and 3.9; 128 x 128 pixels: 0 and 24), 56 to 64
+    with the channel offsets recomputed per tile (``OPAQUE_X``); 64 prototypes with them do not
+    spill, with Triton 3.3 to 3.9, at twice the re-reads of ``x`` (a modelled 99 -> 184 µs at
+    voc). Channels-last features keep 128, and so does sm_100, whose accumulator lives in tensor
+    memory (no spill).
     float16 features, whose gradient GEMM takes fp32 operands, spilled 32 bytes per thread
     with Triton 3.8. NCHW features spilled 88 to 224 bytes per thread with this tile while
     ``x`` was addressed with 64-bit offsets: the column part (``col * H * W``), the same for
@@ -894,6 +902,8 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     config = _joint_dw_tiles(device, block_c, x_dtype, channels_last)
     unaligned = opaque_stride(device, channel_stride, c)
     config["OPAQUE_X"] = x_dtype != torch.float32 and unaligned
+    if lse_push and has_wgmma(device) and not channels_last and config["BLOCK_P"] == 128:
+        config["BLOCK_P"], config["OPAQUE_X"] = 64, True
     if x_dtype == torch.float32 and unaligned:
         # the TF32 tiles with a stride that has no 16-element alignment: 32 prototypes spilled
         # 168 to 232 bytes per thread at 512 channels on 129 x 129 pixels (sm_90); 16 do not
