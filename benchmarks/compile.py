@@ -62,7 +62,17 @@ HEAD_VARIANTS = {
 # (exclude=, as PPLHead passes its labels) and a layer scale gamma, whose gradient the kernels
 # form alongside the others.
 ATTENTION_VARIANTS = {"prototype_attention-exclude-scale": dict(exclude=True, layer_scale=0.1)}
-VARIANTS = {**HEAD_VARIANTS, **ATTENTION_VARIANTS}
+# The head + push in one op with the branches that hold the most per pixel: logsumexp pooling
+# (the pooled values, the recomputed similarities' softmax), the nearest positive and a
+# learnable scale (its gradient summed in dx). Not compiled by default: it still spills in some
+# configurations (docs/kernel-fused.md); CI compiles it where it must not.
+ONE_PASS_VARIANTS = {
+    "prototype_logits_and_contrastive-lse-nearest-scale": dict(pooling="logsumexp", positives="nearest",
+                                                               learnable_scale=True),
+}
+VARIANTS = {**HEAD_VARIANTS, **ATTENTION_VARIANTS, **ONE_PASS_VARIANTS}
+# What the command compiles without --ops
+DEFAULT_OPS = OPS + tuple(HEAD_VARIANTS) + tuple(ATTENTION_VARIANTS)
 
 # One line on the role of each kernel, for the table (docs/kernels.md).
 ROLES = {
@@ -242,6 +252,22 @@ def _attention_variant(exclude: bool, layer_scale: float):
     return run
 
 
+def _one_pass_variant(pooling: str, positives: str, learnable_scale: bool):
+    def run(problem, backend: str):
+        import torch
+
+        import torch_ppl.functional as PF
+
+        from . import providers
+
+        scale = torch.tensor(providers.SCALE, requires_grad=True) if learnable_scale else providers.SCALE
+        return PF.prototype_logits_and_contrastive(
+            problem.x, problem.prototypes, problem.target, similarity=problem.shape.similarity, pooling=pooling,
+            scale=scale, temperature=problem.shape.temperature, positives=positives,
+            ignore_index=providers.IGNORE_INDEX, backend=backend)
+    return run
+
+
 def base_op(name: str) -> str:
     """The op a variant runs (``prototype_logits-lse-scale``: ``prototype_logits``)."""
     return name.split("-")[0] if name in VARIANTS else name
@@ -254,6 +280,8 @@ def _op(name: str):
         return _head_variant(**HEAD_VARIANTS[name])
     if name in ATTENTION_VARIANTS:
         return _attention_variant(**ATTENTION_VARIANTS[name])
+    if name in ONE_PASS_VARIANTS:
+        return _one_pass_variant(**ONE_PASS_VARIANTS[name])
     return providers.OPS[name]
 
 
@@ -818,9 +846,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bf16", choices=DTYPES, help="feature dtype (default: %(default)s)")
     p.add_argument("--layout", default="nchw", choices=LAYOUTS,
                    help="feature memory layout: nchw (contiguous) or nhwc (channels_last)")
-    p.add_argument("--ops", nargs="+", default=list(OPS) + list(VARIANTS), choices=OPS + tuple(VARIANTS),
+    p.add_argument("--ops", nargs="+", default=list(DEFAULT_OPS), choices=OPS + tuple(VARIANTS),
                    help="ops to compile (default: all, and the head with logsumexp and mean pooling and a "
-                        "learnable scale, and the attention with exclude= and a layer scale)")
+                        "learnable scale, and the attention with exclude= and a layer scale; the head + "
+                        "push in one op with logsumexp pooling, the nearest positive and a learnable scale "
+                        "only when named)")
     p.add_argument("--max-stack", type=int, default=None, metavar="BYTES",
                    help="also fail if a kernel uses more stack per thread than this (0: no spills)")
     p.add_argument("--deterministic", action="store_true",

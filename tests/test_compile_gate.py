@@ -222,6 +222,43 @@ def test_head_variants_compile(tmp_path):
     assert not errors and len(rows) == 6, errors or rows
 
 
+@pytest.mark.parametrize("arch, layout, lse_push, block_p, opaque", [
+    (90, "nchw", False, 128, False),  # bfloat16 up to 256 channels: 128 prototypes, transposed
+    (90, "nchw", True, 64, True),  # the push beside logsumexp pooling spilled with them (NCHW)
+    (90, "nhwc", True, 128, False),  # channels-last features did not
+    (100, "nchw", True, 128, False),  # nor did sm_100, whose accumulator is in tensor memory
+])
+def test_one_pass_prototype_gradient_tiles(arch, layout, lse_push, block_p, opaque):
+    import torch
+
+    from torch_ppl.kernels import _common, similarity
+
+    stride = 1 if layout == "nhwc" else 129 * 129
+    with _common.compile_for(_common.CompileTarget(arch, 132)):
+        cfg = similarity._joint_dw_config(torch.device("cpu"), 256, torch.bfloat16, stride, lse_push=lse_push)
+    assert (cfg["BLOCK_P"], cfg["S_TRANSPOSED"], cfg["OPAQUE_X"]) == (block_p, True, opaque)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_one_pass_heaviest_branches_compile_without_spilling(tmp_path, layout):
+    """The head + push in one op with logsumexp pooling, the nearest positive and a learnable
+    scale (the benchmarks' op takes max pooling, all positives and a fixed scale): its dx and
+    prototype gradient take those branches and compile without spilling at 256 channels."""
+    from benchmarks import compile as gate
+
+    (op,) = gate.ONE_PASS_VARIANTS
+    assert op not in gate.DEFAULT_OPS
+    rows = _by_kernel(_compile(tmp_path, "sm_90", [op], layout=layout, sizes=(2, 9, 7, 256, 5, 4)))
+    assert set(rows) == {"_logits_fwd_kernel", "_logits_bwd_dx_kernel", "_logits_push_bwd_dw_kernel"}
+    for kernel in ("_logits_bwd_dx_kernel", "_logits_push_bwd_dw_kernel"):
+        meta = rows[kernel]["meta"]
+        assert meta["POOL"] == 1 and meta["NEAREST"] and meta["PUSH"], meta
+    assert rows["_logits_bwd_dx_kernel"]["meta"]["NEED_DSCALE"]
+    assert rows["_logits_bwd_dx_kernel"]["meta"]["BLOCK_N"] == 64
+    for row in rows.values():
+        assert row["stack"] == 0, row
+
+
 def test_attention_with_exclude_and_layer_scale_compiles(tmp_path):
     """The attention as PPLHead runs it in training (each pixel's own class hidden, a layer
     scale): the three kernels take those branches, and compile without spilling."""
@@ -454,28 +491,28 @@ def test_the_gate_catches_a_kernel_compiled_to_a_trap(tmp_path):
     assert traps.startswith("256 1 compiles to code that traps"), traps
 
 
-@pytest.mark.parametrize("arch, dtype, channels, block_n, block_p", [
-    (80, "bfloat16", 512, 32, 0),  # an A100 with bf16 features: the wider tile, which compiles clean
-    (80, "float16", 512, 32, 16),  # float16 (which spilled 40 to 88 bytes with it): flat tiles, rows reloaded
-    (86, "bfloat16", 512, 32, 16),  # so do both 16-bit types on the other sm_8x GPUs
-    (86, "float16", 512, 32, 16),
-    (120, "bfloat16", 512, 16, 0),  # the RTX 50 series spilled with them
-    (90, "bfloat16", 256, 32, 64),  # sm_90, bf16: flat prototype tiles
-    (90, "bfloat16", 512, 32, 32),  # at 512 channels 32 wide, the rows loaded again at the end
-    (90, "bfloat16", 64, 32, 0),  # and with 32-channel halves
-    (90, "float16", 512, 32, 16),  # float16 at 512 channels: 16 wide
-    (90, "float16", 256, 32, 0),  # float16 up to 256 channels: class tiles
-    (100, "bfloat16", 256, 32, 64),  # sm_100 (tcgen05, Triton 3.8 or newer) as sm_90
-    (100, "float16", 512, 32, 16),
-    (90, "float32", 512, 16, 0),  # float32 features keep 16 pixels (and their channel chunks)
-    (80, "bfloat16", 1024, 16, 0),  # wider features keep the narrow tiles
-    (80, "bfloat16", 256, 32, 0),  # up to 256 channels every GPU takes 32 pixels
+@pytest.mark.parametrize("arch, dtype, channels, block_n, block_p, reload", [
+    (80, "bfloat16", 512, 32, 0, False),  # an A100 with bf16 features: the wider tile, which compiles clean
+    (80, "float16", 512, 32, 16, True),  # float16 (which spilled 40 to 88 bytes with it): flat tiles, rows reloaded
+    (86, "bfloat16", 512, 32, 16, True),  # so do both 16-bit types on the other sm_8x GPUs
+    (86, "float16", 512, 32, 16, True),
+    (120, "bfloat16", 512, 16, 0, False),  # the RTX 50 series spilled with them
+    (90, "bfloat16", 256, 64, 16, True),  # sm_90, bf16: 64 pixels, flat prototype tiles, rows reloaded
+    (90, "bfloat16", 512, 32, 32, True),  # at 512 channels 32 pixels, 32 prototypes
+    (90, "bfloat16", 64, 32, 0, False),  # and with 32-channel halves
+    (90, "float16", 512, 32, 16, True),  # float16 at 512 channels: 16 wide
+    (90, "float16", 256, 32, 0, False),  # float16 up to 256 channels: class tiles
+    (100, "bfloat16", 256, 64, 16, False),  # sm_100 (tcgen05, Triton 3.8 or newer): the rows held
+    (100, "float16", 512, 32, 16, True),
+    (90, "float32", 512, 16, 0, False),  # float32 features keep 16 pixels (and their channel chunks)
+    (80, "bfloat16", 1024, 16, 0, False),  # wider features keep the narrow tiles
+    (80, "bfloat16", 256, 32, 0, False),  # up to 256 channels every GPU takes 32 pixels or more
 ])
-def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p):
+def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p, reload):
     """The one-pass head + push's dx tile, which the compile gate checks for spills: 32 pixels
-    only where they compiled without spilling, flat prototype tiles on sm_90 for bfloat16 up
-    to 256 channels, and for 16-bit features at 257 to 512 channels, with the rows loaded
-    again at the end."""
+    only where they compiled without spilling, 64 with flat 16-prototype tiles on sm_90 and
+    sm_100 for bfloat16 up to 256 channels, and flat tiles for 16-bit features at 257 to 512
+    channels, with the rows loaded again at the end where holding them spilled."""
     import torch
 
     from torch_ppl.kernels import _common, head_push
@@ -484,7 +521,7 @@ def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p):
         cfg = head_push._config(torch.device("cpu"), channels, 150, 10, getattr(torch, dtype))
     chunk = 64 if dtype == "float32" else 0
     assert (cfg.bwd_block_n, cfg.dx_block_p, cfg.dx_s_chunk) == (block_n, block_p, chunk)
-    assert cfg.reload_x == (block_p > 0 and channels > 256)
+    assert cfg.reload_x == reload
     if block_n == 32 and channels > 256:  # with 16-class tiles and two stages, or flat ones and one
         assert cfg.num_stages == (1 if block_p else 2) and (block_p or cfg.block_k == 16)
 
