@@ -28,8 +28,8 @@ import triton
 from torch import Tensor
 
 from . import _autotune
-from ._common import (FP_CONTRACTION, as_blc, capability, check_dtypes, has_wgmma, launch_device, needs_wide_offsets,
-                      new_rows, on_gpu)
+from ._common import (FP_CONTRACTION, as_blc, capability, check_dtypes, launch_device, needs_wide_offsets, new_rows,
+                      on_gpu)
 from .similarity import (_POOL_CODE, _Config, _head_outputs, _joint_dw, _joint_dw_config, _logits_bwd_dx_kernel,
                          _logits_fwd_kernel, prototype_operands)
 
@@ -64,17 +64,19 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     NCHW and NHWC (3.3 leaves 8 bytes per thread for NCHW features of 129 x 129 pixels). Other
     GPUs, float32 features and wider ones keep 16 pixels.
 
-    Where logsumexp pooling's dx takes tiles of the flat ``P = K*M`` axis of 32 prototypes
-    (``dx_block_p``, ``similarity._Config``: an H100, or a B200 with Triton 3.8 or newer,
-    bfloat16 features of 128 to 256 channels), this dx takes them 64 prototypes wide: its
-    32 x 32 class tiles were computed twice over by 8 warps."""
+    Where logsumexp pooling's dx takes 64 pixels against tiles of 16 prototypes of the flat
+    ``P = K*M`` axis (``similarity._Config``: an H100, or a B200 with Triton 3.8 or newer,
+    bfloat16 features of 128 to 256 channels), so does this dx, with the rows loaded again at
+    the end on the H100 and held on the B200: half the reads of ``Ŵ`` from L2 of the 32 pixels
+    against 64 prototypes it took (voc 136 -> 100 us modelled), a wgmma similarity GEMM. No
+    spill with Triton 3.3 to 3.9 at voc, NCHW and NHWC, with the benchmarks' branches and the
+    heaviest ones (logsumexp pooling, the nearest positive, a learnable scale), which spilled
+    8 to 56 bytes per thread with the older tile."""
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)
-        if cfg.dx_block_p and cfg.block_c <= 256:
-            # where logsumexp pooling's dx takes flat tiles: 64 pixels against 16 prototypes, the
-            # rows loaded again at the end (see above)
-            cfg.bwd_block_n, cfg.dx_block_p, cfg.reload_x = 64, 16, has_wgmma(device)
+        if cfg.dx_block_p and cfg.block_c <= 256:  # logsumexp pooling's flat tiles and pixels (_Config)
+            cfg.bwd_block_n = cfg.recompute_block_n
         if cfg.block_c > 256:
             cfg.bwd_block_n = 16
             arch = capability(device)

@@ -1083,13 +1083,18 @@ class _Config:
                 if self.block_c > 256:
                     self.fwd_stages, self.fwd_block_k = 1, 16
             if warpgroup_mma(device) and x_dtype == torch.bfloat16 and 128 <= self.block_c <= 256:
-                # logsumexp pooling's dx on sm_90: 32 pixels against tiles of 32 prototypes of
-                # the flat P = K*M axis, two stages (class tiles of 32 pixels made 32 x 16
-                # similarity tiles, computed four times over by 8 warps; 16 pixels read Ŵ from
-                # L2 twice as often; 64 prototypes spilled 8 to 32 bytes per thread for NHWC
-                # features). No spill with Triton 3.3 to 3.9 (on sm_100: 3.8, 3.9; 236 -> 137 us
-                # modelled at voc there too)
-                self.recompute_block_n, self.dx_block_p, self.recompute_stages = 32, 32, 2
+                # logsumexp pooling's dx on sm_90: 64 pixels against tiles of 16 prototypes of
+                # the flat P = K*M axis, two stages, the rows loaded again at the end (reload_x,
+                # below): every program streams all of Ŵ, so 64 pixels halve the reads from L2
+                # of 32 (voc 137 -> 101 us modelled), and the similarity GEMM is a wgmma. Its
+                # 64 x 16 tile is computed by both warpgroups (1.5x the tensor-core work). No
+                # spill with Triton 3.3 to 3.9, NCHW and NHWC, cityscapes, 60 classes of 5, dot
+                # products, 128 channels. Before: 32 pixels against 32 prototypes (class tiles
+                # of 32 pixels made 32 x 16 similarity tiles, computed four times over; 64
+                # prototypes spilled 8 to 32 bytes per thread for NHWC features). On sm_100
+                # (tcgen05, accumulators in tensor memory) the rows are held: no spill
+                self.recompute_block_n, self.dx_block_p, self.recompute_stages = 64, 16, 2
+                self.reload_x = has_wgmma(device)
             if warpgroup_mma(device) and not fp32 and 256 < self.block_c <= 512:
                 # and at 257 to 512 channels, bfloat16 and float16 (whose dx GEMM takes the
                 # float32 Ŵ: 16-prototype tiles), with the rows loaded again at the end instead
@@ -1321,7 +1326,7 @@ def _bwd_op(grad: Tensor, x: Tensor, w_hat: Tensor, scale: Tensor, stat: Tensor,
                          num_warps=cfg.slice_num_warps, num_stages=cfg.slice_stages, maxnreg=cfg.maxnreg)
             dx, dscale = _autotune.tuned("prototype_logits.bwd_dx_slice", key, tiles, run_slice, x.device)
         elif need_dx or need_dscale:
-            tiles = dict(BLOCK_N=min(cfg.bwd_block_n, cfg.recompute_block_n), BLOCK_P=cfg.dx_block_p,
+            tiles = dict(BLOCK_N=cfg.recompute_block_n, BLOCK_P=cfg.dx_block_p,
                          num_warps=cfg.bwd_num_warps, num_stages=cfg.recompute_stages, maxnreg=cfg.maxnreg)
             dx, dscale = _autotune.tuned("prototype_logits.bwd_dx", key, tiles, run_recompute, x.device)
 
