@@ -501,7 +501,7 @@ def test_the_gate_catches_a_kernel_compiled_to_a_trap(tmp_path):
     (90, "bfloat16", 512, 32, 32, True),  # at 512 channels 32 pixels, 32 prototypes
     (90, "bfloat16", 64, 32, 0, False),  # and with 32-channel halves
     (90, "float16", 512, 32, 16, True),  # float16 at 512 channels: 16 wide
-    (90, "float16", 256, 32, 0, False),  # float16 up to 256 channels: class tiles
+    (90, "float16", 256, 64, 16, True),  # so does float16 up to 256 channels
     (100, "bfloat16", 256, 64, 16, False),  # sm_100 (tcgen05, Triton 3.8 or newer): the rows held
     (100, "float16", 512, 32, 16, True),
     (90, "float32", 512, 16, 0, False),  # float32 features keep 16 pixels (and their channel chunks)
@@ -511,7 +511,7 @@ def test_the_gate_catches_a_kernel_compiled_to_a_trap(tmp_path):
 def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p, reload):
     """The one-pass head + push's dx tile, which the compile gate checks for spills: 32 pixels
     only where they compiled without spilling, 64 with flat 16-prototype tiles on sm_90 and
-    sm_100 for bfloat16 up to 256 channels, and flat tiles for 16-bit features at 257 to 512
+    sm_100 for 16-bit features up to 256 channels, and flat tiles for 16-bit features at 257 to 512
     channels, with the rows loaded again at the end where holding them spilled."""
     import torch
 
@@ -530,7 +530,8 @@ def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p, reload)
     (90, "bfloat16", 256, (64, 16, 0, 2), True),  # 64 pixels, flat tiles of 16, the rows loaded again
     (90, "bfloat16", 512, (32, 32, 0, 2), True),  # at 512 channels 32 pixels, 32 prototypes
     (90, "float16", 512, (32, 16, 0, 2), True),  # float16 at 512 channels: 16 wide
-    (90, "float16", 256, (16, 0, 0, 1), False),  # class tiles elsewhere
+    (90, "float16", 256, (64, 16, 0, 2), True),  # float16 as bfloat16
+    (86, "float16", 256, (16, 0, 0, 1), False),  # class tiles elsewhere
     (90, "bfloat16", 64, (16, 0, 0, 1), False),
     (90, "float32", 512, (16, 0, 64, 1), False),
     (80, "bfloat16", 256, (16, 0, 0, 1), False),
@@ -541,8 +542,8 @@ def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p, reload)
 ])
 def test_logsumexp_dx_tiles(arch, dtype, channels, expected, reload):
     """The head's dx with logsumexp pooling (pixels, flat prototype tile, channel chunk,
-    stages): flat tiles on sm_90 for bfloat16 features of 128 to 256 channels, and for 16-bit
-    features at 257 to 512 with the rows loaded again at the end, where they compiled without
+    stages): 64 pixels against flat tiles on sm_90 for 16-bit features of 128 to 256 channels,
+    32 pixels for 16-bit features at 257 to 512 with the rows loaded again at the end, where they compiled without
     spilling."""
     import torch
 

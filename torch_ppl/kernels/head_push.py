@@ -66,12 +66,12 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
 
     Where logsumexp pooling's dx takes 64 pixels against tiles of 16 prototypes of the flat
     ``P = K*M`` axis (``similarity._Config``: an H100, or a B200 with Triton 3.8 or newer,
-    bfloat16 features of 128 to 256 channels), so does this dx, with the rows loaded again at
+    16-bit features of 128 to 256 channels), so does this dx, with the rows loaded again at
     the end on the H100 and held on the B200: half the reads of ``Ŵ`` from L2 of the 32 pixels
-    against 64 prototypes it took (voc 136 -> 100 us modelled), a wgmma similarity GEMM. No
-    spill with Triton 3.3 to 3.9 at voc, NCHW and NHWC, with the benchmarks' branches and the
-    heaviest ones (logsumexp pooling, the nearest positive, a learnable scale), which spilled
-    8 to 56 bytes per thread with the older tile."""
+    it took (voc, bfloat16: 136 -> 100 us modelled; float16 339 -> 201), a wgmma similarity
+    GEMM. No spill with Triton 3.3 to 3.9 at voc, NCHW and NHWC, with the benchmarks' branches
+    and the heaviest ones (logsumexp pooling, the nearest positive, a learnable scale), which
+    spilled 8 to 56 bytes per thread with the older tiles."""
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)

@@ -1082,14 +1082,15 @@ class _Config:
                 self.block_n, self.num_warps = 128, 8
                 if self.block_c > 256:
                     self.fwd_stages, self.fwd_block_k = 1, 16
-            if warpgroup_mma(device) and x_dtype == torch.bfloat16 and 128 <= self.block_c <= 256:
-                # logsumexp pooling's dx on sm_90: 64 pixels against tiles of 16 prototypes of
-                # the flat P = K*M axis, two stages, the rows loaded again at the end (reload_x,
-                # below): every program streams all of Ŵ, so 64 pixels halve the reads from L2
-                # of 32 (voc 137 -> 101 us modelled), and the similarity GEMM is a wgmma. Its
-                # 64 x 16 tile is computed by both warpgroups (1.5x the tensor-core work). No
-                # spill with Triton 3.3 to 3.9, NCHW and NHWC, cityscapes, 60 classes of 5, dot
-                # products, 128 channels. Before: 32 pixels against 32 prototypes (class tiles
+            if warpgroup_mma(device) and not fp32 and 128 <= self.block_c <= 256:
+                # logsumexp pooling's dx on sm_90, bfloat16 and float16: 64 pixels against tiles
+                # of 16 prototypes of the flat P = K*M axis, two stages, the rows loaded again at
+                # the end (reload_x, below): every program streams all of Ŵ, so 64 pixels halve
+                # the reads from L2 of 32 (voc 137 -> 101 us modelled; float16, which took 16
+                # pixels, 636 -> 202), and the similarity GEMM is a wgmma. Its 64 x 16 tile is
+                # computed by both warpgroups (1.5x the tensor-core work). No spill with Triton
+                # 3.3 to 3.9, NCHW and NHWC, cityscapes, 60 classes of 5, dot products, 128
+                # channels. Before, for bfloat16: 32 pixels against 32 prototypes (class tiles
                 # of 32 pixels made 32 x 16 similarity tiles, computed four times over; 64
                 # prototypes spilled 8 to 32 bytes per thread for NHWC features). On sm_100
                 # (tcgen05, accumulators in tensor memory) the rows are held: no spill
