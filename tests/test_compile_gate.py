@@ -222,21 +222,23 @@ def test_head_variants_compile(tmp_path):
     assert not errors and len(rows) == 6, errors or rows
 
 
-@pytest.mark.parametrize("arch, layout, lse_push, block_p, opaque", [
-    (90, "nchw", False, 128, False),  # bfloat16 up to 256 channels: 128 prototypes, transposed
-    (90, "nchw", True, 64, True),  # the push beside logsumexp pooling spilled with them (NCHW)
-    (90, "nhwc", True, 128, False),  # channels-last features did not
-    (100, "nchw", True, 128, False),  # nor did sm_100, whose accumulator is in tensor memory
+@pytest.mark.parametrize("arch, dtype, layout, lse_push, expected", [
+    (90, "bfloat16", "nchw", False, (128, True, False)),  # up to 256 channels: 128 prototypes, transposed
+    (90, "bfloat16", "nchw", True, (64, True, True)),  # the push beside logsumexp pooling spilled with them
+    (90, "bfloat16", "nhwc", True, (128, True, False)),  # channels-last features did not
+    (100, "bfloat16", "nchw", True, (128, True, False)),  # nor did sm_100 (accumulator in tensor memory)
+    (90, "float16", "nchw", False, (64, False, False)),  # float16: 64 prototypes, the plain similarity
+    (90, "float16", "nchw", True, (64, True, False)),  # transposed beside logsumexp pooling
 ])
-def test_one_pass_prototype_gradient_tiles(arch, layout, lse_push, block_p, opaque):
+def test_one_pass_prototype_gradient_tiles(arch, dtype, layout, lse_push, expected):
     import torch
 
     from torch_ppl.kernels import _common, similarity
 
     stride = 1 if layout == "nhwc" else 129 * 129
     with _common.compile_for(_common.CompileTarget(arch, 132)):
-        cfg = similarity._joint_dw_config(torch.device("cpu"), 256, torch.bfloat16, stride, lse_push=lse_push)
-    assert (cfg["BLOCK_P"], cfg["S_TRANSPOSED"], cfg["OPAQUE_X"]) == (block_p, True, opaque)
+        cfg = similarity._joint_dw_config(torch.device("cpu"), 256, getattr(torch, dtype), stride, lse_push=lse_push)
+    assert (cfg["BLOCK_P"], cfg["S_TRANSPOSED"], cfg["OPAQUE_X"]) == expected
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])

@@ -872,7 +872,10 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     with the channel offsets recomputed per tile (``OPAQUE_X``); 64 prototypes with them do not
     spill, with Triton 3.3 to 3.9, at twice the re-reads of ``x`` (a modelled 99 -> 184 µs at
     voc). Channels-last features keep 128, and so does sm_100, whose accumulator lives in tensor
-    memory (no spill).
+    memory (no spill). float16 features there (64 prototypes, the plain similarity) spilled 40
+    bytes per thread (NCHW, Triton 3.9); the transposed similarity does not, with 3.3 to 3.9,
+    NCHW and NHWC, at the same modelled time (it spilled 24 to 72 bytes with max pooling and
+    no push, which keeps the plain form).
     float16 features, whose gradient GEMM takes fp32 operands, spilled 32 bytes per thread
     with Triton 3.8. NCHW features spilled 88 to 224 bytes per thread with this tile while
     ``x`` was addressed with 64-bit offsets: the column part (``col * H * W``), the same for
@@ -902,8 +905,11 @@ def _joint_dw_config(device: torch.device, c: int, x_dtype: torch.dtype, channel
     config = _joint_dw_tiles(device, block_c, x_dtype, channels_last)
     unaligned = opaque_stride(device, channel_stride, c)
     config["OPAQUE_X"] = x_dtype != torch.float32 and unaligned
-    if lse_push and has_wgmma(device) and not channels_last and config["BLOCK_P"] == 128:
-        config["BLOCK_P"], config["OPAQUE_X"] = 64, True
+    if lse_push and has_wgmma(device) and block_c <= 256:
+        if x_dtype == torch.bfloat16 and not channels_last:
+            config["BLOCK_P"], config["OPAQUE_X"] = 64, True
+        elif x_dtype == torch.float16:
+            config["S_TRANSPOSED"] = True
     if x_dtype == torch.float32 and unaligned:
         # the TF32 tiles with a stride that has no 16-element alignment: 32 prototypes spilled
         # 168 to 232 bytes per thread at 512 channels on 129 x 129 pixels (sm_90); 16 do not
