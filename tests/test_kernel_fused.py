@@ -312,22 +312,25 @@ def test_similarity_forms_of_the_prototype_gradient(pooling, dtype, forced, monk
         torch.testing.assert_close(a, b, atol=1e-3 * b.abs().max().item(), rtol=0)
 
 
-@pytest.mark.parametrize("chunk, reload", [(0, False), (0, True), (16, False)], ids=["held", "reloaded", "chunks"])
+@pytest.mark.parametrize("chunk, reload, dtype", [(0, False, torch.bfloat16), (0, True, torch.bfloat16),
+                                                  (16, False, torch.bfloat16), (0, True, torch.float16)],
+                         ids=["held", "reloaded", "chunks", "reloaded-float16"])
 @pytest.mark.parametrize("positives", ["all", "nearest"])
 @pytest.mark.parametrize("pooling", ["max", "logsumexp", "mean"])
-def test_flat_prototype_tiles_of_dx(pooling, positives, chunk, reload, monkeypatch):
+def test_flat_prototype_tiles_of_dx(pooling, positives, chunk, reload, dtype, monkeypatch):
     """dx from recomputed similarities (the one op; the head alone with logsumexp pooling)
     walks the prototypes one class tile and prototype index at a time, or (sm_90 and sm_100,
-    bfloat16 and, for the one op at 512 channels, float16; on the interpreter channels-last
-    features) in tiles of the flat P = K*M axis, with the rows held on chip, held and loaded
-    again for the normalisation backward at the end, or read again in channel chunks per tile.
+    16-bit features of 128 to 512 channels; on the interpreter channels-last features) in
+    tiles of the flat P = K*M axis, with the rows held on chip, held and loaded again for the
+    normalisation backward at the end, or read again in channel chunks per tile (float16 takes
+    its dx GEMM's Ŵ in float32, loaded per tile).
     NCHW features take the class tiles on the interpreter; the flat forms are forced here (7
     classes of 3 prototypes: tiles of 16 split classes; 40 channels: the last chunk of 16
     masked) and must give the same dx and, with a learnable scale, the same d(scale), up to
     summation order."""
     similarity = pytest.importorskip("torch_ppl.kernels.similarity")
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    x = torch.randn(2, 40, 3, 5, generator=gen).to(DEVICE, dtype).requires_grad_()
     protos = torch.randn(7, 3, 40, generator=gen).to(DEVICE)
     scale = torch.tensor(4.0, device=DEVICE).requires_grad_()
     target = random_labels((2, 3, 5), 7, generator=gen)
