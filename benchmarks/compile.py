@@ -706,7 +706,10 @@ fp16 and fp32 features, for sm_86 and sm_120 (99 KB of shared memory per block) 
 at ade's sizes on 129 x 129 pixels (`--size 129`: an NCHW channel stride without 16-element
 alignment), and with dot-product similarity (`--similarity dot`) at voc with one prototype per
 class and at ade. By default the command also compiles the head with logsumexp and mean pooling and a
-learnable scale, and the attention with `exclude=` and a layer scale. It fails on any compile
+learnable scale, and the attention with `exclude=` and a layer scale; CI also compiles the head
++ push in one op with logsumexp pooling, the nearest positive and a learnable scale
+(`--ops prototype_logits_and_contrastive-lse-nearest-scale`; sm_90, bf16 at voc and ade, fp16
+at voc, [its spills](kernel-fused.md#the-heaviest-branches)). It fails on any compile
 error, launch that does not fit the GPU's shared memory or kernel compiled to a `trap` (Triton
 3.8 and 3.9 emit one, without an error, for a kernel they cannot lower: on sm_100, tensor-memory
 accumulators over an SM's 512 columns), and on any spill for bf16 features
