@@ -221,17 +221,22 @@ def _problem(shape, dtype: str, layout: str):
     return problem
 
 
+def _scale(learnable: bool):
+    """The head's scale as the benchmarks fix it, or as a learnable 0-d tensor (whose gradient
+    the kernels form)."""
+    import torch
+
+    from . import providers
+
+    return torch.tensor(providers.SCALE, requires_grad=True) if learnable else providers.SCALE
+
+
 def _head_variant(pooling: str, learnable_scale: bool):
     def run(problem, backend: str):
-        import torch
-
         import torch_ppl.functional as PF
 
-        from . import providers
-
-        scale = torch.tensor(providers.SCALE, requires_grad=True) if learnable_scale else providers.SCALE
         return PF.prototype_logits(problem.x, problem.prototypes, similarity=problem.shape.similarity,
-                                   pooling=pooling, scale=scale, backend=backend)
+                                   pooling=pooling, scale=_scale(learnable_scale), backend=backend)
     return run
 
 
@@ -254,16 +259,13 @@ def _attention_variant(exclude: bool, layer_scale: float):
 
 def _one_pass_variant(pooling: str, positives: str, learnable_scale: bool):
     def run(problem, backend: str):
-        import torch
-
         import torch_ppl.functional as PF
 
         from . import providers
 
-        scale = torch.tensor(providers.SCALE, requires_grad=True) if learnable_scale else providers.SCALE
         return PF.prototype_logits_and_contrastive(
             problem.x, problem.prototypes, problem.target, similarity=problem.shape.similarity, pooling=pooling,
-            scale=scale, temperature=problem.shape.temperature, positives=positives,
+            scale=_scale(learnable_scale), temperature=problem.shape.temperature, positives=positives,
             ignore_index=providers.IGNORE_INDEX, backend=backend)
     return run
 

@@ -75,15 +75,17 @@ def _config(device: torch.device, c: int, k: int, m: int, x_dtype: torch.dtype,
     cfg = _Config(device, c, k, m, x_dtype, channel_stride)
     if on_gpu(device):
         cfg.num_warps = max(cfg.num_warps, 8)
-        if cfg.dx_block_p and cfg.block_c <= 256:  # logsumexp pooling's flat tiles and pixels (_Config)
+        if cfg.dx_block_p:
+            # logsumexp pooling's flat tiles, pixel tile and choice of reloading the rows
+            # (_Config); one stage above 256 channels
             cfg.bwd_block_n = cfg.recompute_block_n
-        if cfg.block_c > 256:
+            if cfg.block_c > 256:
+                cfg.num_stages = 1
+        elif cfg.block_c > 256:
             cfg.bwd_block_n = 16
             arch = capability(device)
             if arch == (8, 0) and x_dtype == torch.bfloat16 and cfg.block_c <= 512:
                 cfg.bwd_block_n, cfg.block_k, cfg.num_stages = 32, 16, 2
-            elif cfg.reload_x:  # logsumexp pooling's flat tiles and reloaded rows (_Config), one stage
-                cfg.bwd_block_n, cfg.num_stages = 32, 1
             elif arch[0] == 8 and cfg.block_c <= 512 and x_dtype in (torch.bfloat16, torch.float16):
                 cfg.bwd_block_n, cfg.num_stages, cfg.reload_x, cfg.dx_block_p = 32, 1, True, 16
     return cfg
