@@ -275,6 +275,28 @@ def test_attention_with_exclude_and_layer_scale_compiles(tmp_path):
     assert not rows["_attention_bwd_dx_kernel"]["meta"]["NEED_GREAD"]
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_attention_prototype_gradient_tiles_widen_below_256_channels(tmp_path, layout):
+    """The attention's prototype-gradient kernel reads ``x`` and the output gradient once per
+    prototype tile, and its two ``BLOCK_P x C`` float32 accumulators bound the tile: at 128
+    channels they hold 64 prototypes, half the re-reads of 32, and compile without spilling
+    with Triton 3.9 (32 spilled 8 to 16 bytes per thread for channels-last features; Triton 3.8
+    spilled 144 to 264 bytes with 64 and keeps 32)."""
+    import triton
+
+    from benchmarks import compile as gate
+
+    ops = ["prototype_attention", *gate.ATTENTION_VARIANTS]
+    rows = [r for r in _compile(tmp_path, "sm_90", ops, layout, (2, 17, 17, 128, 21, 10))
+            if r["kernel"] == "_attention_bwd_dproto_kernel"]
+    assert len(rows) == 2
+    newest = tuple(int(v) for v in triton.__version__.split(".")[:2]) >= (3, 9)
+    for row in rows:
+        assert row["meta"]["BLOCK_P"] == (64 if newest else 32), row["meta"]
+        if newest:
+            assert row["stack"] == 0, row
+
+
 def test_unaligned_channel_strides_do_not_spill(tmp_path):
     """NCHW features of an odd H x W: the channel stride has no 16-element alignment, so each
     thread's element offsets are distinct, and the compiler held them across the pixel-tile

@@ -827,6 +827,14 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     * float16 / float32 features, ``C = 512``: 16 x 16 x 64 (with float16 features 32
       prototypes asked for 272 KB of shared memory).
 
+    * up to 128 channels, with Triton 3.9: the same accumulator budget, 64 prototypes at
+      ``C = 128`` and 128 at ``C = 64`` (64 at ``C = 32``, where 128 spilled 8 to 16 bytes),
+      half or a quarter of the re-reads of 32, without spilling on sm_80, sm_86, sm_90, sm_100
+      and sm_120, for every dtype that takes 32 at ``C = 256``, NCHW and NHWC, with ``exclude=``
+      and a layer scale (32 had spilled 8 to 16 bytes at ``C = 128`` for channels-last features
+      on sm_90). Triton 3.8 spilled 144 bytes to 2 KB per thread with them (sm_80 at
+      ``C = 64``: 8 to 11 KB) and keeps 32.
+
     * GPUs with 99 KB of shared memory per block (sm_86, sm_89, sm_120), which take the
       attention up to ``C = 256``: 16 prototypes for float16 and float32 features (32 asked
       for 128 to 136 KB).
@@ -837,6 +845,9 @@ def _dproto_blocks(device: torch.device, num_protos: int, block_c: int,
     if block_c <= 256:
         narrow = dtype != torch.bfloat16 and not large_shared(device)
         block_n, block_p = 16, 16 if narrow else 32
+        if not narrow and _TRITON >= (3, 9):
+            # the two accumulators' 32 x 256 also hold 64 x 128 and 128 x 64
+            block_p = {128: 64, 64: 128, 32: 64}.get(block_c, 32)
         block_k = 64 if dtype == torch.float16 and has_wgmma(device) and _TRITON >= (3, 9) else 32
     elif dtype == torch.bfloat16 and block_c == 512 and has_wgmma(device) and _TRITON >= (3, 9):
         block_n, block_p, block_k = 16, 32, 128
