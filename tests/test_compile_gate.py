@@ -580,6 +580,46 @@ def test_logsumexp_dx_tiles(arch, dtype, channels, expected, reload):
     assert cfg.reload_x == reload
 
 
+@pytest.mark.parametrize("triton_version, channel_stride, stages", [
+    ((3, 8), 129 * 129, 1),  # the opaque stride of an odd H x W: one stage
+    ((3, 8), 128 * 128, 2),  # an aligned stride keeps two
+    ((3, 8), 1, 2),  # and so do channels-last features
+    ((3, 9), 129 * 129, 2),  # Triton 3.9 compiles the opaque stride in a pipelined loop
+])
+def test_head_prototype_gradient_stages_on_sm100(monkeypatch, triton_version, channel_stride, stages):
+    """sm_100 at 512 channels: Triton 3.4 to 3.8 failed to compile the head's prototype gradient
+    with an unaligned NCHW channel stride ("pipeliner doesn't know how to predicate this op":
+    the opaque stride's inline PTX in a two-stage loop). CI compiles that case with 3.4 to 3.8."""
+    import torch
+
+    from torch_ppl.kernels import _common, similarity
+
+    monkeypatch.setattr(similarity, "TRITON_VERSION", triton_version)
+    with _common.compile_for(_common.CompileTarget(100, 148)):
+        cfg = similarity._Config(torch.device("cpu"), 512, 150, 10, torch.bfloat16, channel_stride)
+    assert cfg.dw_stages == stages
+
+
+@pytest.mark.parametrize("arch, m, dtype, stages", [
+    (100, 1, "bfloat16", 1),  # one prototype per class on sm_100: one stage
+    (100, 1, "float16", 1),
+    (100, 10, "bfloat16", 2),
+    (100, 1, "float32", 2),
+    (90, 1, "bfloat16", 2),
+])
+def test_head_dx_stages_with_one_prototype_per_class(arch, m, dtype, stages):
+    """The head's dx for max and mean pooling (channel slices): with one prototype per class,
+    which Triton specialises, two stages spilled 32 to 488 bytes per thread on sm_100 for
+    16-bit features; CI holds that case to no spills."""
+    import torch
+
+    from torch_ppl.kernels import _common, similarity
+
+    with _common.compile_for(_common.CompileTarget(arch, 148 if arch == 100 else 132)):
+        cfg = similarity._Config(torch.device("cpu"), 256, 19, m, getattr(torch, dtype), 129 * 129)
+    assert cfg.slice_stages == stages
+
+
 # Three GEMMs as Triton 3.9 writes them in TTGIR (abridged): a wgmma tile of 128 rows on two
 # warpgroups, and a chained pair on mma.sync whose layout puts 8 warps side by side, 8 columns
 # each, so the 32 x 16 tile is computed four times over; and a batched (3-D) mma.sync GEMM.

@@ -1054,6 +1054,11 @@ class _Config:
                 # bytes per thread on sm_80; 64 x 64 none, at the same modelled time
                 self.slice_block_n, self.slice_block_c, self.slice_block_k = 64, 64, 16
             self.slice_block_c = min(self.slice_block_c, self.block_c)
+            if m == 1 and has_tcgen05(device) and x_dtype != torch.float32:
+                # one prototype per class, which Triton specialises (the loop over m unrolled): on
+                # sm_100 two stages spilled 32 to 488 bytes per thread (16-bit features, NCHW and
+                # channels-last, 128 to 384 channels); one stage none
+                self.slice_stages = 1
             # dx when it recomputes the similarities (logsumexp pooling, the one-pass head + push):
             # with 32 rows and two stages those spilled 16 B per thread at voc and 40 to 192 B at
             # ade on sm_90; 16 rows and one stage compile without spilling
@@ -1156,6 +1161,10 @@ class _Config:
                     # Not on sm_100, where 8 warps keep the accumulator in tensor memory
                     # (tcgen05, no spill; 16 warps ran mma.sync there)
                     self.dw_num_warps = 16
+            if has_tcgen05(device) and TRITON_VERSION < (3, 9) and opaque_stride(device, channel_stride, c):
+                # the opaque stride (inline PTX) in a pipelined loop: Triton 3.4 to 3.8 fail to
+                # compile it for sm_100 ("pipeliner doesn't know how to predicate this op")
+                self.dw_stages = 1
         else:
             self.block_n = self.bwd_block_n = self.recompute_block_n = 16
             self.num_warps = self.bwd_num_warps = 4
