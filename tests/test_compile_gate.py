@@ -580,23 +580,28 @@ def test_logsumexp_dx_tiles(arch, dtype, channels, expected, reload):
     assert cfg.reload_x == reload
 
 
-@pytest.mark.parametrize("triton_version, channel_stride, stages", [
-    ((3, 8), 129 * 129, 1),  # the opaque stride of an odd H x W: one stage
-    ((3, 8), 128 * 128, 2),  # an aligned stride keeps two
-    ((3, 8), 1, 2),  # and so do channels-last features
-    ((3, 9), 129 * 129, 2),  # Triton 3.9 compiles the opaque stride in a pipelined loop
+@pytest.mark.parametrize("arch, dtype, triton_version, channel_stride, stages", [
+    (100, "bfloat16", (3, 8), 129 * 129, 1),  # the opaque stride of an odd H x W: one stage
+    (90, "float32", (3, 8), 129 * 129, 1),
+    (90, "float32", (3, 3), 129 * 129, 1),
+    (100, "bfloat16", (3, 8), 128 * 128, 2),  # an aligned stride keeps two
+    (100, "bfloat16", (3, 8), 1, 2),  # and so do channels-last features
+    (100, "bfloat16", (3, 9), 129 * 129, 2),  # Triton 3.9 compiles the opaque stride in a pipelined loop
+    (90, "float32", (3, 9), 129 * 129, 2),
 ])
-def test_head_prototype_gradient_stages_on_sm100(monkeypatch, triton_version, channel_stride, stages):
-    """sm_100 at 512 channels: Triton 3.4 to 3.8 failed to compile the head's prototype gradient
-    with an unaligned NCHW channel stride ("pipeliner doesn't know how to predicate this op":
-    the opaque stride's inline PTX in a two-stage loop). CI compiles that case with 3.4 to 3.8."""
+def test_head_prototype_gradient_stages_with_older_tritons(monkeypatch, arch, dtype, triton_version,
+                                                           channel_stride, stages):
+    """512 channels: Triton 3.3 to 3.8 failed to compile the head's prototype gradient with an
+    unaligned NCHW channel stride for sm_90 with fp32 features, and 3.4 to 3.8 for sm_100 with
+    16-bit ones ("pipeliner doesn't know how to predicate this op": the opaque stride's inline
+    PTX in a two-stage loop). CI compiles those cases with 3.3 to 3.8."""
     import torch
 
     from torch_ppl.kernels import _common, similarity
 
     monkeypatch.setattr(similarity, "TRITON_VERSION", triton_version)
-    with _common.compile_for(_common.CompileTarget(100, 148)):
-        cfg = similarity._Config(torch.device("cpu"), 512, 150, 10, torch.bfloat16, channel_stride)
+    with _common.compile_for(_common.CompileTarget(arch, 148 if arch == 100 else 132)):
+        cfg = similarity._Config(torch.device("cpu"), 512, 150, 10, getattr(torch, dtype), channel_stride)
     assert cfg.dw_stages == stages
 
 

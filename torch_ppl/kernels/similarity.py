@@ -1161,9 +1161,10 @@ class _Config:
                     # Not on sm_100, where 8 warps keep the accumulator in tensor memory
                     # (tcgen05, no spill; 16 warps ran mma.sync there)
                     self.dw_num_warps = 16
-            if has_tcgen05(device) and TRITON_VERSION < (3, 9) and opaque_stride(device, channel_stride, c):
-                # the opaque stride (inline PTX) in a pipelined loop: Triton 3.4 to 3.8 fail to
-                # compile it for sm_100 ("pipeliner doesn't know how to predicate this op")
+            if TRITON_VERSION < (3, 9) and opaque_stride(device, channel_stride, c):
+                # the opaque stride (inline PTX) in a pipelined loop: Triton 3.3 to 3.8 failed to
+                # compile it for sm_90 with fp32 features and, from 3.4, for sm_100 with 16-bit
+                # ones ("pipeliner doesn't know how to predicate this op")
                 self.dw_stages = 1
         else:
             self.block_n = self.bwd_block_n = self.recompute_block_n = 16
