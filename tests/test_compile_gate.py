@@ -55,6 +55,14 @@ def _compile(tmp_path, target, ops, *args, **kwargs):
     return _run(tmp_path, target, ops, *args, **kwargs)[0]
 
 
+def _target(arch: int):
+    """The stand-in GPU of ``benchmarks compile --target sm_<arch>``, with that GPU's SM count."""
+    from benchmarks import compile as gate
+    from torch_ppl.kernels import _common
+
+    return _common.CompileTarget(arch, gate.TARGETS[f"sm_{arch}"][1])
+
+
 def _by_kernel(rows):
     errors = [f"{r['op']}/{r['kernel']}: {r['error']}" for r in rows if "error" in r]
     assert not errors, "\n\n".join(errors)
@@ -541,7 +549,7 @@ def test_one_pass_dx_pixel_tile(arch, dtype, channels, block_n, block_p, reload)
 
     from torch_ppl.kernels import _common, head_push
 
-    with _common.compile_for(_common.CompileTarget(arch, 108 if arch == 80 else 132)):
+    with _common.compile_for(_target(arch)):
         cfg = head_push._config(torch.device("cpu"), channels, 150, 10, getattr(torch, dtype))
     chunk = 64 if dtype == "float32" else 0
     assert (cfg.bwd_block_n, cfg.dx_block_p, cfg.dx_s_chunk) == (block_n, block_p, chunk)
@@ -573,7 +581,7 @@ def test_logsumexp_dx_tiles(arch, dtype, channels, expected, reload):
 
     from torch_ppl.kernels import _common, similarity
 
-    with _common.compile_for(_common.CompileTarget(arch, 108 if arch == 80 else 132)):
+    with _common.compile_for(_target(arch)):
         cfg = similarity._Config(torch.device("cpu"), channels, 21, 10, getattr(torch, dtype))
     got = (cfg.recompute_block_n, cfg.dx_block_p, cfg.dx_s_chunk, cfg.recompute_stages)
     assert got == expected
@@ -600,7 +608,7 @@ def test_head_prototype_gradient_stages_with_older_tritons(monkeypatch, arch, dt
     from torch_ppl.kernels import _common, similarity
 
     monkeypatch.setattr(similarity, "TRITON_VERSION", triton_version)
-    with _common.compile_for(_common.CompileTarget(arch, 148 if arch == 100 else 132)):
+    with _common.compile_for(_target(arch)):
         cfg = similarity._Config(torch.device("cpu"), 512, 150, 10, getattr(torch, dtype), channel_stride)
     assert cfg.dw_stages == stages
 
@@ -620,7 +628,7 @@ def test_head_dx_stages_with_one_prototype_per_class(arch, m, dtype, stages):
 
     from torch_ppl.kernels import _common, similarity
 
-    with _common.compile_for(_common.CompileTarget(arch, 148 if arch == 100 else 132)):
+    with _common.compile_for(_target(arch)):
         cfg = similarity._Config(torch.device("cpu"), 256, 19, m, getattr(torch, dtype), 129 * 129)
     assert cfg.slice_stages == stages
 
